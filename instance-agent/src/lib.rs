@@ -1,0 +1,1 @@
+//! Instance agent: the sidecar beside each vLLM.

@@ -1,0 +1,1 @@
+//! KDN: LMCache key scheme, KV stores, knowledge registry and injection.
