@@ -1,1 +1,3 @@
 //! CacheRoute request filters: plain decisions over plain data. No filter opens a socket.
+pub mod balance;
+pub mod openai;

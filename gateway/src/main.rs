@@ -1,9 +1,29 @@
 //! `cacheroute`: one binary, one subcommand per component.
 
-use clap::{Parser, Subcommand};
+mod background;
+mod config;
+mod control;
+mod demo;
+mod fleet;
+mod forward;
+mod metrics;
+mod reload;
+mod server;
+mod service;
+mod state;
+
+use anyhow::{bail, Result};
+use clap::{Args, Parser, Subcommand};
+use reload::{ConfigSource, Overrides};
+use std::net::SocketAddr;
+use std::path::PathBuf;
 
 #[derive(Parser)]
-#[command(name = "cacheroute", version, about = "A gateway for knowledge-intensive LLM serving")]
+#[command(
+    name = "cacheroute",
+    version,
+    about = "A gateway for knowledge-intensive LLM serving"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -11,19 +31,55 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// The gateway: an OpenAI-compatible reverse proxy in front of vLLM instances.
+    Gateway(GatewayArgs),
     /// Simulated vLLM + LMCache engine (no GPU needed).
     Sim(cacheroute_sim::SimArgs),
+    /// Everything on loopback in one process: a gateway and two sims.
+    Demo(demo::DemoArgs),
 }
 
-fn main() -> anyhow::Result<()> {
+#[derive(Args)]
+struct GatewayArgs {
+    /// Configuration file (TOML; see conf/cacheroute.example.toml).
+    #[arg(long, conflicts_with = "upstream")]
+    config: Option<PathBuf>,
+    /// Drop-in mode: an instance base URL (repeat for more); models are
+    /// discovered from each instance's /v1/models.
+    #[arg(long)]
+    upstream: Vec<String>,
+    /// Service plane address (overrides the file).
+    #[arg(long)]
+    listen: Option<SocketAddr>,
+    /// Control plane address (overrides the file).
+    #[arg(long)]
+    control: Option<SocketAddr>,
+    /// Worker threads of the service plane (overrides the file).
+    #[arg(long)]
+    threads: Option<usize>,
+}
+
+fn main() -> Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .init();
-    let cli = Cli::parse();
-    match cli.command {
+    match Cli::parse().command {
+        Command::Gateway(args) => {
+            let source = match (args.config, args.upstream.is_empty()) {
+                (Some(path), _) => ConfigSource::File(path),
+                (None, false) => ConfigSource::Upstreams(args.upstream),
+                (None, true) => bail!("give --config FILE or at least one --upstream URL"),
+            };
+            let overrides = Overrides {
+                listen: args.listen,
+                control: args.control,
+                threads: args.threads,
+            };
+            server::run(source, overrides)
+        }
         Command::Sim(args) => tokio::runtime::Runtime::new()?.block_on(cacheroute_sim::run(args)),
+        Command::Demo(args) => demo::run(args),
     }
 }

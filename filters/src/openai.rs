@@ -1,0 +1,472 @@
+//! The OpenAI request bodies the gateway understands, and OpenAI-shaped errors.
+//!
+//! Bodies are parsed into typed structs so that bad input is refused with a
+//! precise message, while every field the gateway does not know is kept in
+//! `extra` (in its original order) and serialised back unchanged.
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use std::fmt;
+
+/// The two completion routes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Route {
+    Chat,
+    Completions,
+}
+
+impl Route {
+    pub fn path(self) -> &'static str {
+        match self {
+            Route::Chat => "/v1/chat/completions",
+            Route::Completions => "/v1/completions",
+        }
+    }
+
+    pub fn from_path(path: &str) -> Option<Route> {
+        match path {
+            "/v1/chat/completions" => Some(Route::Chat),
+            "/v1/completions" => Some(Route::Completions),
+            _ => None,
+        }
+    }
+
+    /// Short label for metrics and logs.
+    pub fn label(self) -> &'static str {
+        match self {
+            Route::Chat => "chat",
+            Route::Completions => "completions",
+        }
+    }
+}
+
+/// `stream_options` of a streaming request.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct StreamOptions {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub include_usage: Option<bool>,
+    #[serde(flatten)]
+    pub extra: Map<String, Value>,
+}
+
+/// Sampling and output fields shared by both routes; typed so that wrong
+/// types are refused up front instead of deep inside the engine.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct CommonParams {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stream: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stream_options: Option<StreamOptions>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_tokens: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub temperature: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub top_p: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub n: Option<u32>,
+}
+
+/// Content of a chat message: a string, or a list of content parts.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum MessageContent {
+    Text(String),
+    Parts(Vec<Value>),
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ChatMessage {
+    pub role: String,
+    #[serde(default)]
+    pub content: Option<MessageContent>,
+    #[serde(flatten)]
+    pub extra: Map<String, Value>,
+}
+
+impl ChatMessage {
+    /// The message's text: the string content, or its text parts joined.
+    pub fn text(&self) -> String {
+        match &self.content {
+            None => String::new(),
+            Some(MessageContent::Text(s)) => s.clone(),
+            Some(MessageContent::Parts(parts)) => parts
+                .iter()
+                .filter_map(|p| p.get("text").and_then(Value::as_str))
+                .collect::<Vec<_>>()
+                .join("\n"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ChatCompletionRequest {
+    pub model: String,
+    pub messages: Vec<ChatMessage>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_completion_tokens: Option<u64>,
+    #[serde(flatten)]
+    pub params: CommonParams,
+    #[serde(flatten)]
+    pub extra: Map<String, Value>,
+}
+
+/// `prompt` of `/v1/completions`: text, texts, token ids, or batches of ids.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Prompt {
+    Text(String),
+    Texts(Vec<String>),
+    Tokens(Vec<u32>),
+    TokenBatches(Vec<Vec<u32>>),
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CompletionRequest {
+    pub model: String,
+    pub prompt: Prompt,
+    #[serde(flatten)]
+    pub params: CommonParams,
+    #[serde(flatten)]
+    pub extra: Map<String, Value>,
+}
+
+/// A parsed completion request of either route.
+#[derive(Debug, Clone, PartialEq)]
+pub enum CompletionBody {
+    Chat(ChatCompletionRequest),
+    Completions(CompletionRequest),
+}
+
+impl CompletionBody {
+    /// Parse and validate a request body for `route`.
+    pub fn parse(route: Route, body: &[u8]) -> Result<CompletionBody, ApiError> {
+        // Parse to a Value first so that "not JSON" and "JSON of the wrong
+        // shape" get distinct, precise messages.
+        let value: Value = serde_json::from_slice(body).map_err(|e| {
+            ApiError::bad_request("invalid_json", format!("invalid JSON body: {e}"))
+        })?;
+        let Value::Object(map) = &value else {
+            return Err(ApiError::bad_request(
+                "invalid_request",
+                "the request body must be a JSON object",
+            ));
+        };
+        require_field(map, "model")?;
+        let parsed = match route {
+            Route::Chat => {
+                require_field(map, "messages")?;
+                let req: ChatCompletionRequest =
+                    serde_json::from_value(value).map_err(invalid_field)?;
+                if req.messages.is_empty() {
+                    return Err(ApiError::bad_request(
+                        "invalid_request",
+                        "`messages` must contain at least one message",
+                    )
+                    .with_param("messages"));
+                }
+                CompletionBody::Chat(req)
+            }
+            Route::Completions => {
+                require_field(map, "prompt")?;
+                CompletionBody::Completions(serde_json::from_value(value).map_err(invalid_field)?)
+            }
+        };
+        if parsed.model().is_empty() {
+            return Err(
+                ApiError::bad_request("invalid_request", "`model` must not be empty")
+                    .with_param("model"),
+            );
+        }
+        Ok(parsed)
+    }
+
+    pub fn route(&self) -> Route {
+        match self {
+            CompletionBody::Chat(_) => Route::Chat,
+            CompletionBody::Completions(_) => Route::Completions,
+        }
+    }
+
+    pub fn model(&self) -> &str {
+        match self {
+            CompletionBody::Chat(r) => &r.model,
+            CompletionBody::Completions(r) => &r.model,
+        }
+    }
+
+    pub fn params(&self) -> &CommonParams {
+        match self {
+            CompletionBody::Chat(r) => &r.params,
+            CompletionBody::Completions(r) => &r.params,
+        }
+    }
+
+    pub fn is_stream(&self) -> bool {
+        self.params().stream.unwrap_or(false)
+    }
+
+    /// Serialise back to JSON (unknown fields included).
+    pub fn to_json(&self) -> Vec<u8> {
+        // Serialising plain serde_json data cannot fail.
+        match self {
+            CompletionBody::Chat(r) => serde_json::to_vec(r),
+            CompletionBody::Completions(r) => serde_json::to_vec(r),
+        }
+        .unwrap_or_default()
+    }
+}
+
+fn require_field(map: &Map<String, Value>, field: &'static str) -> Result<(), ApiError> {
+    match map.get(field) {
+        Some(Value::Null) | None => Err(ApiError::bad_request(
+            "missing_field",
+            format!("missing required field `{field}`"),
+        )
+        .with_param(field)),
+        Some(_) => Ok(()),
+    }
+}
+
+fn invalid_field(e: serde_json::Error) -> ApiError {
+    // serde's message names the expected type; the untagged enums get a
+    // friendlier wording.
+    let msg = e.to_string();
+    let msg = if msg.contains("untagged enum Prompt") {
+        "`prompt` must be a string, an array of strings, an array of token ids, or an array of arrays of token ids".to_string()
+    } else if msg.contains("untagged enum MessageContent") {
+        "a message's `content` must be a string or an array of content parts".to_string()
+    } else {
+        msg
+    };
+    ApiError::bad_request("invalid_type", format!("invalid request body: {msg}"))
+}
+
+/// An error answered to the client as OpenAI error JSON:
+/// `{"error":{"message","type","param","code"}}`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiError {
+    pub status: u16,
+    pub message: String,
+    /// OpenAI's `type`: `invalid_request_error`, `rate_limit_error`, `server_error`.
+    pub kind: &'static str,
+    pub code: &'static str,
+    pub param: Option<&'static str>,
+}
+
+impl ApiError {
+    pub fn new(
+        status: u16,
+        kind: &'static str,
+        code: &'static str,
+        message: impl Into<String>,
+    ) -> Self {
+        ApiError {
+            status,
+            message: message.into(),
+            kind,
+            code,
+            param: None,
+        }
+    }
+
+    pub fn bad_request(code: &'static str, message: impl Into<String>) -> Self {
+        Self::new(400, "invalid_request_error", code, message)
+    }
+
+    pub fn model_not_found(model: &str) -> Self {
+        Self::new(
+            404,
+            "invalid_request_error",
+            "model_not_found",
+            format!("The model `{model}` does not exist."),
+        )
+        .with_param("model")
+    }
+
+    pub fn not_found(path: &str) -> Self {
+        Self::new(
+            404,
+            "invalid_request_error",
+            "not_found",
+            format!("no route for `{path}`"),
+        )
+    }
+
+    pub fn method_not_allowed(method: &str, path: &str) -> Self {
+        Self::new(
+            405,
+            "invalid_request_error",
+            "method_not_allowed",
+            format!("method {method} is not allowed on `{path}`"),
+        )
+    }
+
+    pub fn body_too_large(limit: usize) -> Self {
+        Self::new(
+            413,
+            "invalid_request_error",
+            "body_too_large",
+            format!("request body is larger than the limit of {limit} bytes"),
+        )
+    }
+
+    pub fn no_healthy_upstream(model: &str) -> Self {
+        Self::new(
+            503,
+            "server_error",
+            "no_healthy_upstream",
+            format!("no healthy upstream instance is available for model `{model}`"),
+        )
+    }
+
+    pub fn upstream_timeout(detail: impl fmt::Display) -> Self {
+        Self::new(
+            504,
+            "server_error",
+            "upstream_timeout",
+            format!("upstream timed out: {detail}"),
+        )
+    }
+
+    pub fn upstream_failed(detail: impl fmt::Display) -> Self {
+        Self::new(
+            502,
+            "server_error",
+            "upstream_error",
+            format!("upstream failed: {detail}"),
+        )
+    }
+
+    pub fn with_param(mut self, param: &'static str) -> Self {
+        self.param = Some(param);
+        self
+    }
+
+    pub fn to_json(&self) -> Vec<u8> {
+        serde_json::to_vec(&serde_json::json!({
+            "error": {
+                "message": self.message,
+                "type": self.kind,
+                "param": self.param,
+                "code": self.code,
+            }
+        }))
+        .unwrap_or_default()
+    }
+}
+
+impl fmt::Display for ApiError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} {}: {}", self.status, self.code, self.message)
+    }
+}
+
+impl std::error::Error for ApiError {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(route: Route, body: &str) -> Result<CompletionBody, ApiError> {
+        CompletionBody::parse(route, body.as_bytes())
+    }
+
+    #[test]
+    fn chat_keeps_unknown_fields_and_order() {
+        let body = r#"{"model":"m","messages":[{"role":"user","content":"hi","name":"x"}],"zeta":1,"stream":true,"alpha":{"k":[1,2]},"logit_bias":{"5":1}}"#;
+        let parsed = parse(Route::Chat, body).unwrap();
+        assert!(parsed.is_stream());
+        let back: Value = serde_json::from_slice(&parsed.to_json()).unwrap();
+        let orig: Value = serde_json::from_str(body).unwrap();
+        assert_eq!(back, orig);
+        let CompletionBody::Chat(chat) = parsed else {
+            panic!()
+        };
+        assert_eq!(chat.messages[0].extra["name"], "x");
+        let keys: Vec<_> = chat.extra.keys().cloned().collect();
+        assert_eq!(keys, ["zeta", "alpha", "logit_bias"]);
+    }
+
+    #[test]
+    fn completions_prompt_shapes() {
+        for p in [r#""a""#, r#"["a","b"]"#, "[1,2,3]", "[[1],[2,3]]"] {
+            let body = format!(r#"{{"model":"m","prompt":{p}}}"#);
+            assert!(parse(Route::Completions, &body).is_ok(), "{p}");
+        }
+        let err = parse(Route::Completions, r#"{"model":"m","prompt":5}"#).unwrap_err();
+        assert_eq!((err.status, err.code), (400, "invalid_type"));
+        assert!(err.message.contains("prompt"));
+    }
+
+    #[test]
+    fn bad_inputs_are_400_with_precise_codes() {
+        let cases = [
+            (Route::Chat, "{not json", "invalid_json"),
+            (Route::Chat, "[1,2]", "invalid_request"),
+            (Route::Chat, r#"{"messages":[]}"#, "missing_field"),
+            (Route::Chat, r#"{"model":"m"}"#, "missing_field"),
+            (
+                Route::Chat,
+                r#"{"model":null,"messages":[{"role":"user","content":"x"}]}"#,
+                "missing_field",
+            ),
+            (
+                Route::Chat,
+                r#"{"model":3,"messages":[{"role":"user","content":"x"}]}"#,
+                "invalid_type",
+            ),
+            (Route::Chat, r#"{"model":"m","messages":5}"#, "invalid_type"),
+            (
+                Route::Chat,
+                r#"{"model":"m","messages":[]}"#,
+                "invalid_request",
+            ),
+            (
+                Route::Chat,
+                r#"{"model":"m","messages":[{"role":"user","content":"x"}],"stream":"yes"}"#,
+                "invalid_type",
+            ),
+            (
+                Route::Chat,
+                r#"{"model":"m","messages":[{"role":"user","content":"x"}],"max_tokens":-1}"#,
+                "invalid_type",
+            ),
+            (
+                Route::Chat,
+                r#"{"model":"m","messages":[{"role":"user","content":7}]}"#,
+                "invalid_type",
+            ),
+            (
+                Route::Chat,
+                r#"{"model":"","messages":[{"role":"user","content":"x"}]}"#,
+                "invalid_request",
+            ),
+            (Route::Completions, r#"{"model":"m"}"#, "missing_field"),
+        ];
+        for (route, body, code) in cases {
+            let err = parse(route, body).unwrap_err();
+            assert_eq!(err.status, 400, "{body}");
+            assert_eq!(err.code, code, "{body}: {}", err.message);
+        }
+    }
+
+    #[test]
+    fn error_json_shape() {
+        let e = ApiError::model_not_found("nope");
+        let v: Value = serde_json::from_slice(&e.to_json()).unwrap();
+        assert_eq!(v["error"]["code"], "model_not_found");
+        assert_eq!(v["error"]["type"], "invalid_request_error");
+        assert_eq!(v["error"]["param"], "model");
+        assert!(v["error"]["message"].as_str().unwrap().contains("nope"));
+    }
+
+    #[test]
+    fn message_text_joins_parts() {
+        let m: ChatMessage = serde_json::from_str(
+            r#"{"role":"user","content":[{"type":"text","text":"a"},{"type":"image_url"},{"type":"text","text":"b"}]}"#,
+        )
+        .unwrap();
+        assert_eq!(m.text(), "a\nb");
+    }
+}

@@ -1,0 +1,275 @@
+//! Configuration loading and hot reload: on file change, on SIGHUP and on
+//! `POST /admin/reload`. A new configuration is validated and built into a
+//! complete `Fleet` before one atomic swap; on any error the old one stays.
+
+use crate::config::{Config, InstanceUrl};
+use crate::state::GatewayState;
+use anyhow::{Context, Result};
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::Mutex;
+
+/// How long an instance gets to answer `GET /v1/models`.
+const DISCOVERY_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Where the configuration comes from.
+#[derive(Debug, Clone)]
+pub enum ConfigSource {
+    File(PathBuf),
+    /// Drop-in mode: instance URLs from the command line.
+    Upstreams(Vec<String>),
+}
+
+/// Command-line settings that win over the file's.
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    pub listen: Option<SocketAddr>,
+    pub control: Option<SocketAddr>,
+    pub threads: Option<usize>,
+}
+
+impl ConfigSource {
+    /// Read, parse and validate the configuration; `Err` says why not.
+    pub fn load(&self, overrides: &Overrides) -> Result<(Config, String)> {
+        let (mut config, text) = match self {
+            ConfigSource::File(path) => {
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("cannot read config file {}", path.display()))?;
+                let config = Config::parse(&text)
+                    .with_context(|| format!("config file {}", path.display()))?;
+                (config, text)
+            }
+            ConfigSource::Upstreams(urls) => (Config::drop_in(urls)?, String::new()),
+        };
+        if let Some(a) = overrides.listen {
+            config.gateway.listen = a;
+        }
+        if let Some(a) = overrides.control {
+            config.gateway.control = a;
+        }
+        if let Some(t) = overrides.threads {
+            config.gateway.threads = t;
+        }
+        Ok((config, text))
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ReloadOutcome {
+    pub ok: bool,
+    pub version: u64,
+    /// Keys that changed in the file but only take effect after a restart.
+    pub restart_required: Vec<&'static str>,
+}
+
+#[derive(Default)]
+struct Memo {
+    /// The file text of the last reload attempt, valid or not: the watcher
+    /// reloads only when the file differs from it.
+    last_text: String,
+    last_error: Option<String>,
+    discovered: BTreeMap<String, Vec<String>>,
+}
+
+pub struct Reloader {
+    source: ConfigSource,
+    overrides: Overrides,
+    state: Arc<GatewayState>,
+    memo: Mutex<Memo>,
+}
+
+impl Reloader {
+    pub fn new(
+        source: ConfigSource,
+        overrides: Overrides,
+        state: Arc<GatewayState>,
+        initial_text: String,
+        discovered: BTreeMap<String, Vec<String>>,
+    ) -> Reloader {
+        Reloader {
+            source,
+            overrides,
+            state,
+            memo: Mutex::new(Memo {
+                last_text: initial_text,
+                last_error: None,
+                discovered,
+            }),
+        }
+    }
+
+    pub async fn last_error(&self) -> Option<String> {
+        self.memo.lock().await.last_error.clone()
+    }
+
+    /// Reload now. `trigger` says why, for the log.
+    pub async fn reload(&self, trigger: &str) -> std::result::Result<ReloadOutcome, String> {
+        let mut memo = self.memo.lock().await;
+        let result = self.reload_locked(&mut memo).await;
+        let metrics = &self.state.metrics;
+        match result {
+            Ok(outcome) => {
+                metrics.reloads.with_label_values(&["ok"]).inc();
+                memo.last_error = None;
+                tracing::info!(trigger, version = outcome.version, restart_required = ?outcome.restart_required, "configuration reloaded");
+                Ok(outcome)
+            }
+            Err(e) => {
+                let msg = format!("{e:#}");
+                metrics.reloads.with_label_values(&["error"]).inc();
+                memo.last_error = Some(msg.clone());
+                tracing::error!(trigger, error = %msg, "configuration rejected; the previous one stays in force");
+                Err(msg)
+            }
+        }
+    }
+
+    async fn reload_locked(&self, memo: &mut Memo) -> Result<ReloadOutcome> {
+        let loaded = self.source.load(&self.overrides);
+        if let ConfigSource::File(path) = &self.source {
+            // Remember what was tried, so an invalid file is reported once.
+            memo.last_text = std::fs::read_to_string(path).unwrap_or_default();
+        }
+        let (config, _) = loaded?;
+        let current = self.state.fleet.load_full();
+        let mut restart_required = Vec::new();
+        let (old, new) = (&current.config.gateway, &config.gateway);
+        if old.listen != new.listen {
+            restart_required.push("gateway.listen");
+        }
+        if old.control != new.control {
+            restart_required.push("gateway.control");
+        }
+        if old.threads != new.threads {
+            restart_required.push("gateway.threads");
+        }
+        let discovered = discover_models(&config).await;
+        let version = current.version + 1;
+        let fleet = self
+            .state
+            .builder
+            .build(config, version, &discovered)
+            .await?;
+        memo.discovered = discovered;
+        self.state.fleet.store(Arc::new(fleet));
+        self.state.metrics.config_version.set(version as i64);
+        self.state.publish_health();
+        Ok(ReloadOutcome {
+            ok: true,
+            version,
+            restart_required,
+        })
+    }
+
+    /// Reload when the file changed on disk (polled every second), and keep
+    /// discovered model lists fresh (every 5 s).
+    pub async fn watch(&self) {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        let mut n: u64 = 0;
+        loop {
+            tick.tick().await;
+            n += 1;
+            let fleet = self.state.fleet.load_full();
+            if let (ConfigSource::File(path), true) =
+                (&self.source, fleet.config.gateway.watch_config)
+            {
+                let text = std::fs::read_to_string(path).unwrap_or_default();
+                let changed = text != self.memo.lock().await.last_text;
+                if changed {
+                    let _ = self.reload("file change").await;
+                    continue;
+                }
+            }
+            if n % 5 == 0 && fleet.pools.iter().any(|p| p.discovered) {
+                self.refresh_discovery().await;
+            }
+        }
+    }
+
+    /// Re-ask instances for their models; rebuild the fleet (same version)
+    /// when the answer changed, e.g. an instance that was down at start.
+    async fn refresh_discovery(&self) {
+        let mut memo = self.memo.lock().await;
+        let current = self.state.fleet.load_full();
+        let discovered = discover_models(&current.config).await;
+        if discovered == memo.discovered {
+            return;
+        }
+        match self
+            .state
+            .builder
+            .build(current.config.clone(), current.version, &discovered)
+            .await
+        {
+            Ok(fleet) => {
+                tracing::info!(models = ?fleet.models, "discovered models changed");
+                memo.discovered = discovered;
+                self.state.fleet.store(Arc::new(fleet));
+                self.state.publish_health();
+            }
+            Err(e) => {
+                tracing::warn!(error = %format!("{e:#}"), "rebuilding after discovery failed")
+            }
+        }
+    }
+}
+
+/// Ask every instance of the pools without a model list for its models.
+/// An instance that does not answer contributes nothing (for now).
+pub async fn discover_models(config: &Config) -> BTreeMap<String, Vec<String>> {
+    let urls: Vec<String> = config
+        .pools
+        .iter()
+        .filter(|p| p.models.is_empty())
+        .flat_map(|p| p.instances.iter())
+        .filter_map(|i| InstanceUrl::parse(&i.url).ok().map(|u| u.base))
+        .collect();
+    let mut out = BTreeMap::new();
+    if urls.is_empty() {
+        return out;
+    }
+    // A client per pass: discovery is rare, and a client must not outlive
+    // the runtime it was made on.
+    let Ok(client) = reqwest::Client::builder()
+        .timeout(DISCOVERY_TIMEOUT)
+        .build()
+    else {
+        return out;
+    };
+    let answers = futures::future::join_all(urls.iter().map(|u| fetch_models(&client, u))).await;
+    for (url, models) in urls.into_iter().zip(answers) {
+        match models {
+            Ok(m) => {
+                out.insert(url, m);
+            }
+            Err(e) => {
+                tracing::warn!(instance = %url, error = %format!("{e:#}"), "model discovery failed")
+            }
+        }
+    }
+    out
+}
+
+async fn fetch_models(client: &reqwest::Client, base: &str) -> Result<Vec<String>> {
+    #[derive(serde::Deserialize)]
+    struct List {
+        data: Vec<Entry>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Entry {
+        id: String,
+    }
+    let list: List = client
+        .get(format!("{base}/v1/models"))
+        .send()
+        .await?
+        .error_for_status()?
+        .json()
+        .await
+        .context("unexpected /v1/models answer")?;
+    Ok(list.data.into_iter().map(|e| e.id).collect())
+}

@@ -1,0 +1,381 @@
+//! The service plane: the OpenAI-compatible API, as a Pingora `ProxyHttp`.
+//!
+//! Completion requests are answered entirely in `request_filter`: the whole
+//! body is read and parsed before the upstream is chosen, then the exchange
+//! runs through Pingora's pooled connector and the response streams back
+//! chunk by chunk (Pingora cannot forward a pre-read body over 64 KiB through
+//! its normal pipeline; research/pingora.md §3).
+
+use crate::fleet::{Fleet, InflightGuard, Pool, PoolInstance};
+use crate::forward::{self, ExchangeError};
+use crate::state::GatewayState;
+use async_trait::async_trait;
+use bytes::{Bytes, BytesMut};
+use cacheroute_filters::openai::{ApiError, CompletionBody, Route};
+use pingora::http::ResponseHeader;
+use pingora::prelude::*;
+use pingora::proxy::{ProxyHttp, Session};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Slow clients get this long between body chunks before the read fails.
+const CLIENT_BODY_READ_TIMEOUT: Duration = Duration::from_secs(60);
+
+pub struct ServicePlane {
+    pub state: Arc<GatewayState>,
+}
+
+/// Per-request state, for the `logging` phase.
+pub struct ReqCtx {
+    start: Instant,
+    route: &'static str,
+    status: u16,
+    upstream: Option<String>,
+    ttft: Option<Duration>,
+}
+
+#[async_trait]
+impl ProxyHttp for ServicePlane {
+    type CTX = ReqCtx;
+
+    fn new_ctx(&self) -> ReqCtx {
+        ReqCtx {
+            start: Instant::now(),
+            route: "other",
+            status: 0,
+            upstream: None,
+            ttft: None,
+        }
+    }
+
+    async fn request_filter(&self, session: &mut Session, ctx: &mut ReqCtx) -> Result<bool> {
+        self.route_request(session, ctx).await?;
+        Ok(true)
+    }
+
+    async fn upstream_peer(&self, _s: &mut Session, _c: &mut ReqCtx) -> Result<Box<HttpPeer>> {
+        // Every request is answered in request_filter.
+        Error::e_explain(
+            InternalError,
+            "the proxy pipeline is not used by the service plane",
+        )
+    }
+
+    async fn logging(&self, _session: &mut Session, e: Option<&pingora::Error>, ctx: &mut ReqCtx) {
+        let m = &self.state.metrics;
+        // 499: the client went away before a response was written.
+        let status = if ctx.status != 0 {
+            ctx.status
+        } else if e.is_some() {
+            499
+        } else {
+            0
+        };
+        let status = status.to_string();
+        let upstream = ctx.upstream.as_deref().unwrap_or("");
+        m.requests
+            .with_label_values(&[ctx.route, &status, upstream])
+            .inc();
+        m.request_duration
+            .with_label_values(&[ctx.route])
+            .observe(ctx.start.elapsed().as_secs_f64());
+        if let Some(ttft) = ctx.ttft {
+            m.ttft
+                .with_label_values(&[ctx.route, upstream])
+                .observe(ttft.as_secs_f64());
+        }
+    }
+}
+
+impl ServicePlane {
+    async fn route_request(&self, session: &mut Session, ctx: &mut ReqCtx) -> Result<()> {
+        let method = session.req_header().method.clone();
+        let path = session.req_header().uri.path().to_string();
+        if let Some(route) = Route::from_path(&path) {
+            ctx.route = route.label();
+            if method != http::Method::POST {
+                return self
+                    .reject(
+                        session,
+                        ctx,
+                        ApiError::method_not_allowed(method.as_str(), &path),
+                    )
+                    .await;
+            }
+            return self.completion(session, ctx, route).await;
+        }
+        match path.as_str() {
+            "/v1/models" => {
+                ctx.route = "models";
+                if method != http::Method::GET {
+                    return self
+                        .reject(
+                            session,
+                            ctx,
+                            ApiError::method_not_allowed(method.as_str(), &path),
+                        )
+                        .await;
+                }
+                let fleet = self.state.fleet.load();
+                let body = models_json(&fleet);
+                respond(session, ctx, 200, "application/json", body.into(), &[]).await
+            }
+            "/health" => {
+                ctx.route = "health";
+                if method != http::Method::GET {
+                    return self
+                        .reject(
+                            session,
+                            ctx,
+                            ApiError::method_not_allowed(method.as_str(), &path),
+                        )
+                        .await;
+                }
+                respond(
+                    session,
+                    ctx,
+                    200,
+                    "application/json",
+                    Bytes::from_static(b"{\"status\":\"ok\"}"),
+                    &[],
+                )
+                .await
+            }
+            _ => self.reject(session, ctx, ApiError::not_found(&path)).await,
+        }
+    }
+
+    async fn reject(&self, session: &mut Session, ctx: &mut ReqCtx, err: ApiError) -> Result<()> {
+        let allow = match (err.code, ctx.route) {
+            ("method_not_allowed", "chat" | "completions") => Some("POST"),
+            ("method_not_allowed", _) => Some("GET"),
+            _ => None,
+        };
+        let headers: &[(&str, &str)] = match allow {
+            Some(a) => &[("allow", a)],
+            None => &[],
+        };
+        respond(
+            session,
+            ctx,
+            err.status,
+            "application/json",
+            err.to_json().into(),
+            headers,
+        )
+        .await
+    }
+
+    async fn completion(
+        &self,
+        session: &mut Session,
+        ctx: &mut ReqCtx,
+        route: Route,
+    ) -> Result<()> {
+        // Every request keeps the fleet it started with, through reloads.
+        let fleet = self.state.fleet.load_full();
+        let limit = fleet.config.gateway.max_body_bytes;
+        let body = match read_body(session, limit).await? {
+            Ok(b) => b,
+            Err(err) => return self.reject(session, ctx, err).await,
+        };
+        let parsed = match CompletionBody::parse(route, &body) {
+            Ok(p) => p,
+            Err(err) => return self.reject(session, ctx, err).await,
+        };
+        let model = parsed.model();
+        let pools = fleet.pools_for(model);
+        if pools.is_empty() {
+            return self
+                .reject(session, ctx, ApiError::model_not_found(model))
+                .await;
+        }
+        self.forward(session, ctx, &fleet, pools, model, body).await
+    }
+
+    /// Send the request to an instance, retrying on others while it could not
+    /// be sent, and stream the answer back.
+    async fn forward(
+        &self,
+        session: &mut Session,
+        ctx: &mut ReqCtx,
+        fleet: &Fleet,
+        pools: &[usize],
+        model: &str,
+        body: Bytes,
+    ) -> Result<()> {
+        let metrics = &self.state.metrics;
+        let max_retries = pools
+            .iter()
+            .map(|&p| fleet.pools[p].settings.max_retries)
+            .max()
+            .unwrap_or(0);
+        let mut tried: Vec<(usize, usize)> = Vec::new();
+        let mut connect_errors: Vec<String> = Vec::new();
+        while tried.len() <= max_retries {
+            let Some((pool, idx)) = choose(fleet, pools, &tried) else {
+                break;
+            };
+            tried.push((pool, idx));
+            let pool_ref: &Pool = &fleet.pools[pool];
+            let inst: &PoolInstance = &pool_ref.instances[idx];
+            let _inflight = InflightGuard::new(inst.state.clone(), &pool_ref.name, metrics.clone());
+            let headers = [
+                ("x-cacheroute-instance", inst.url.base.as_str()),
+                ("x-cacheroute-pool", pool_ref.name.as_str()),
+            ];
+            ctx.upstream = Some(inst.url.base.clone());
+            match forward::exchange(
+                &self.state.connector,
+                session,
+                inst,
+                &pool_ref.settings,
+                body.clone(),
+                &headers,
+                ctx.start,
+            )
+            .await
+            {
+                Ok(done) => {
+                    ctx.status = done.status;
+                    ctx.ttft = done.ttft;
+                    inst.state.clear_connect_failure();
+                    return Ok(());
+                }
+                Err(ExchangeError::NotSent(e)) => {
+                    inst.state.mark_connect_failure();
+                    metrics
+                        .upstream_errors
+                        .with_label_values(&[&inst.url.base, "connect"])
+                        .inc();
+                    metrics
+                        .retries
+                        .with_label_values(&[&pool_ref.name, &inst.url.base])
+                        .inc();
+                    tracing::warn!(upstream = %inst.url.base, error = %e, "request not sent; trying another instance");
+                    connect_errors.push(format!("{}: {}", inst.url.base, e));
+                }
+                Err(ExchangeError::Failed {
+                    status_sent: true,
+                    error,
+                }) => {
+                    // The response had started: the stream is cut, nothing
+                    // else can be said to the client.
+                    metrics
+                        .upstream_errors
+                        .with_label_values(&[&inst.url.base, "stream"])
+                        .inc();
+                    ctx.status = 200;
+                    return Err(error);
+                }
+                Err(ExchangeError::Failed {
+                    status_sent: false,
+                    error,
+                }) => {
+                    let timeout = matches!(error.etype(), ReadTimedout | WriteTimedout);
+                    let kind = if timeout { "timeout" } else { "failed" };
+                    metrics
+                        .upstream_errors
+                        .with_label_values(&[&inst.url.base, kind])
+                        .inc();
+                    let api = if timeout {
+                        ApiError::upstream_timeout(format!(
+                            "{} did not answer in time",
+                            inst.url.base
+                        ))
+                    } else {
+                        ApiError::upstream_failed(format!("{}: {}", inst.url.base, error))
+                    };
+                    return self.reject(session, ctx, api).await;
+                }
+                Err(ExchangeError::Downstream(e)) => return Err(e),
+            }
+        }
+        ctx.upstream = None;
+        let mut err = ApiError::no_healthy_upstream(model);
+        if !connect_errors.is_empty() {
+            err.message = format!(
+                "{}; could not connect to: {}",
+                err.message,
+                connect_errors.join("; ")
+            );
+        }
+        self.reject(session, ctx, err).await
+    }
+}
+
+/// The next (pool, instance) to try: the first pool, in config order, that
+/// still has an untried healthy instance.
+fn choose(fleet: &Fleet, pools: &[usize], tried: &[(usize, usize)]) -> Option<(usize, usize)> {
+    pools.iter().find_map(|&p| {
+        let tried_here: Vec<usize> = tried
+            .iter()
+            .filter(|(tp, _)| *tp == p)
+            .map(|(_, i)| *i)
+            .collect();
+        fleet.pools[p].choose(&tried_here).map(|i| (p, i))
+    })
+}
+
+/// Read the whole request body, refusing it once it passes `limit` bytes.
+async fn read_body(
+    session: &mut Session,
+    limit: usize,
+) -> Result<std::result::Result<Bytes, ApiError>> {
+    let declared = session
+        .req_header()
+        .headers
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    if declared.is_some_and(|n| n > limit) {
+        return Ok(Err(ApiError::body_too_large(limit)));
+    }
+    session
+        .as_downstream_mut()
+        .set_read_timeout(Some(CLIENT_BODY_READ_TIMEOUT));
+    let mut buf = BytesMut::with_capacity(declared.unwrap_or(4096).min(limit));
+    while let Some(chunk) = session.read_request_body().await? {
+        if buf.len() + chunk.len() > limit {
+            return Ok(Err(ApiError::body_too_large(limit)));
+        }
+        buf.extend_from_slice(&chunk);
+    }
+    Ok(Ok(buf.freeze()))
+}
+
+fn models_json(fleet: &Fleet) -> Vec<u8> {
+    let data: Vec<_> = fleet
+        .models
+        .iter()
+        .map(|m| {
+            serde_json::json!({
+                "id": m,
+                "object": "model",
+                "created": 0,
+                "owned_by": "cacheroute",
+            })
+        })
+        .collect();
+    serde_json::to_vec(&serde_json::json!({"object": "list", "data": data})).unwrap_or_default()
+}
+
+/// Write a complete response with a body, keeping the connection alive.
+pub async fn respond(
+    session: &mut Session,
+    ctx: &mut ReqCtx,
+    status: u16,
+    content_type: &str,
+    body: Bytes,
+    headers: &[(&str, &str)],
+) -> Result<()> {
+    let mut resp = ResponseHeader::build(status, Some(4 + headers.len()))?;
+    resp.insert_header("content-type", content_type)?;
+    resp.insert_header("content-length", body.len().to_string())?;
+    for (k, v) in headers {
+        resp.insert_header(k.to_string(), *v)?;
+    }
+    ctx.status = status;
+    session.write_response_header(Box::new(resp), false).await?;
+    session.write_response_body(Some(body), true).await
+}
