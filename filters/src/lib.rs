@@ -1,3 +1,4 @@
 //! CacheRoute request filters: plain decisions over plain data. No filter opens a socket.
 pub mod balance;
+pub mod cost_model;
 pub mod openai;

@@ -141,42 +141,27 @@ pub enum CompletionBody {
 impl CompletionBody {
     /// Parse and validate a request body for `route`.
     pub fn parse(route: Route, body: &[u8]) -> Result<CompletionBody, ApiError> {
-        // Parse to a Value first so that "not JSON" and "JSON of the wrong
-        // shape" get distinct, precise messages.
-        let value: Value = serde_json::from_slice(body).map_err(|e| {
-            ApiError::bad_request("invalid_json", format!("invalid JSON body: {e}"))
-        })?;
-        let Value::Object(map) = &value else {
-            return Err(ApiError::bad_request(
-                "invalid_request",
-                "the request body must be a JSON object",
-            ));
-        };
-        require_field(map, "model")?;
+        // The happy path is one typed pass; only a failure pays for a second
+        // look that tells "not JSON", "missing field" and "wrong type" apart.
         let parsed = match route {
-            Route::Chat => {
-                require_field(map, "messages")?;
-                let req: ChatCompletionRequest =
-                    serde_json::from_value(value).map_err(invalid_field)?;
-                if req.messages.is_empty() {
-                    return Err(ApiError::bad_request(
-                        "invalid_request",
-                        "`messages` must contain at least one message",
-                    )
-                    .with_param("messages"));
-                }
-                CompletionBody::Chat(req)
-            }
-            Route::Completions => {
-                require_field(map, "prompt")?;
-                CompletionBody::Completions(serde_json::from_value(value).map_err(invalid_field)?)
-            }
-        };
+            Route::Chat => serde_json::from_slice(body).map(CompletionBody::Chat),
+            Route::Completions => serde_json::from_slice(body).map(CompletionBody::Completions),
+        }
+        .map_err(|e| explain_parse_error(route, body, e))?;
         if parsed.model().is_empty() {
             return Err(
                 ApiError::bad_request("invalid_request", "`model` must not be empty")
                     .with_param("model"),
             );
+        }
+        if let CompletionBody::Chat(chat) = &parsed {
+            if chat.messages.is_empty() {
+                return Err(ApiError::bad_request(
+                    "invalid_request",
+                    "`messages` must contain at least one message",
+                )
+                .with_param("messages"));
+            }
         }
         Ok(parsed)
     }
@@ -215,6 +200,26 @@ impl CompletionBody {
         }
         .unwrap_or_default()
     }
+}
+
+fn explain_parse_error(route: Route, body: &[u8], typed: serde_json::Error) -> ApiError {
+    let value: Value = match serde_json::from_slice(body) {
+        Ok(v) => v,
+        Err(e) => return ApiError::bad_request("invalid_json", format!("invalid JSON body: {e}")),
+    };
+    let Value::Object(map) = &value else {
+        return ApiError::bad_request("invalid_request", "the request body must be a JSON object");
+    };
+    let required = match route {
+        Route::Chat => ["model", "messages"],
+        Route::Completions => ["model", "prompt"],
+    };
+    for field in required {
+        if let Err(e) = require_field(map, field) {
+            return e;
+        }
+    }
+    invalid_field(typed)
 }
 
 fn require_field(map: &Map<String, Value>, field: &'static str) -> Result<(), ApiError> {

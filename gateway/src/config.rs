@@ -97,6 +97,11 @@ pub struct InstanceConfig {
     pub url: String,
     #[serde(default = "default_weight")]
     pub weight: i64,
+    /// Overrides of the pool's timeouts for this instance.
+    #[serde(default)]
+    pub connect_timeout_ms: Option<u64>,
+    #[serde(default)]
+    pub read_timeout_ms: Option<u64>,
 }
 
 fn default_weight() -> i64 {
@@ -225,6 +230,13 @@ impl Config {
                         inst.weight
                     );
                 }
+                if inst.connect_timeout_ms == Some(0) || inst.read_timeout_ms == Some(0) {
+                    bail!(
+                        "pool `{}`: instance {} has a timeout of 0 ms",
+                        pool.name,
+                        inst.url
+                    );
+                }
                 if !urls.insert(url.base.clone()) {
                     bail!("pool `{}` lists instance {} twice", pool.name, url.base);
                 }
@@ -249,6 +261,8 @@ impl Config {
                     .map(|u| InstanceConfig {
                         url: u.clone(),
                         weight: 1,
+                        connect_timeout_ms: None,
+                        read_timeout_ms: None,
                     })
                     .collect(),
             }],

@@ -51,7 +51,7 @@ pub fn run(args: DemoArgs) -> Result<()> {
                 let mut handles = Vec::new();
                 for a in sim_args {
                     let addr = a.listen;
-                    match Err::<(), anyhow::Error>(anyhow::anyhow!("sim pending {:?}", a.listen)) {
+                    match cacheroute_sim::spawn(a).await {
                         Ok(h) => handles.push(h),
                         Err(e) => {
                             let _ = ready_tx.send(Err(e.context(format!("sim on {addr}"))));
@@ -93,7 +93,7 @@ fn demo_sim_args(listen: SocketAddr, model: &str, time_scale: f64) -> cacheroute
     let mut sim = Wrapper::parse_from(["sim"]).sim;
     sim.listen = listen;
     sim.model = model.to_string();
-    let _ = time_scale;
+    sim.time_scale = time_scale;
     sim
 }
 

@@ -17,6 +17,7 @@ use pingora::lb::discovery::ServiceDiscovery;
 use pingora::lb::health_check::{HealthCheck, HttpHealthCheck};
 use pingora::lb::{Backend, Backends, HealthRegistry};
 use pingora::prelude::HttpPeer;
+use prometheus::IntGauge;
 use serde::Serialize;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
@@ -27,7 +28,6 @@ use std::time::{Duration, Instant};
 /// Live state of one instance, shared by every fleet that lists its URL.
 #[derive(Debug)]
 pub struct InstanceState {
-    pub url: String,
     inflight: AtomicU64,
     /// Milliseconds since `epoch` of the last failed connect; 0 = never.
     last_connect_failure_ms: AtomicU64,
@@ -35,9 +35,8 @@ pub struct InstanceState {
 }
 
 impl InstanceState {
-    fn new(url: String) -> Self {
+    fn new() -> Self {
         InstanceState {
-            url,
             inflight: AtomicU64::new(0),
             last_connect_failure_ms: AtomicU64::new(0),
             epoch: Instant::now(),
@@ -70,28 +69,22 @@ impl InstanceState {
 }
 
 /// Counts a request in flight on an instance for as long as it lives.
-pub struct InflightGuard {
-    state: Arc<InstanceState>,
-    metrics: Arc<Metrics>,
-    pool: String,
+pub struct InflightGuard<'a> {
+    inst: &'a PoolInstance,
 }
 
-impl InflightGuard {
-    pub fn new(state: Arc<InstanceState>, pool: &str, metrics: Arc<Metrics>) -> Self {
-        let now = state.inflight.fetch_add(1, Ordering::Relaxed) + 1;
-        metrics.set_inflight(pool, &state.url, now);
-        InflightGuard {
-            state,
-            metrics,
-            pool: pool.to_string(),
-        }
+impl<'a> InflightGuard<'a> {
+    pub fn new(inst: &'a PoolInstance) -> Self {
+        let now = inst.state.inflight.fetch_add(1, Ordering::Relaxed) + 1;
+        inst.inflight_gauge.set(now as i64);
+        InflightGuard { inst }
     }
 }
 
-impl Drop for InflightGuard {
+impl Drop for InflightGuard<'_> {
     fn drop(&mut self) {
-        let now = self.state.inflight.fetch_sub(1, Ordering::Relaxed) - 1;
-        self.metrics.set_inflight(&self.pool, &self.state.url, now);
+        let now = self.inst.state.inflight.fetch_sub(1, Ordering::Relaxed) - 1;
+        self.inst.inflight_gauge.set(now as i64);
     }
 }
 
@@ -106,7 +99,7 @@ impl InstanceRegistry {
         let mut states = self.states.lock().unwrap_or_else(|p| p.into_inner());
         states
             .entry(url.to_string())
-            .or_insert_with(|| Arc::new(InstanceState::new(url.to_string())))
+            .or_insert_with(|| Arc::new(InstanceState::new()))
             .clone()
     }
 }
@@ -117,15 +110,20 @@ pub struct PoolInstance {
     pub weight: u32,
     pub backend: Backend,
     pub state: Arc<InstanceState>,
+    pub connect_timeout: Duration,
+    /// Longest wait for any one read (first byte included) or write.
+    pub read_timeout: Duration,
+    /// `cacheroute_upstream_inflight{pool,upstream}`, resolved once.
+    inflight_gauge: IntGauge,
 }
 
 impl PoolInstance {
     /// A peer for one upstream exchange with this instance.
-    pub fn peer(&self, settings: &PoolSettings) -> HttpPeer {
+    pub fn peer(&self) -> HttpPeer {
         let mut peer = HttpPeer::new(self.addr, false, String::new());
-        peer.options.connection_timeout = Some(Duration::from_millis(settings.connect_timeout_ms));
-        peer.options.read_timeout = Some(Duration::from_millis(settings.read_timeout_ms));
-        peer.options.write_timeout = Some(Duration::from_millis(settings.read_timeout_ms));
+        peer.options.connection_timeout = Some(self.connect_timeout);
+        peer.options.read_timeout = Some(self.read_timeout);
+        peer.options.write_timeout = Some(self.read_timeout);
         peer.options.idle_timeout = Some(Duration::from_secs(60));
         peer
     }
@@ -324,6 +322,7 @@ impl FleetBuilder {
         config: Config,
         version: u64,
         discovered: &BTreeMap<String, Vec<String>>,
+        metrics: &Metrics,
     ) -> Result<Fleet> {
         self.check.update(&config.upstream);
         let health_interval = Duration::from_millis(config.upstream.health_check_interval_ms);
@@ -335,8 +334,19 @@ impl FleetBuilder {
                 let addr = resolve(&url).await?;
                 let backend = Backend::new_with_weight(&addr.to_string(), ic.weight as usize)
                     .map_err(|e| anyhow::anyhow!("instance {}: {e}", url.base))?;
+                let state = self.instances.get(&url.base);
+                let inflight_gauge = metrics.inflight.with_label_values(&[&pc.name, &url.base]);
+                inflight_gauge.set(state.inflight() as i64);
+                let settings = pc.settings(&config.upstream);
                 instances.push(PoolInstance {
-                    state: self.instances.get(&url.base),
+                    connect_timeout: Duration::from_millis(
+                        ic.connect_timeout_ms.unwrap_or(settings.connect_timeout_ms),
+                    ),
+                    read_timeout: Duration::from_millis(
+                        ic.read_timeout_ms.unwrap_or(settings.read_timeout_ms),
+                    ),
+                    state,
+                    inflight_gauge,
                     url,
                     addr,
                     weight: ic.weight as u32,

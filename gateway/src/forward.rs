@@ -1,7 +1,6 @@
 //! One upstream exchange: send a pre-read request body to an instance over
 //! Pingora's pooled connector and stream the response back to the client.
 
-use crate::config::PoolSettings;
 use crate::fleet::PoolInstance;
 use bytes::Bytes;
 use pingora::connectors::http::Connector;
@@ -51,17 +50,16 @@ pub async fn exchange(
     connector: &Connector,
     session: &mut Session,
     inst: &PoolInstance,
-    settings: &PoolSettings,
     body: Bytes,
     extra_headers: &[(&str, &str)],
     start: Instant,
 ) -> std::result::Result<Completed, ExchangeError> {
-    let peer = inst.peer(settings);
+    let peer = inst.peer();
     let (mut up, reused) = connector
         .get_http_session(&peer)
         .await
         .map_err(ExchangeError::NotSent)?;
-    let read_timeout = Some(Duration::from_millis(settings.read_timeout_ms));
+    let read_timeout = Some(inst.read_timeout);
     up.set_read_timeout(read_timeout);
     up.set_write_timeout(read_timeout);
 

@@ -128,12 +128,6 @@ impl Metrics {
         }
     }
 
-    pub fn set_inflight(&self, pool: &str, upstream: &str, value: u64) {
-        self.inflight
-            .with_label_values(&[pool, upstream])
-            .set(value as i64);
-    }
-
     /// Prometheus text exposition of every metric.
     pub fn render(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(16 * 1024);

@@ -152,7 +152,7 @@ impl Reloader {
         let fleet = self
             .state
             .builder
-            .build(config, version, &discovered)
+            .build(config, version, &discovered, &self.state.metrics)
             .await?;
         memo.discovered = discovered;
         self.state.fleet.store(Arc::new(fleet));
@@ -202,7 +202,12 @@ impl Reloader {
         match self
             .state
             .builder
-            .build(current.config.clone(), current.version, &discovered)
+            .build(
+                current.config.clone(),
+                current.version,
+                &discovered,
+                &self.state.metrics,
+            )
             .await
         {
             Ok(fleet) => {

@@ -30,7 +30,7 @@ pub fn run(source: ConfigSource, overrides: Overrides) -> Result<()> {
     let (state, discovered) = rt.block_on(async {
         let builder = FleetBuilder::new(&config.upstream);
         let discovered = discover_models(&config).await;
-        let fleet = builder.build(config, 1, &discovered).await?;
+        let fleet = builder.build(config, 1, &discovered, &metrics).await?;
         anyhow::Ok((GatewayState::new(fleet, builder, metrics), discovered))
     })?;
     drop(rt);

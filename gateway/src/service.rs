@@ -219,7 +219,7 @@ impl ServicePlane {
             tried.push((pool, idx));
             let pool_ref: &Pool = &fleet.pools[pool];
             let inst: &PoolInstance = &pool_ref.instances[idx];
-            let _inflight = InflightGuard::new(inst.state.clone(), &pool_ref.name, metrics.clone());
+            let _inflight = InflightGuard::new(inst);
             let headers = [
                 ("x-cacheroute-instance", inst.url.base.as_str()),
                 ("x-cacheroute-pool", pool_ref.name.as_str()),
@@ -229,7 +229,6 @@ impl ServicePlane {
                 &self.state.connector,
                 session,
                 inst,
-                &pool_ref.settings,
                 body.clone(),
                 &headers,
                 ctx.start,

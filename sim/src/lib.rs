@@ -1,7 +1,36 @@
 //! sim: the stand-in for vLLM + LMCache on machines without a GPU.
+//!
+//! An OpenAI-compatible server shaped like vLLM's (`/v1/chat/completions`,
+//! `/v1/completions`, `/v1/models`, `/health`, `/metrics`), whose engine is a
+//! continuous-batching scheduler ([`engine::Scheduler`]) timed by a cost model fitted from a
+//! GPU calibration profile ([`cacheroute_filters::cost_model`]). See `sim/README.md`.
 
+pub mod api;
+pub mod engine;
+pub mod filler;
+pub mod metrics;
+pub mod server;
+pub mod tokenizer;
+
+use anyhow::Context;
+use cacheroute_filters::cost_model::{CalibrationProfile, CostModel};
 use clap::Args;
+use engine::{EngineHandle, EngineStats, Scheduler, SchedulerConfig};
+use metrics::SimMetrics;
+use server::AppState;
 use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex};
+use tokenizer::Tokenizer;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+/// The embedded default profile: Llama-3-8B on one H100.
+pub const DEFAULT_PROFILE_JSON: &str = include_str!("../../conf/profiles/h100-llama3-8b.json");
+
+/// KV block size in tokens (vLLM's default).
+pub const BLOCK_SIZE: u64 = 16;
 
 /// `cacheroute sim` arguments.
 #[derive(Debug, Clone, Args)]
@@ -12,10 +41,265 @@ pub struct SimArgs {
     /// Model name served (what `/v1/models` lists and requests must name).
     #[arg(long, default_value = "llama3-8b")]
     pub model: String,
+    /// Calibration profile JSON (default: the embedded H100 Llama-3-8B profile).
+    #[arg(long)]
+    pub profile: Option<PathBuf>,
+    /// Run X times faster than real time (e.g. 50 for tests).
+    #[arg(long, default_value_t = 1.0)]
+    pub time_scale: f64,
+    /// No engine delays at all: answer at once (a fast upstream for overhead benchmarks).
+    #[arg(long)]
+    pub zero_latency: bool,
+    /// HuggingFace tokenizer.json for real token ids (default: a deterministic approximation).
+    #[arg(long)]
+    pub tokenizer: Option<PathBuf>,
+    /// Most sequences running at once.
+    #[arg(long, default_value_t = 256)]
+    pub max_num_seqs: usize,
+    /// Token budget of one engine step (chunked prefill).
+    #[arg(long, default_value_t = 8192)]
+    pub max_num_batched_tokens: u64,
+    /// Longest prompt + completion accepted.
+    #[arg(long, default_value_t = 131072)]
+    pub max_model_len: u64,
+    /// KV cache size in 16-token blocks (default: what an 80 GB GPU at 0.9 utilization
+    /// holds after the profile model's bf16 weights and 2 GB of activations).
+    #[arg(long)]
+    pub num_gpu_blocks: Option<u64>,
+    /// Seed of the generated filler text.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
 }
 
-/// Run a sim server until the process is stopped.
+impl Default for SimArgs {
+    fn default() -> Self {
+        SimArgs {
+            listen: "127.0.0.1:8000".parse().expect("valid address"),
+            model: "llama3-8b".into(),
+            profile: None,
+            time_scale: 1.0,
+            zero_latency: false,
+            tokenizer: None,
+            max_num_seqs: 256,
+            max_num_batched_tokens: 8192,
+            max_model_len: 131072,
+            num_gpu_blocks: None,
+            seed: 0,
+        }
+    }
+}
+
+/// Where a sim learns which prompt prefix is already in its (LMCache) KV store.
+#[async_trait::async_trait]
+pub trait PrefixCache: Send + Sync + 'static {
+    /// Number of leading `token_ids` whose KV can be loaded instead of computed (0: none).
+    async fn lookup(&self, model: &str, token_ids: &[u32]) -> u64;
+}
+
+/// No prefix cache: every prompt is computed in full.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NoPrefixCache;
+
+#[async_trait::async_trait]
+impl PrefixCache for NoPrefixCache {
+    async fn lookup(&self, _model: &str, _token_ids: &[u32]) -> u64 {
+        0
+    }
+}
+
+/// A sim serving in the background (see [`spawn`]). Dropping it asks the server to stop.
+pub struct SimHandle {
+    /// The address it listens on (the real port when `--listen` asked for port 0).
+    pub addr: SocketAddr,
+    state: Arc<AppState>,
+    shutdown: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<()>>,
+}
+
+impl SimHandle {
+    /// `http://ADDR`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// The served model name.
+    pub fn model(&self) -> &str {
+        &self.state.model
+    }
+
+    /// Engine counters (None with `--zero-latency`).
+    pub fn engine_stats(&self) -> Option<EngineStats> {
+        self.state.engine.as_ref().map(|e| e.stats())
+    }
+
+    /// The fitted cost model in use.
+    pub fn cost_model(&self) -> &CostModel {
+        &self.state.cost
+    }
+
+    /// The `/metrics` text.
+    pub fn metrics_text(&self) -> String {
+        self.state.metrics.render()
+    }
+
+    /// Stop serving: no new connections; open ones are closed (waits up to 2 s for
+    /// in-flight responses).
+    pub async fn stop(mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(task) = self.task.take() {
+            let abort = task.abort_handle();
+            if tokio::time::timeout(std::time::Duration::from_secs(2), task)
+                .await
+                .is_err()
+            {
+                abort.abort();
+            }
+        }
+    }
+
+    /// Serve until the server task ends (it does not on its own).
+    pub async fn wait(mut self) -> anyhow::Result<()> {
+        if let Some(task) = self.task.take() {
+            task.await.context("sim server task")?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for SimHandle {
+    fn drop(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
+fn default_num_gpu_blocks(profile: &CalibrationProfile, kv_bytes_per_token: u64) -> u64 {
+    const GPU_BYTES: f64 = 80e9;
+    const UTILIZATION: f64 = 0.9;
+    const ACTIVATIONS: f64 = 2e9;
+    let weights = profile.config.approx_params() as f64 * 2.0;
+    let kv = (GPU_BYTES * UTILIZATION - weights - ACTIVATIONS).max(GPU_BYTES * 0.1);
+    ((kv / (kv_bytes_per_token.max(1) * BLOCK_SIZE) as f64) as u64).max(1024)
+}
+
+fn build_state(args: &SimArgs, prefix_cache: Arc<dyn PrefixCache>) -> anyhow::Result<AppState> {
+    anyhow::ensure!(
+        args.time_scale.is_finite() && args.time_scale > 0.0,
+        "--time-scale must be a positive number, got {}",
+        args.time_scale
+    );
+    anyhow::ensure!(args.max_num_seqs > 0, "--max-num-seqs must be at least 1");
+    anyhow::ensure!(
+        args.max_num_batched_tokens > 0,
+        "--max-num-batched-tokens must be at least 1"
+    );
+    anyhow::ensure!(args.max_model_len > 1, "--max-model-len must be at least 2");
+    let text = match &args.profile {
+        Some(p) => std::fs::read_to_string(p)
+            .with_context(|| format!("reading profile {}", p.display()))?,
+        None => DEFAULT_PROFILE_JSON.to_string(),
+    };
+    let profile =
+        CalibrationProfile::from_json(&text).context("parsing the calibration profile")?;
+    let cost = CostModel::fit(&profile).context("fitting the calibration profile")?;
+    let tokenizer = match &args.tokenizer {
+        Some(p) => Tokenizer::from_file(p)?,
+        None => {
+            let v = profile.config.vocab_size;
+            Tokenizer::approx(if v == 0 { 128256 } else { v as u32 })
+        }
+    };
+    let sched_cfg = SchedulerConfig {
+        max_num_seqs: args.max_num_seqs,
+        max_num_batched_tokens: args.max_num_batched_tokens,
+        block_size: BLOCK_SIZE,
+        num_gpu_blocks: args
+            .num_gpu_blocks
+            .unwrap_or_else(|| default_num_gpu_blocks(&profile, cost.kv_bytes_per_token))
+            .max(1),
+    };
+    let metrics = Arc::new(SimMetrics::new(&args.model)?);
+    let engine = (!args.zero_latency).then(|| {
+        EngineHandle::spawn(
+            Scheduler::new(sched_cfg, cost.clone()),
+            args.time_scale,
+            metrics.clone(),
+        )
+    });
+    Ok(AppState {
+        model: args.model.clone(),
+        max_model_len: args.max_model_len,
+        zero_latency: args.zero_latency,
+        seed: args.seed,
+        tokenizer: Arc::new(tokenizer),
+        engine,
+        metrics,
+        cost,
+        sched_cfg,
+        time_scale: args.time_scale,
+        prefix_cache,
+        last_request: Mutex::new(serde_json::Value::Null),
+        counter: AtomicU64::new(0),
+        started: server::unix_now(),
+    })
+}
+
+/// Bind `args.listen` and serve in the background on the current tokio runtime; returns
+/// once listening.
+pub async fn spawn(args: SimArgs) -> anyhow::Result<SimHandle> {
+    spawn_with_prefix_cache(args, Arc::new(NoPrefixCache)).await
+}
+
+/// [`spawn`] with a prefix cache deciding each request's `cached_tokens`.
+pub async fn spawn_with_prefix_cache(
+    args: SimArgs,
+    prefix_cache: Arc<dyn PrefixCache>,
+) -> anyhow::Result<SimHandle> {
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("binding {}", args.listen))?;
+    let addr = listener.local_addr()?;
+    let state = Arc::new(build_state(&args, prefix_cache)?);
+    let app = server::router(state.clone());
+    let (tx, rx) = oneshot::channel::<()>();
+    let task = tokio::spawn(async move {
+        let serve = axum::serve(listener, app).with_graceful_shutdown(async move {
+            let _ = rx.await;
+        });
+        if let Err(e) = serve.await {
+            tracing::error!("sim server on {addr}: {e}");
+        }
+    });
+    Ok(SimHandle {
+        addr,
+        state,
+        shutdown: Some(tx),
+        task: Some(task),
+    })
+}
+
+/// Run a sim server until the process is stopped (or Ctrl-C).
 pub async fn run(args: SimArgs) -> anyhow::Result<()> {
-    let _ = args;
-    anyhow::bail!("sim is not built yet")
+    let zero = args.zero_latency;
+    let scale = args.time_scale;
+    let handle = spawn(args).await?;
+    tracing::info!(
+        addr = %handle.addr,
+        model = handle.model(),
+        time_scale = scale,
+        zero_latency = zero,
+        "cacheroute sim listening"
+    );
+    match tokio::signal::ctrl_c().await {
+        Ok(()) => {
+            tracing::info!("stopping sim");
+            handle.stop().await;
+            Ok(())
+        }
+        // no signal handling available: serve until killed
+        Err(_) => handle.wait().await,
+    }
 }

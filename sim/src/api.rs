@@ -1,0 +1,423 @@
+//! The OpenAI request fields the sim reads, and vLLM-shaped responses and errors.
+
+use crate::tokenizer::ChatMessage;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use serde_json::{json, Value};
+
+/// Which completion endpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Endpoint {
+    Chat,
+    Completions,
+}
+
+/// The prompt of a request.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Prompt {
+    Chat(Vec<ChatMessage>),
+    Text(String),
+    Ids(Vec<u32>),
+}
+
+/// What the sim needs from a completion request; unknown fields are ignored.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CompletionRequest {
+    pub endpoint: Endpoint,
+    pub model: Option<String>,
+    pub stream: bool,
+    pub include_usage: bool,
+    pub max_tokens: Option<u64>,
+    pub prompt: Prompt,
+}
+
+/// An error answered the way vLLM does: `{"error":{"message","type","param","code"}}`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub kind: &'static str,
+    pub message: String,
+}
+
+impl ApiError {
+    pub fn bad_request(message: impl Into<String>) -> ApiError {
+        ApiError {
+            status: StatusCode::BAD_REQUEST,
+            kind: "BadRequestError",
+            message: message.into(),
+        }
+    }
+
+    pub fn not_found(message: impl Into<String>) -> ApiError {
+        ApiError {
+            status: StatusCode::NOT_FOUND,
+            kind: "NotFoundError",
+            message: message.into(),
+        }
+    }
+
+    pub fn internal(message: impl Into<String>) -> ApiError {
+        ApiError {
+            status: StatusCode::INTERNAL_SERVER_ERROR,
+            kind: "InternalServerError",
+            message: message.into(),
+        }
+    }
+
+    pub fn body(&self) -> Value {
+        json!({"error": {
+            "message": self.message,
+            "type": self.kind,
+            "param": null,
+            "code": self.status.as_u16(),
+        }})
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.status, axum::Json(self.body())).into_response()
+    }
+}
+
+fn opt_u64(body: &Value, field: &str) -> Result<Option<u64>, ApiError> {
+    match body.get(field) {
+        None | Some(Value::Null) => Ok(None),
+        Some(v) => match v.as_i64() {
+            Some(n) if n >= 1 => Ok(Some(n as u64)),
+            Some(n) => Err(ApiError::bad_request(format!(
+                "{field} must be at least 1, got {n}."
+            ))),
+            None => Err(ApiError::bad_request(format!(
+                "{field}: Input should be a valid integer"
+            ))),
+        },
+    }
+}
+
+fn opt_bool(body: &Value, field: &str) -> Result<bool, ApiError> {
+    match body.get(field) {
+        None | Some(Value::Null) => Ok(false),
+        Some(Value::Bool(b)) => Ok(*b),
+        Some(_) => Err(ApiError::bad_request(format!(
+            "{field}: Input should be a valid boolean"
+        ))),
+    }
+}
+
+fn content_text(v: Option<&Value>) -> Result<String, ApiError> {
+    match v {
+        None | Some(Value::Null) => Ok(String::new()),
+        Some(Value::String(s)) => Ok(s.clone()),
+        Some(Value::Array(parts)) => {
+            let texts: Vec<&str> = parts
+                .iter()
+                .filter(|p| p.get("type").and_then(Value::as_str).unwrap_or("text") == "text")
+                .filter_map(|p| p.get("text").and_then(Value::as_str))
+                .collect();
+            Ok(texts.join("\n"))
+        }
+        Some(_) => Err(ApiError::bad_request(
+            "messages: content must be a string or a list of content parts",
+        )),
+    }
+}
+
+/// Read a completion request body.
+pub fn parse_request(endpoint: Endpoint, body: &Value) -> Result<CompletionRequest, ApiError> {
+    if !body.is_object() {
+        return Err(ApiError::bad_request(
+            "the request body must be a JSON object",
+        ));
+    }
+    let model = match body.get("model") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) => Some(s.clone()),
+        Some(_) => {
+            return Err(ApiError::bad_request(
+                "model: Input should be a valid string",
+            ))
+        }
+    };
+    if let Some(n) = opt_u64(body, "n")? {
+        if n != 1 {
+            return Err(ApiError::bad_request(format!(
+                "n={n} is not supported by the cacheroute sim; only n=1"
+            )));
+        }
+    }
+    let stream = opt_bool(body, "stream")?;
+    let include_usage = stream
+        && body
+            .get("stream_options")
+            .and_then(|o| o.get("include_usage"))
+            .and_then(Value::as_bool)
+            .unwrap_or(false);
+    let prompt = match endpoint {
+        Endpoint::Chat => {
+            let msgs = match body.get("messages") {
+                Some(Value::Array(a)) if !a.is_empty() => a,
+                Some(Value::Array(_)) => {
+                    return Err(ApiError::bad_request(
+                        "messages: List should have at least 1 item",
+                    ))
+                }
+                Some(_) => {
+                    return Err(ApiError::bad_request(
+                        "messages: Input should be a valid list",
+                    ))
+                }
+                None => return Err(ApiError::bad_request("messages: Field required")),
+            };
+            let mut out = Vec::with_capacity(msgs.len());
+            for m in msgs {
+                let role = m
+                    .get("role")
+                    .and_then(Value::as_str)
+                    .ok_or_else(|| ApiError::bad_request("messages: each message needs a role"))?;
+                out.push(ChatMessage {
+                    role: role.to_string(),
+                    content: content_text(m.get("content"))?,
+                });
+            }
+            Prompt::Chat(out)
+        }
+        Endpoint::Completions => parse_prompt(body.get("prompt"))?,
+    };
+    let max_tokens = match endpoint {
+        Endpoint::Chat => match opt_u64(body, "max_completion_tokens")? {
+            Some(n) => Some(n),
+            None => opt_u64(body, "max_tokens")?,
+        },
+        Endpoint::Completions => opt_u64(body, "max_tokens")?,
+    };
+    Ok(CompletionRequest {
+        endpoint,
+        model,
+        stream,
+        include_usage,
+        max_tokens,
+        prompt,
+    })
+}
+
+fn parse_prompt(v: Option<&Value>) -> Result<Prompt, ApiError> {
+    let ids = |a: &[Value]| -> Option<Vec<u32>> {
+        a.iter()
+            .map(|x| x.as_u64().and_then(|n| u32::try_from(n).ok()))
+            .collect()
+    };
+    match v {
+        None | Some(Value::Null) => Err(ApiError::bad_request("prompt: Field required")),
+        Some(Value::String(s)) => Ok(Prompt::Text(s.clone())),
+        Some(Value::Array(a)) if a.is_empty() => {
+            Err(ApiError::bad_request("prompt: Prompt cannot be empty"))
+        }
+        Some(Value::Array(a)) => {
+            if a.iter().all(Value::is_number) {
+                return ids(a)
+                    .map(Prompt::Ids)
+                    .ok_or_else(|| ApiError::bad_request("prompt: token ids must be integers"));
+            }
+            if a.len() > 1 {
+                return Err(ApiError::bad_request(
+                    "prompt: batched prompts are not supported by the cacheroute sim",
+                ));
+            }
+            match &a[0] {
+                Value::String(s) => Ok(Prompt::Text(s.clone())),
+                Value::Array(inner) if !inner.is_empty() => ids(inner)
+                    .map(Prompt::Ids)
+                    .ok_or_else(|| ApiError::bad_request("prompt: token ids must be integers")),
+                _ => Err(ApiError::bad_request(
+                    "prompt: Input should be a string or token ids",
+                )),
+            }
+        }
+        Some(_) => Err(ApiError::bad_request(
+            "prompt: Input should be a string or token ids",
+        )),
+    }
+}
+
+/// `usage` object.
+pub fn usage(prompt_tokens: u64, completion_tokens: u64, cached_tokens: u64) -> Value {
+    json!({
+        "prompt_tokens": prompt_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+        "completion_tokens": completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": cached_tokens},
+    })
+}
+
+/// Identity of one response: id, created, model.
+#[derive(Debug, Clone)]
+pub struct RespMeta {
+    pub id: String,
+    pub created: u64,
+    pub model: String,
+}
+
+/// A whole (non-streamed) response.
+pub fn full_response(
+    endpoint: Endpoint,
+    meta: &RespMeta,
+    text: &str,
+    finish_reason: &str,
+    usage: Value,
+) -> Value {
+    match endpoint {
+        Endpoint::Chat => json!({
+            "id": meta.id,
+            "object": "chat.completion",
+            "created": meta.created,
+            "model": meta.model,
+            "choices": [{
+                "index": 0,
+                "message": {"role": "assistant", "content": text, "tool_calls": []},
+                "logprobs": null,
+                "finish_reason": finish_reason,
+                "stop_reason": null,
+            }],
+            "usage": usage,
+            "prompt_logprobs": null,
+        }),
+        Endpoint::Completions => json!({
+            "id": meta.id,
+            "object": "text_completion",
+            "created": meta.created,
+            "model": meta.model,
+            "choices": [{
+                "index": 0,
+                "text": text,
+                "logprobs": null,
+                "finish_reason": finish_reason,
+                "stop_reason": null,
+                "prompt_logprobs": null,
+            }],
+            "usage": usage,
+        }),
+    }
+}
+
+fn sse(v: &Value) -> bytes::Bytes {
+    bytes::Bytes::from(format!("data: {v}\n\n"))
+}
+
+/// SSE frame of one generated token; the first chat token also carries the role.
+pub fn token_chunk(endpoint: Endpoint, meta: &RespMeta, text: &str, first: bool) -> bytes::Bytes {
+    let v = match endpoint {
+        Endpoint::Chat => {
+            let delta = if first {
+                json!({"role": "assistant", "content": text})
+            } else {
+                json!({"content": text})
+            };
+            json!({
+                "id": meta.id,
+                "object": "chat.completion.chunk",
+                "created": meta.created,
+                "model": meta.model,
+                "choices": [{"index": 0, "delta": delta, "logprobs": null, "finish_reason": null}],
+            })
+        }
+        Endpoint::Completions => json!({
+            "id": meta.id,
+            "object": "text_completion",
+            "created": meta.created,
+            "model": meta.model,
+            "choices": [{"index": 0, "text": text, "logprobs": null, "finish_reason": null, "stop_reason": null}],
+        }),
+    };
+    sse(&v)
+}
+
+/// SSE frame closing the choice with its finish reason.
+pub fn finish_chunk(endpoint: Endpoint, meta: &RespMeta, finish_reason: &str) -> bytes::Bytes {
+    let v = match endpoint {
+        Endpoint::Chat => json!({
+            "id": meta.id,
+            "object": "chat.completion.chunk",
+            "created": meta.created,
+            "model": meta.model,
+            "choices": [{"index": 0, "delta": {}, "logprobs": null, "finish_reason": finish_reason, "stop_reason": null}],
+        }),
+        Endpoint::Completions => json!({
+            "id": meta.id,
+            "object": "text_completion",
+            "created": meta.created,
+            "model": meta.model,
+            "choices": [{"index": 0, "text": "", "logprobs": null, "finish_reason": finish_reason, "stop_reason": null}],
+        }),
+    };
+    sse(&v)
+}
+
+/// SSE frame with the usage (`stream_options.include_usage`).
+pub fn usage_chunk(endpoint: Endpoint, meta: &RespMeta, usage: Value) -> bytes::Bytes {
+    let object = match endpoint {
+        Endpoint::Chat => "chat.completion.chunk",
+        Endpoint::Completions => "text_completion",
+    };
+    sse(&json!({
+        "id": meta.id,
+        "object": object,
+        "created": meta.created,
+        "model": meta.model,
+        "choices": [],
+        "usage": usage,
+    }))
+}
+
+/// The final SSE frame.
+pub const DONE: &[u8] = b"data: [DONE]\n\n";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_chat_and_completions() {
+        let b = json!({"model":"m","messages":[{"role":"user","content":"hi"},
+            {"role":"user","content":[{"type":"text","text":"a"},{"type":"image_url"},{"type":"text","text":"b"}]}],
+            "max_completion_tokens": 5, "max_tokens": 9, "stream": true,
+            "stream_options": {"include_usage": true}, "whatever": {"x": 1}});
+        let r = parse_request(Endpoint::Chat, &b).unwrap();
+        assert_eq!(r.max_tokens, Some(5));
+        assert!(r.stream && r.include_usage);
+        let Prompt::Chat(m) = r.prompt else { panic!() };
+        assert_eq!(m[1].content, "a\nb");
+        let r = parse_request(Endpoint::Completions, &json!({"prompt": ["x"]})).unwrap();
+        assert_eq!(r.prompt, Prompt::Text("x".into()));
+        assert_eq!(r.max_tokens, None);
+        let r = parse_request(Endpoint::Completions, &json!({"prompt": [1, 2, 3]})).unwrap();
+        assert_eq!(r.prompt, Prompt::Ids(vec![1, 2, 3]));
+        let r = parse_request(Endpoint::Completions, &json!({"prompt": [[7]]})).unwrap();
+        assert_eq!(r.prompt, Prompt::Ids(vec![7]));
+    }
+
+    #[test]
+    fn refuses_bad_requests() {
+        for (ep, b) in [
+            (Endpoint::Chat, json!({"model": "m"})),
+            (Endpoint::Chat, json!({"messages": []})),
+            (Endpoint::Chat, json!({"messages": [{"content": "x"}]})),
+            (Endpoint::Completions, json!({"model": "m"})),
+            (Endpoint::Completions, json!({"prompt": ["a", "b"]})),
+            (Endpoint::Completions, json!({"prompt": "a", "n": 2})),
+            (
+                Endpoint::Completions,
+                json!({"prompt": "a", "max_tokens": 0}),
+            ),
+            (
+                Endpoint::Completions,
+                json!({"prompt": "a", "max_tokens": "x"}),
+            ),
+            (Endpoint::Completions, json!([1])),
+        ] {
+            let e = parse_request(ep, &b).unwrap_err();
+            assert_eq!(e.status, StatusCode::BAD_REQUEST, "{b}");
+            assert_eq!(e.body()["error"]["code"], 400);
+        }
+    }
+}
