@@ -37,6 +37,11 @@ enum Command {
     Sim(cacheroute_sim::SimArgs),
     /// Everything on loopback in one process: a gateway and two sims.
     Demo(demo::DemoArgs),
+    /// LMCache KV keys.
+    Kv {
+        #[command(subcommand)]
+        command: cacheroute_kdn::cli::KvCommand,
+    },
 }
 
 #[derive(Args)]
@@ -59,7 +64,17 @@ struct GatewayArgs {
     threads: Option<usize>,
 }
 
-fn main() -> Result<()> {
+fn main() -> std::process::ExitCode {
+    match run() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
@@ -81,5 +96,6 @@ fn main() -> Result<()> {
         }
         Command::Sim(args) => tokio::runtime::Runtime::new()?.block_on(cacheroute_sim::run(args)),
         Command::Demo(args) => demo::run(args),
+        Command::Kv { command } => cacheroute_kdn::cli::run_kv(command),
     }
 }
