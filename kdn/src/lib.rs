@@ -9,3 +9,4 @@ pub mod cbor;
 pub mod cli;
 pub mod keys;
 pub mod store;
+pub mod tokenizer;

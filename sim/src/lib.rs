@@ -10,7 +10,7 @@ pub mod engine;
 pub mod filler;
 pub mod metrics;
 pub mod server;
-pub mod tokenizer;
+pub use cacheroute_kdn::tokenizer;
 
 use anyhow::Context;
 use cacheroute_filters::cost_model::{CalibrationProfile, CostModel};
