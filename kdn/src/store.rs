@@ -48,6 +48,8 @@ pub enum StoreError {
          `metadata` without `kv_bytes`)"
     )]
     MissingChunk { key: String },
+    #[error("{0}")]
+    Config(String),
 }
 
 /// Bytes and chunks moved through a store handle since it was created.
@@ -698,5 +700,54 @@ mod tests {
         let r = copy_chunks_with(&src, &dst, &k, &opts).await.unwrap();
         assert!(r.elapsed >= Duration::from_millis(190), "{:?}", r.elapsed);
         assert!(r.bytes_per_sec() <= 210_000.0);
+    }
+}
+
+/// Process-wide named in-memory stores, so that components running in one
+/// process (`cacheroute demo`) can share a store by URL: `memory://NAME`.
+fn memory_stores() -> &'static std::sync::Mutex<std::collections::HashMap<String, MemoryStore>> {
+    static STORES: std::sync::OnceLock<
+        std::sync::Mutex<std::collections::HashMap<String, MemoryStore>>,
+    > = std::sync::OnceLock::new();
+    STORES.get_or_init(Default::default)
+}
+
+/// The in-memory store named `name` in this process (created on first use).
+pub fn named_memory_store(name: &str) -> MemoryStore {
+    let mut stores = memory_stores().lock().unwrap_or_else(|p| p.into_inner());
+    stores.entry(name.to_string()).or_default().clone()
+}
+
+/// Open a store by URL: `redis://host:port[/db]` (also `rediss://`, `unix://`)
+/// or `memory://NAME` (an in-process store shared by every user of that name).
+pub async fn open_store(url: &str) -> Result<Arc<dyn KvStore>, StoreError> {
+    if let Some(name) = url.strip_prefix("memory://") {
+        return Ok(Arc::new(named_memory_store(name)));
+    }
+    if url.starts_with("redis://") || url.starts_with("rediss://") || url.starts_with("unix://") {
+        return Ok(Arc::new(RedisStore::connect(url).await?));
+    }
+    Err(StoreError::Config(format!(
+        "unsupported store URL `{url}`: use redis://host:port[/db] or memory://NAME"
+    )))
+}
+
+#[cfg(test)]
+mod open_store_tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn memory_urls_share_by_name() {
+        let a = open_store("memory://shared-test").await.unwrap();
+        let b = open_store("memory://shared-test").await.unwrap();
+        let c = open_store("memory://other-test").await.unwrap();
+        let chunk = Chunk {
+            kv_bytes: Bytes::from_static(b"kv"),
+            metadata: Bytes::from_static(b"md"),
+        };
+        a.put_chunk("k", &chunk).await.unwrap();
+        assert!(b.exists("k").await.unwrap());
+        assert!(!c.exists("k").await.unwrap());
+        assert!(open_store("s3://x").await.is_err());
     }
 }
