@@ -29,6 +29,20 @@ pub struct CompletionRequest {
     pub include_usage: bool,
     pub max_tokens: Option<u64>,
     pub prompt: Prompt,
+    /// vLLM's `kv_transfer_params` (an object; its content is not interpreted, except
+    /// LMCache's `"lmcache.skip_save": true`).
+    pub kv_transfer_params: Option<serde_json::Map<String, Value>>,
+}
+
+impl CompletionRequest {
+    /// LMCache's per-request `lmcache.skip_save` (via `kv_transfer_params`): do not store
+    /// this request's KV.
+    pub fn lmcache_skip_save(&self) -> bool {
+        self.kv_transfer_params
+            .as_ref()
+            .and_then(|p| p.get("lmcache.skip_save"))
+            .is_some_and(|v| v.as_bool() == Some(true))
+    }
 }
 
 /// An error answered the way vLLM does: `{"error":{"message","type","param","code"}}`.
@@ -191,6 +205,15 @@ pub fn parse_request(endpoint: Endpoint, body: &Value) -> Result<CompletionReque
         },
         Endpoint::Completions => opt_u64(body, "max_tokens")?,
     };
+    let kv_transfer_params = match body.get("kv_transfer_params") {
+        None | Some(Value::Null) => None,
+        Some(Value::Object(m)) => Some(m.clone()),
+        Some(_) => {
+            return Err(ApiError::bad_request(
+                "kv_transfer_params: Input should be a valid dictionary",
+            ))
+        }
+    };
     Ok(CompletionRequest {
         endpoint,
         model,
@@ -198,6 +221,7 @@ pub fn parse_request(endpoint: Endpoint, body: &Value) -> Result<CompletionReque
         include_usage,
         max_tokens,
         prompt,
+        kv_transfer_params,
     })
 }
 
@@ -394,6 +418,24 @@ mod tests {
         assert_eq!(r.prompt, Prompt::Ids(vec![1, 2, 3]));
         let r = parse_request(Endpoint::Completions, &json!({"prompt": [[7]]})).unwrap();
         assert_eq!(r.prompt, Prompt::Ids(vec![7]));
+        assert_eq!(r.kv_transfer_params, None);
+        assert!(!r.lmcache_skip_save());
+        let r = parse_request(
+            Endpoint::Completions,
+            &json!({"prompt": "x", "kv_transfer_params": {"whatever": [1], "lmcache.skip_save": true}}),
+        )
+        .unwrap();
+        assert_eq!(
+            r.kv_transfer_params.as_ref().unwrap()["whatever"],
+            json!([1])
+        );
+        assert!(r.lmcache_skip_save());
+        let r = parse_request(
+            Endpoint::Completions,
+            &json!({"prompt": "x", "kv_transfer_params": null}),
+        )
+        .unwrap();
+        assert_eq!(r.kv_transfer_params, None);
     }
 
     #[test]
@@ -414,6 +456,10 @@ mod tests {
                 json!({"prompt": "a", "max_tokens": "x"}),
             ),
             (Endpoint::Completions, json!([1])),
+            (
+                Endpoint::Completions,
+                json!({"prompt": "a", "kv_transfer_params": "handle"}),
+            ),
         ] {
             let e = parse_request(ep, &b).unwrap_err();
             assert_eq!(e.status, StatusCode::BAD_REQUEST, "{b}");

@@ -8,6 +8,7 @@
 pub mod api;
 pub mod engine;
 pub mod filler;
+pub mod lmcache;
 pub mod metrics;
 pub mod server;
 pub use cacheroute_kdn::tokenizer;
@@ -16,6 +17,7 @@ use anyhow::Context;
 use cacheroute_filters::cost_model::{CalibrationProfile, CostModel};
 use clap::Args;
 use engine::{EngineHandle, EngineStats, Scheduler, SchedulerConfig};
+use lmcache::{LmCache, LmCacheConfig};
 use metrics::SimMetrics;
 use server::AppState;
 use std::net::SocketAddr;
@@ -69,6 +71,41 @@ pub struct SimArgs {
     /// Seed of the generated filler text.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// LMCache remote store: `redis://host:port[/db]` or `memory://NAME` (an in-process
+    /// store shared by name). Without it the sim has no prefix cache.
+    #[arg(long)]
+    pub kv_store: Option<String>,
+    /// vLLM `--model` string used in LMCache keys (default: `--model`).
+    #[arg(long)]
+    pub lmcache_model: Option<String>,
+    /// LMCache key scheme: lmcache-0.3.13, lmcache-0.4, lmcache-0.5 or an exact release.
+    #[arg(long, default_value = "lmcache-0.3.13")]
+    pub lmcache_scheme: String,
+    /// LMCache chunk size in tokens.
+    #[arg(long, default_value_t = 256)]
+    pub chunk_size: usize,
+    /// The PYTHONHASHSEED string of the vLLM processes (seeds LMCache's hash chain).
+    #[arg(long, default_value = "0")]
+    pub hash_seed: String,
+    /// KV cache dtype in LMCache keys and headers.
+    #[arg(long, default_value = "bfloat16")]
+    pub kv_dtype: String,
+    /// Tensor × pipeline parallel size of the simulated instance (ranks in the keys).
+    #[arg(long, default_value_t = 1)]
+    pub world_size: u32,
+    /// Simulate this rank's keys only (default: every rank of --world-size).
+    #[arg(long)]
+    pub worker_id: Option<u32>,
+    /// Also key (and store) a trailing partial chunk (LMCache's save_unfull_chunk).
+    #[arg(long)]
+    pub save_unfull_chunk: bool,
+    /// Stored kv_bytes blobs are the real KV size divided by this (at least 1 byte);
+    /// timing always uses the real size.
+    #[arg(long, default_value_t = lmcache::DEFAULT_KV_SCALE_DOWN)]
+    pub kv_scale_down: u64,
+    /// Longest wait for a store lookup, and for a response's chunk writes.
+    #[arg(long, default_value_t = lmcache::DEFAULT_STORE_TIMEOUT_MS)]
+    pub kv_store_timeout_ms: u64,
 }
 
 impl Default for SimArgs {
@@ -85,6 +122,17 @@ impl Default for SimArgs {
             max_model_len: 131072,
             num_gpu_blocks: None,
             seed: 0,
+            kv_store: None,
+            lmcache_model: None,
+            lmcache_scheme: "lmcache-0.3.13".into(),
+            chunk_size: 256,
+            hash_seed: "0".into(),
+            kv_dtype: "bfloat16".into(),
+            world_size: 1,
+            worker_id: None,
+            save_unfull_chunk: false,
+            kv_scale_down: lmcache::DEFAULT_KV_SCALE_DOWN,
+            kv_store_timeout_ms: lmcache::DEFAULT_STORE_TIMEOUT_MS,
         }
     }
 }
@@ -142,6 +190,11 @@ impl SimHandle {
         self.state.metrics.render()
     }
 
+    /// The sim's LMCache (None without `--kv-store`).
+    pub fn lmcache(&self) -> Option<&Arc<LmCache>> {
+        self.state.lmcache.as_ref()
+    }
+
     /// Stop serving: no new connections; open ones are closed (waits up to 2 s for
     /// in-flight responses).
     pub async fn stop(mut self) {
@@ -185,7 +238,10 @@ fn default_num_gpu_blocks(profile: &CalibrationProfile, kv_bytes_per_token: u64)
     ((kv / (kv_bytes_per_token.max(1) * BLOCK_SIZE) as f64) as u64).max(1024)
 }
 
-fn build_state(args: &SimArgs, prefix_cache: Arc<dyn PrefixCache>) -> anyhow::Result<AppState> {
+async fn build_state(
+    args: &SimArgs,
+    prefix_cache: Option<Arc<dyn PrefixCache>>,
+) -> anyhow::Result<AppState> {
     anyhow::ensure!(
         args.time_scale.is_finite() && args.time_scale > 0.0,
         "--time-scale must be a positive number, got {}",
@@ -221,7 +277,17 @@ fn build_state(args: &SimArgs, prefix_cache: Arc<dyn PrefixCache>) -> anyhow::Re
             .unwrap_or_else(|| default_num_gpu_blocks(&profile, cost.kv_bytes_per_token))
             .max(1),
     };
+    let lm_cfg = LmCacheConfig::from_args(args, &profile.config, cost.kv_bytes_per_token)?;
+    anyhow::ensure!(
+        lm_cfg.is_none() || prefix_cache.is_none(),
+        "--kv-store makes the sim look prefixes up in its LMCache store; it cannot be \
+         combined with a custom PrefixCache"
+    );
     let metrics = Arc::new(SimMetrics::new(&args.model)?);
+    let lmcache = match lm_cfg {
+        Some(cfg) => Some(Arc::new(LmCache::open(cfg, metrics.clone()).await)),
+        None => None,
+    };
     let engine = (!args.zero_latency).then(|| {
         EngineHandle::spawn(
             Scheduler::new(sched_cfg, cost.clone()),
@@ -240,7 +306,8 @@ fn build_state(args: &SimArgs, prefix_cache: Arc<dyn PrefixCache>) -> anyhow::Re
         cost,
         sched_cfg,
         time_scale: args.time_scale,
-        prefix_cache,
+        prefix_cache: prefix_cache.unwrap_or_else(|| Arc::new(NoPrefixCache)),
+        lmcache,
         last_request: Mutex::new(serde_json::Value::Null),
         counter: AtomicU64::new(0),
         started: server::unix_now(),
@@ -250,19 +317,28 @@ fn build_state(args: &SimArgs, prefix_cache: Arc<dyn PrefixCache>) -> anyhow::Re
 /// Bind `args.listen` and serve in the background on the current tokio runtime; returns
 /// once listening.
 pub async fn spawn(args: SimArgs) -> anyhow::Result<SimHandle> {
-    spawn_with_prefix_cache(args, Arc::new(NoPrefixCache)).await
+    spawn_inner(args, None).await
 }
 
-/// [`spawn`] with a prefix cache deciding each request's `cached_tokens`.
+/// [`spawn`] with a prefix cache deciding each request's `cached_tokens` (not with
+/// `--kv-store`, which brings its own: [`lmcache::LmCache`]).
 pub async fn spawn_with_prefix_cache(
     args: SimArgs,
     prefix_cache: Arc<dyn PrefixCache>,
 ) -> anyhow::Result<SimHandle> {
+    spawn_inner(args, Some(prefix_cache)).await
+}
+
+async fn spawn_inner(
+    args: SimArgs,
+    prefix_cache: Option<Arc<dyn PrefixCache>>,
+) -> anyhow::Result<SimHandle> {
+    // validate (and open the store) before taking the port
+    let state = Arc::new(build_state(&args, prefix_cache).await?);
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("binding {}", args.listen))?;
     let addr = listener.local_addr()?;
-    let state = Arc::new(build_state(&args, prefix_cache)?);
     let app = server::router(state.clone());
     let (tx, rx) = oneshot::channel::<()>();
     let task = tokio::spawn(async move {
@@ -291,6 +367,7 @@ pub async fn run(args: SimArgs) -> anyhow::Result<()> {
         model = handle.model(),
         time_scale = scale,
         zero_latency = zero,
+        kv_store = handle.lmcache().map(|l| l.config().store_url.as_str()),
         "cacheroute sim listening"
     );
     match tokio::signal::ctrl_c().await {
@@ -301,5 +378,68 @@ pub async fn run(args: SimArgs) -> anyhow::Result<()> {
         }
         // no signal handling available: serve until killed
         Err(_) => handle.wait().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::{CommandFactory, Parser};
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        sim: SimArgs,
+    }
+
+    #[test]
+    fn cli_defaults_match_default_and_lmcache_flags_parse() {
+        Cli::command().debug_assert();
+        let d = Cli::parse_from(["sim"]).sim;
+        let e = SimArgs::default();
+        assert_eq!(d.kv_store, e.kv_store);
+        assert_eq!(d.lmcache_model, e.lmcache_model);
+        assert_eq!(d.lmcache_scheme, e.lmcache_scheme);
+        assert_eq!(d.chunk_size, e.chunk_size);
+        assert_eq!(d.hash_seed, e.hash_seed);
+        assert_eq!(d.kv_dtype, e.kv_dtype);
+        assert_eq!(d.world_size, e.world_size);
+        assert_eq!(d.worker_id, e.worker_id);
+        assert_eq!(d.save_unfull_chunk, e.save_unfull_chunk);
+        assert_eq!(d.kv_scale_down, e.kv_scale_down);
+        assert_eq!(d.kv_store_timeout_ms, e.kv_store_timeout_ms);
+        assert_eq!(
+            (d.model, d.seed, d.max_num_seqs),
+            (e.model, e.seed, e.max_num_seqs)
+        );
+        let a = Cli::parse_from([
+            "sim",
+            "--kv-store",
+            "redis://127.0.0.1:6379/2",
+            "--lmcache-model",
+            "meta-llama/Llama-3.1-8B-Instruct",
+            "--lmcache-scheme",
+            "lmcache-0.3.15",
+            "--chunk-size",
+            "128",
+            "--hash-seed",
+            "42",
+            "--kv-dtype",
+            "half",
+            "--world-size",
+            "2",
+            "--worker-id",
+            "1",
+            "--save-unfull-chunk",
+            "--kv-scale-down",
+            "1",
+            "--kv-store-timeout-ms",
+            "500",
+        ])
+        .sim;
+        assert_eq!(a.kv_store.as_deref(), Some("redis://127.0.0.1:6379/2"));
+        assert_eq!(a.worker_id, Some(1));
+        assert!(a.save_unfull_chunk);
+        assert_eq!((a.chunk_size, a.world_size, a.kv_scale_down), (128, 2, 1));
     }
 }

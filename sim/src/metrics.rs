@@ -31,6 +31,22 @@ pub struct SimMetrics {
     pub prefix_cache_queries: IntCounter,
     pub prefix_cache_hits: IntCounter,
     pub request_success: IntCounterVec,
+    /// `vllm:external_prefix_cache_queries_total`: prompt tokens looked up in LMCache.
+    pub external_prefix_cache_queries: IntCounter,
+    /// `vllm:external_prefix_cache_hits_total`: of those, tokens loaded from LMCache.
+    pub external_prefix_cache_hits: IntCounter,
+    /// `sim_lmcache_chunks_loaded_total`: chunks hit by lookups.
+    pub lmcache_chunks_loaded: IntCounter,
+    /// `sim_lmcache_chunks_stored_total`: chunks (keys, one per rank) written.
+    pub lmcache_chunks_stored: IntCounter,
+    /// `sim_lmcache_stored_bytes_total`: bytes written (scaled blobs + headers).
+    pub lmcache_stored_bytes: IntCounter,
+    /// `sim_kv_store_errors_total`: failed or timed-out store operations.
+    pub kv_store_errors: IntCounter,
+    /// `sim_kv_handle_requests_total`: requests carrying `x-cacheroute-kv-handle`.
+    pub kv_handle_requests: IntCounter,
+    /// `sim_kv_transfer_params_requests_total`: requests with a `kv_transfer_params` object.
+    pub kv_transfer_params_requests: IntCounter,
 }
 
 impl SimMetrics {
@@ -92,6 +108,40 @@ impl SimMetrics {
                 ),
                 &["finished_reason"],
             )?,
+            external_prefix_cache_queries: IntCounter::with_opts(opts(
+                "vllm:external_prefix_cache_queries_total",
+                "External prefix cache queries from KV connector cross-instance cache sharing, \
+                 in terms of number of queried tokens.",
+            ))?,
+            external_prefix_cache_hits: IntCounter::with_opts(opts(
+                "vllm:external_prefix_cache_hits_total",
+                "External prefix cache hits from KV connector cross-instance cache sharing, \
+                 in terms of number of cached tokens.",
+            ))?,
+            lmcache_chunks_loaded: IntCounter::with_opts(opts(
+                "sim_lmcache_chunks_loaded_total",
+                "LMCache chunks found by prefix lookups (loaded instead of computed).",
+            ))?,
+            lmcache_chunks_stored: IntCounter::with_opts(opts(
+                "sim_lmcache_chunks_stored_total",
+                "LMCache chunks (keys, one per rank) written to the KV store.",
+            ))?,
+            lmcache_stored_bytes: IntCounter::with_opts(opts(
+                "sim_lmcache_stored_bytes_total",
+                "Bytes written to the KV store (scaled-down kv_bytes blobs plus headers).",
+            ))?,
+            kv_store_errors: IntCounter::with_opts(opts(
+                "sim_kv_store_errors_total",
+                "KV store operations that failed or timed out (treated as misses).",
+            ))?,
+            kv_handle_requests: IntCounter::with_opts(opts(
+                "sim_kv_handle_requests_total",
+                "Completion requests carrying an x-cacheroute-kv-handle header.",
+            ))?,
+            kv_transfer_params_requests: IntCounter::with_opts(opts(
+                "sim_kv_transfer_params_requests_total",
+                "Completion requests carrying a kv_transfer_params object.",
+            ))?,
             registry,
         };
         let r = &m.registry;
@@ -106,6 +156,18 @@ impl SimMetrics {
         r.register(Box::new(m.prefix_cache_queries.clone()))?;
         r.register(Box::new(m.prefix_cache_hits.clone()))?;
         r.register(Box::new(m.request_success.clone()))?;
+        for c in [
+            &m.external_prefix_cache_queries,
+            &m.external_prefix_cache_hits,
+            &m.lmcache_chunks_loaded,
+            &m.lmcache_chunks_stored,
+            &m.lmcache_stored_bytes,
+            &m.kv_store_errors,
+            &m.kv_handle_requests,
+            &m.kv_transfer_params_requests,
+        ] {
+            r.register(Box::new(c.clone()))?;
+        }
         // show both outcomes from the start, as vLLM does
         m.request_success.with_label_values(&["stop"]);
         m.request_success.with_label_values(&["length"]);

@@ -3,12 +3,13 @@
 use crate::api::{self, ApiError, CompletionRequest, Endpoint, Prompt, RespMeta};
 use crate::engine::{EngineHandle, SchedulerConfig, SeqEvent, Submit};
 use crate::filler;
+use crate::lmcache::{LmCache, Lookup};
 use crate::metrics::SimMetrics;
 use crate::tokenizer::Tokenizer;
 use crate::PrefixCache;
 use axum::body::{Body, Bytes};
 use axum::extract::{DefaultBodyLimit, State};
-use axum::http::{header, HeaderValue, StatusCode};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -26,6 +27,9 @@ pub const MAX_BODY_BYTES: usize = 256 << 20;
 /// Default `max_tokens` when a request has none.
 pub const DEFAULT_MAX_TOKENS: u64 = 16;
 
+/// Header with which the gateway attaches a KV handle (counted, not yet validated).
+pub const KV_HANDLE_HEADER: &str = "x-cacheroute-kv-handle";
+
 /// Everything a sim server shares between requests.
 pub struct AppState {
     pub model: String,
@@ -39,6 +43,8 @@ pub struct AppState {
     pub sched_cfg: SchedulerConfig,
     pub time_scale: f64,
     pub prefix_cache: Arc<dyn PrefixCache>,
+    /// `--kv-store`: lookups and writes of LMCache chunks (replaces `prefix_cache`).
+    pub lmcache: Option<Arc<LmCache>>,
     pub last_request: Mutex<Value>,
     pub counter: AtomicU64,
     pub started: u64,
@@ -121,17 +127,18 @@ async fn engine_debug(State(st): State<Arc<AppState>>) -> Json<Value> {
         },
         "cost_model": st.cost,
         "stats": st.engine.as_ref().map(|e| e.stats()),
+        "lmcache": st.lmcache.as_ref().map(|l| l.describe()),
     }))
 }
 
-async fn chat(State(st): State<Arc<AppState>>, body: Bytes) -> Response {
-    handle(st, Endpoint::Chat, "/v1/chat/completions", body)
+async fn chat(State(st): State<Arc<AppState>>, headers: HeaderMap, body: Bytes) -> Response {
+    handle(st, Endpoint::Chat, "/v1/chat/completions", &headers, body)
         .await
         .unwrap_or_else(IntoResponse::into_response)
 }
 
-async fn completions(State(st): State<Arc<AppState>>, body: Bytes) -> Response {
-    handle(st, Endpoint::Completions, "/v1/completions", body)
+async fn completions(State(st): State<Arc<AppState>>, headers: HeaderMap, body: Bytes) -> Response {
+    handle(st, Endpoint::Completions, "/v1/completions", &headers, body)
         .await
         .unwrap_or_else(IntoResponse::into_response)
 }
@@ -145,11 +152,20 @@ struct Accepted {
     max_tokens: u64,
     finish_reason: &'static str,
     seed: u64,
+    /// Chunks to write to the LMCache store once the prefill is done.
+    kv_save: Option<(Arc<LmCache>, Lookup)>,
 }
 
 impl Accepted {
     fn usage(&self, completion_tokens: u64) -> Value {
         api::usage(self.prompt_tokens, completion_tokens, self.cached_tokens)
+    }
+
+    /// The prefill is done (first token sampled): store the new chunks, as LMCache does.
+    async fn prefill_done(&mut self) {
+        if let Some((lm, lookup)) = self.kv_save.take() {
+            lm.save_after_prefill(lookup).await;
+        }
     }
 }
 
@@ -157,8 +173,12 @@ async fn handle(
     st: Arc<AppState>,
     endpoint: Endpoint,
     path: &'static str,
+    headers: &HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {
+    if headers.contains_key(KV_HANDLE_HEADER) {
+        st.metrics.kv_handle_requests.inc();
+    }
     let parsed: Result<Value, _> = serde_json::from_slice(&body);
     *st.last_request.lock().expect("last_request lock") = json!({
         "path": path,
@@ -168,6 +188,9 @@ async fn handle(
     });
     let value = parsed.map_err(|e| ApiError::bad_request(format!("Invalid JSON body: {e}")))?;
     let req = api::parse_request(endpoint, &value)?;
+    if req.kv_transfer_params.is_some() {
+        st.metrics.kv_transfer_params_requests.inc();
+    }
     if let Some(m) = &req.model {
         if *m != st.model {
             return Err(ApiError::not_found(format!(
@@ -175,8 +198,9 @@ async fn handle(
             )));
         }
     }
-    let acc = accept(&st, req).await?;
+    let mut acc = accept(&st, req).await?;
     if st.zero_latency {
+        acc.prefill_done().await;
         return Ok(respond_now(&st, &acc));
     }
     let engine = st
@@ -261,11 +285,21 @@ async fn accept(st: &Arc<AppState>, req: CompletionRequest) -> Result<Accepted, 
             prompt_tokens + max_tokens
         )));
     }
-    let cached_tokens = st
-        .prefix_cache
-        .lookup(&st.model, &ids)
-        .await
-        .min(prompt_tokens - 1);
+    let (cached_tokens, kv_save) = match &st.lmcache {
+        Some(lm) => {
+            let lookup = lm.query(&ids).await;
+            let cached = lookup.cached_tokens.min(prompt_tokens - 1);
+            let save = (!req.lmcache_skip_save()).then(|| (lm.clone(), lookup));
+            (cached, save)
+        }
+        None => (
+            st.prefix_cache
+                .lookup(&st.model, &ids)
+                .await
+                .min(prompt_tokens - 1),
+            None,
+        ),
+    };
     st.metrics.prompt_tokens.inc_by(prompt_tokens);
     st.metrics.prefix_cache_queries.inc_by(prompt_tokens);
     st.metrics.prefix_cache_hits.inc_by(cached_tokens);
@@ -292,6 +326,7 @@ async fn accept(st: &Arc<AppState>, req: CompletionRequest) -> Result<Accepted, 
         cached_tokens,
         max_tokens,
         finish_reason,
+        kv_save,
     })
 }
 
@@ -347,7 +382,7 @@ fn respond_now(st: &AppState, acc: &Accepted) -> Response {
 }
 
 async fn collect_response(
-    acc: Accepted,
+    mut acc: Accepted,
     mut rx: mpsc::UnboundedReceiver<SeqEvent>,
 ) -> Result<Response, ApiError> {
     let mut text = String::new();
@@ -356,6 +391,9 @@ async fn collect_response(
         let Some(ev) = rx.recv().await else {
             return Err(ApiError::internal("the engine dropped the request"));
         };
+        if ev.index == 0 {
+            acc.prefill_done().await;
+        }
         text.push_str(&filler::token_text(acc.seed, ev.index));
         produced += 1;
         if ev.finished {
@@ -409,6 +447,9 @@ fn stream_response(acc: Accepted, rx: mpsc::UnboundedReceiver<SeqEvent>) -> Resp
             return None;
         }
         let ev = s.rx.recv().await?;
+        if ev.index == 0 {
+            s.acc.prefill_done().await;
+        }
         let ep = s.acc.req.endpoint;
         let piece = filler::token_text(s.acc.seed, ev.index);
         let first = s.produced == 0;

@@ -1,0 +1,707 @@
+//! LMCache in the sim: prefix hits from, and chunk writes to, a KV store in LMCache's
+//! Redis layout (`--kv-store`).
+//!
+//! Per request, as vLLM + LMCache (`LMCacheConnectorV1`, `redis://` remote backend) do:
+//!
+//! 1. the prompt's token ids are cut into `--chunk-size` chunks and each chunk gets its
+//!    LMCache key ([`cacheroute_kdn::keys::chunk_keys`], scheme `--lmcache-scheme`, model
+//!    `--lmcache-model`, seed `--hash-seed`, dtype `--kv-dtype`, rank(s) of
+//!    `--world-size`);
+//! 2. the longest run of leading chunks whose `<key>metadata` exists in the store (for
+//!    every simulated rank) is a hit: cached tokens = end of the last hit chunk, except
+//!    that a hit covering the whole prompt is cut to `prompt - 1` tokens (vLLM's LMCache
+//!    connector recomputes the last token: `if num_external_hit_tokens ==
+//!    request.num_tokens: num_external_hit_tokens -= 1`);
+//! 3. once the request's prefill is done, every chunk after the hit is written:
+//!    `<key>kv_bytes` (a deterministic blob of `real size / --kv-scale-down` bytes, at
+//!    least 1), then `<key>metadata` (LMCache's 28-byte header with the **real** length and
+//!    shape `[2, layers, tokens, kv_heads_per_rank × head_dim]`).
+//!
+//! Store trouble never fails a request: a lookup that errs or takes longer than
+//! `--kv-store-timeout-ms` is a miss, a failed write is dropped; both are logged and
+//! counted in `sim_kv_store_errors_total`. A store that cannot be reached at start-up is
+//! retried in the background (at most once a second) while requests miss.
+
+use crate::metrics::SimMetrics;
+use crate::SimArgs;
+use anyhow::{anyhow, bail, Context};
+use bytes::Bytes;
+use cacheroute_filters::cost_model::ModelConfig;
+use cacheroute_kdn::keys::{
+    chunk_keys, chunk_keys_all_ranks, lmcache_dtype_name, KeyParams, KeyScheme, RemoteMetadata,
+};
+use cacheroute_kdn::store::{open_store, Chunk, KvStore, StoreError};
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+/// Default `--kv-scale-down`: a stored `kv_bytes` blob is 1/1024 of the real KV size
+/// (an 8B 256-token chunk: 32 KiB instead of 32 MiB).
+pub const DEFAULT_KV_SCALE_DOWN: u64 = 1024;
+
+/// Default `--kv-store-timeout-ms`.
+pub const DEFAULT_STORE_TIMEOUT_MS: u64 = 2000;
+
+/// Chunks (keys) per store write pipeline.
+const WRITE_BATCH_KEYS: usize = 8;
+
+/// Least time between two background attempts to open an unreachable store.
+const RECONNECT_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Check a `--hash-seed` the way CPython checks `PYTHONHASHSEED`: vLLM seeds LMCache's
+/// chain with `sha256_cbor(<the PYTHONHASHSEED string>)`, and Python only starts with
+/// `random` (which here means unset: refused) or a decimal integer in `[0, 4294967295]`.
+/// The string is used as given (`"00"` and `"0"` are different seeds).
+pub fn check_hash_seed(seed: &str) -> anyhow::Result<()> {
+    if seed.is_empty() || seed == "random" {
+        bail!(
+            "--hash-seed {seed:?}: {}",
+            cacheroute_kdn::keys::KeyError::HashSeedUnset
+        );
+    }
+    let in_range = seed.bytes().all(|b| b.is_ascii_digit())
+        && seed.parse::<u64>().is_ok_and(|n| n <= u32::MAX as u64);
+    if !in_range {
+        bail!(
+            "--hash-seed {seed:?} is not a PYTHONHASHSEED value: Python refuses to start \
+             unless it is \"random\" or a decimal integer in [0, 4294967295]; give the exact \
+             string exported to vLLM (e.g. 0)"
+        );
+    }
+    Ok(())
+}
+
+/// Everything `--kv-store` and the LMCache flags configure.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LmCacheConfig {
+    /// `redis://host:port[/db]` or `memory://NAME`.
+    pub store_url: String,
+    /// Key parameters (`worker_id` is the simulated rank when `ranks` has one element).
+    pub params: KeyParams,
+    /// Ranks whose keys are looked up and written: `--worker-id` alone, or every rank of
+    /// `--world-size` (LMCache's scheduler needs a chunk on all ranks).
+    pub ranks: Vec<u32>,
+    /// Stored blob = real KV bytes / this (at least 1 byte).
+    pub scale_down: u64,
+    /// Layers in the metadata shape.
+    pub num_layers: usize,
+    /// `kv_heads_per_rank × head_dim`, the last dimension of the metadata shape.
+    pub hidden_per_rank: usize,
+    /// The key dtype name (LMCache's spelling).
+    pub dtype: &'static str,
+    /// Bound on a lookup, and on how long a response waits for its writes.
+    pub timeout: Duration,
+}
+
+impl LmCacheConfig {
+    /// The LMCache configuration of `args` (None without `--kv-store`), validated.
+    /// `model` and `kv_bytes_per_token` come from the calibration profile.
+    pub fn from_args(
+        args: &SimArgs,
+        model: &ModelConfig,
+        kv_bytes_per_token: u64,
+    ) -> anyhow::Result<Option<Self>> {
+        let Some(url) = args.kv_store.clone() else {
+            return Ok(None);
+        };
+        if let Some(name) = url.strip_prefix("memory://") {
+            anyhow::ensure!(!name.is_empty(), "--kv-store {url}: memory:// needs a name");
+        } else if url.starts_with("redis://")
+            || url.starts_with("rediss://")
+            || url.starts_with("unix://")
+        {
+            // parse only; connecting happens later (and may be retried)
+            redis::Client::open(url.as_str()).map_err(|e| anyhow!("--kv-store {url}: {e}"))?;
+        } else {
+            bail!("--kv-store {url}: unsupported store URL, use redis://host:port[/db] or memory://NAME");
+        }
+        let scheme: KeyScheme = args
+            .lmcache_scheme
+            .parse()
+            .map_err(|e| anyhow!("--lmcache-scheme: {e}"))?;
+        check_hash_seed(&args.hash_seed)?;
+        anyhow::ensure!(args.chunk_size > 0, "--chunk-size must be at least 1");
+        anyhow::ensure!(args.world_size > 0, "--world-size must be at least 1");
+        anyhow::ensure!(args.kv_scale_down > 0, "--kv-scale-down must be at least 1");
+        anyhow::ensure!(
+            args.kv_store_timeout_ms > 0,
+            "--kv-store-timeout-ms must be at least 1"
+        );
+        if let Some(w) = args.worker_id {
+            anyhow::ensure!(
+                w < args.world_size,
+                "--worker-id {w} is not a rank of --world-size {}",
+                args.world_size
+            );
+        }
+        let params = KeyParams {
+            world_size: args.world_size,
+            worker_id: args.worker_id.unwrap_or(0),
+            chunk_size: args.chunk_size,
+            dtype: args.kv_dtype.clone(),
+            hash_seed: Some(args.hash_seed.clone()),
+            save_unfull_chunk: args.save_unfull_chunk,
+            ..KeyParams::new(
+                scheme,
+                args.lmcache_model
+                    .clone()
+                    .unwrap_or_else(|| args.model.clone()),
+            )
+        };
+        // every remaining key problem (model with '@', dtype, ...) shows up here
+        chunk_keys(&params, &[]).map_err(|e| anyhow!("LMCache keys: {e}"))?;
+        let dtype =
+            lmcache_dtype_name(scheme, &args.kv_dtype).map_err(|e| anyhow!("--kv-dtype: {e}"))?;
+        let itemsize = cacheroute_kdn::keys::dtype_itemsize(dtype).unwrap_or(2) as u64;
+        let ws = args.world_size as u64;
+        let (num_layers, hidden_per_rank) =
+            if model.num_hidden_layers > 0 && model.num_key_value_heads > 0 {
+                (
+                    model.num_hidden_layers,
+                    model.num_key_value_heads.div_ceil(ws).max(1) * model.head_dim(),
+                )
+            } else {
+                // no shape in the profile: one "layer" holding the recorded per-token size
+                (1, (kv_bytes_per_token / (2 * itemsize) / ws).max(1))
+            };
+        let cfg = LmCacheConfig {
+            store_url: url,
+            ranks: match args.worker_id {
+                Some(w) => vec![w],
+                None => (0..args.world_size).collect(),
+            },
+            params,
+            scale_down: args.kv_scale_down,
+            num_layers: num_layers as usize,
+            hidden_per_rank: hidden_per_rank as usize,
+            dtype,
+            timeout: Duration::from_millis(args.kv_store_timeout_ms),
+        };
+        // a full chunk's header must be writable (dtype with an LMCache code, int32 length)
+        cfg.metadata(cfg.params.chunk_size)
+            .with_context(|| format!("--kv-dtype {}", args.kv_dtype))?;
+        Ok(Some(cfg))
+    }
+
+    /// The `<key>metadata` header of one rank's chunk of `tokens` tokens (real shape).
+    pub fn metadata(&self, tokens: usize) -> anyhow::Result<RemoteMetadata> {
+        RemoteMetadata::kv_2ltd(self.dtype, self.num_layers, tokens, self.hidden_per_rank)
+            .map_err(|e| anyhow!("LMCache metadata header: {e}"))
+    }
+
+    /// Size of the stored `<key>kv_bytes` blob for a chunk whose real KV is `real` bytes.
+    pub fn blob_len(&self, real: u64) -> usize {
+        (real / self.scale_down).max(1) as usize
+    }
+}
+
+/// One chunk of a prompt: its token span and its key on every simulated rank.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChunkEntry {
+    pub start: usize,
+    pub end: usize,
+    /// One key per simulated rank (the order of [`LmCacheConfig::ranks`]).
+    pub keys: Vec<String>,
+}
+
+/// What a lookup found for one prompt (and what its save will write).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Lookup {
+    pub prompt_tokens: u64,
+    /// Prompt tokens whose KV is loaded instead of computed.
+    pub cached_tokens: u64,
+    /// Leading chunks present on every simulated rank.
+    pub hit_chunks: usize,
+    /// Every keyed chunk of the prompt.
+    pub chunks: Vec<ChunkEntry>,
+    /// Whether the store could not answer (the lookup counts as a miss).
+    pub failed: bool,
+}
+
+/// Lazily (re)opened store: a store that cannot be reached yet is retried in the
+/// background while requests miss.
+struct StoreSlot {
+    url: String,
+    store: RwLock<Option<Arc<dyn KvStore>>>,
+    connecting: AtomicBool,
+    last_attempt: Mutex<Option<Instant>>,
+    timeout: Duration,
+}
+
+impl StoreSlot {
+    fn current(&self) -> Option<Arc<dyn KvStore>> {
+        self.store.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// The store, or None (and a background attempt to open it) when not open yet.
+    fn get(self: &Arc<Self>) -> Option<Arc<dyn KvStore>> {
+        if let Some(s) = self.current() {
+            return Some(s);
+        }
+        self.reconnect_in_background();
+        None
+    }
+
+    async fn open(&self) -> Result<(), String> {
+        // a connection attempt may retry for a while: bound it
+        let limit = self.timeout.max(Duration::from_secs(2));
+        match tokio::time::timeout(limit, open_store(&self.url)).await {
+            Ok(Ok(s)) => {
+                *self.store.write().unwrap_or_else(|p| p.into_inner()) = Some(s);
+                Ok(())
+            }
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err(format!("no answer within {limit:?}")),
+        }
+    }
+
+    fn reconnect_in_background(self: &Arc<Self>) {
+        {
+            let mut last = self.last_attempt.lock().unwrap_or_else(|p| p.into_inner());
+            if last.is_some_and(|t| t.elapsed() < RECONNECT_INTERVAL) {
+                return;
+            }
+            if self.connecting.swap(true, Ordering::AcqRel) {
+                return;
+            }
+            *last = Some(Instant::now());
+        }
+        let slot = self.clone();
+        tokio::spawn(async move {
+            match slot.open().await {
+                Ok(()) => tracing::info!(url = %slot.url, "LMCache store opened"),
+                Err(e) => tracing::warn!(url = %slot.url, "LMCache store still unreachable: {e}"),
+            }
+            slot.connecting.store(false, Ordering::Release);
+        });
+    }
+}
+
+/// The sim's LMCache: lookups and writes against the `--kv-store`.
+pub struct LmCache {
+    cfg: LmCacheConfig,
+    slot: Arc<StoreSlot>,
+    metrics: Arc<SimMetrics>,
+}
+
+impl std::fmt::Debug for LmCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LmCache").field("cfg", &self.cfg).finish()
+    }
+}
+
+impl LmCache {
+    /// Open the store. A store that does not answer yet (e.g. Redis not up) is not an
+    /// error: it is retried in the background and lookups miss meanwhile.
+    pub async fn open(cfg: LmCacheConfig, metrics: Arc<SimMetrics>) -> LmCache {
+        let slot = Arc::new(StoreSlot {
+            url: cfg.store_url.clone(),
+            store: RwLock::new(None),
+            connecting: AtomicBool::new(false),
+            last_attempt: Mutex::new(Some(Instant::now())),
+            timeout: cfg.timeout,
+        });
+        if let Err(e) = slot.open().await {
+            tracing::warn!(
+                url = %cfg.store_url,
+                "LMCache store unreachable, serving without hits until it answers: {e}"
+            );
+            metrics.kv_store_errors.inc();
+        }
+        LmCache { cfg, slot, metrics }
+    }
+
+    pub fn config(&self) -> &LmCacheConfig {
+        &self.cfg
+    }
+
+    /// Whether the store is open (it may still fail operations).
+    pub fn is_connected(&self) -> bool {
+        self.slot.current().is_some()
+    }
+
+    /// `/debug/engine` view.
+    pub fn describe(&self) -> Value {
+        let p = &self.cfg.params;
+        json!({
+            "store": self.cfg.store_url,
+            "connected": self.is_connected(),
+            "scheme": p.scheme.name(),
+            "model": p.model,
+            "chunk_size": p.chunk_size,
+            "hash_seed": p.hash_seed,
+            "dtype": self.cfg.dtype,
+            "world_size": p.world_size,
+            "ranks": self.cfg.ranks,
+            "save_unfull_chunk": p.save_unfull_chunk,
+            "kv_scale_down": self.cfg.scale_down,
+            "metadata_shape": [2, self.cfg.num_layers, p.chunk_size, self.cfg.hidden_per_rank],
+        })
+    }
+
+    /// The chunks of `ids` with their keys on every simulated rank.
+    pub fn chunks(&self, ids: &[u32]) -> anyhow::Result<Vec<ChunkEntry>> {
+        let p = &self.cfg.params;
+        if self.cfg.ranks.len() == 1 {
+            return Ok(chunk_keys(p, ids)?
+                .into_iter()
+                .map(|k| ChunkEntry {
+                    start: k.start,
+                    end: k.end,
+                    keys: vec![k.key],
+                })
+                .collect());
+        }
+        let mut all = chunk_keys_all_ranks(p, ids)?;
+        let n = all.first().map_or(0, Vec::len);
+        let mut out: Vec<ChunkEntry> = (0..n)
+            .map(|i| ChunkEntry {
+                start: all[0][i].start,
+                end: all[0][i].end,
+                keys: Vec::with_capacity(self.cfg.ranks.len()),
+            })
+            .collect();
+        for &r in &self.cfg.ranks {
+            for (entry, k) in out.iter_mut().zip(std::mem::take(&mut all[r as usize])) {
+                entry.keys.push(k.key);
+            }
+        }
+        Ok(out)
+    }
+
+    fn fail(&self, what: &str, e: impl std::fmt::Display) {
+        tracing::warn!(url = %self.cfg.store_url, "LMCache {what} failed: {e}");
+        self.metrics.kv_store_errors.inc();
+    }
+
+    /// Look `ids` up: the longest present prefix of chunks (on every simulated rank).
+    /// Never fails: store trouble is a miss (logged, counted).
+    pub async fn query(&self, ids: &[u32]) -> Lookup {
+        let prompt_tokens = ids.len() as u64;
+        self.metrics
+            .external_prefix_cache_queries
+            .inc_by(prompt_tokens);
+        let mut out = Lookup {
+            prompt_tokens,
+            ..Lookup::default()
+        };
+        out.chunks = match self.chunks(ids) {
+            Ok(c) => c,
+            Err(e) => {
+                // validated at start-up: cannot happen
+                tracing::error!("LMCache keys: {e}");
+                return out;
+            }
+        };
+        if out.chunks.is_empty() {
+            return out;
+        }
+        let Some(store) = self.slot.get() else {
+            self.fail("lookup", "the store is not reachable");
+            out.failed = true;
+            return out;
+        };
+        let flat: Vec<String> = out.chunks.iter().flat_map(|c| c.keys.clone()).collect();
+        let ranks = self.cfg.ranks.len();
+        match tokio::time::timeout(self.cfg.timeout, store.longest_present_prefix(&flat)).await {
+            Ok(Ok(n)) => out.hit_chunks = (n / ranks).min(out.chunks.len()),
+            Ok(Err(e)) => {
+                self.fail("lookup", e);
+                out.failed = true;
+            }
+            Err(_) => {
+                self.fail("lookup", format!("no answer within {:?}", self.cfg.timeout));
+                out.failed = true;
+            }
+        }
+        if out.hit_chunks > 0 {
+            let end = out.chunks[out.hit_chunks - 1].end as u64;
+            // vLLM computes at least the last prompt token
+            out.cached_tokens = end.min(prompt_tokens.saturating_sub(1));
+        }
+        self.metrics
+            .lmcache_chunks_loaded
+            .inc_by(out.hit_chunks as u64);
+        self.metrics
+            .external_prefix_cache_hits
+            .inc_by(out.cached_tokens);
+        out
+    }
+
+    /// Deterministic `kv_bytes` stand-in: SHA-256 of the key, repeated.
+    fn blob(key: &str, len: usize) -> Bytes {
+        let d = Sha256::digest(key.as_bytes());
+        let mut v = Vec::with_capacity(len);
+        v.extend_from_slice(&d[..len.min(d.len())]);
+        // doubling copies: a few memcpy calls even for a full-size (scale 1) chunk
+        while v.len() < len {
+            let n = v.len().min(len - v.len());
+            v.extend_from_within(..n);
+        }
+        Bytes::from(v)
+    }
+
+    /// The chunk values written for one rank's chunk of `tokens` tokens under `key`.
+    pub fn chunk_value(&self, key: &str, tokens: usize) -> anyhow::Result<Chunk> {
+        let meta = self.cfg.metadata(tokens)?;
+        let real = meta.length.max(0) as u64;
+        Ok(Chunk {
+            kv_bytes: Self::blob(key, self.cfg.blob_len(real)),
+            metadata: Bytes::copy_from_slice(&meta.to_bytes()),
+        })
+    }
+
+    /// Write the chunks of `lookup` after its hit (`kv_bytes` then `metadata`, chunk by
+    /// chunk in prompt order). Returns the keys written.
+    pub async fn save(&self, lookup: &Lookup) -> Result<usize, StoreError> {
+        let todo: Vec<(&str, usize)> = lookup
+            .chunks
+            .iter()
+            .skip(lookup.hit_chunks)
+            .flat_map(|c| c.keys.iter().map(move |k| (k.as_str(), c.end - c.start)))
+            .collect();
+        if todo.is_empty() {
+            return Ok(0);
+        }
+        let Some(store) = self.slot.get() else {
+            return Err(StoreError::Config("the store is not reachable".into()));
+        };
+        let mut written = 0;
+        for batch in todo.chunks(WRITE_BATCH_KEYS) {
+            let values = batch
+                .iter()
+                .map(|(k, tokens)| {
+                    self.chunk_value(k, *tokens)
+                        .map(|c| (k.to_string(), c))
+                        .map_err(|e| StoreError::Config(e.to_string()))
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            store.put_chunks(&values).await?;
+            written += values.len();
+            self.metrics
+                .lmcache_chunks_stored
+                .inc_by(values.len() as u64);
+            self.metrics
+                .lmcache_stored_bytes
+                .inc_by(values.iter().map(|(_, c)| c.size()).sum());
+        }
+        Ok(written)
+    }
+
+    /// After a request's prefill: write its new chunks in a task of its own (the engine
+    /// never waits for it) and wait for that task at most `--kv-store-timeout-ms`, so that
+    /// a response normally leaves after its chunks are visible, as with LMCache's
+    /// synchronous save at the end of the forward pass. Failures are logged and counted.
+    pub async fn save_after_prefill(self: &Arc<Self>, lookup: Lookup) {
+        if lookup.hit_chunks >= lookup.chunks.len() {
+            return;
+        }
+        let me = self.clone();
+        let task = tokio::spawn(async move {
+            if let Err(e) = me.save(&lookup).await {
+                me.fail("store", e);
+            }
+        });
+        if tokio::time::timeout(self.cfg.timeout, task).await.is_err() {
+            tracing::warn!(
+                url = %self.cfg.store_url,
+                "LMCache store still writing after {:?}; answering without waiting",
+                self.cfg.timeout
+            );
+        }
+    }
+}
+
+/// As a plain [`PrefixCache`](crate::PrefixCache): lookups only (nothing is written).
+#[async_trait::async_trait]
+impl crate::PrefixCache for LmCache {
+    async fn lookup(&self, _model: &str, token_ids: &[u32]) -> u64 {
+        self.query(token_ids).await.cached_tokens
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cacheroute_kdn::store::named_memory_store;
+
+    fn model() -> ModelConfig {
+        ModelConfig {
+            hidden_size: 4096,
+            intermediate_size: 14336,
+            num_hidden_layers: 32,
+            num_attention_heads: 32,
+            num_key_value_heads: 8,
+            vocab_size: 128256,
+        }
+    }
+
+    fn args(store: &str) -> SimArgs {
+        SimArgs {
+            kv_store: Some(store.into()),
+            chunk_size: 4,
+            ..SimArgs::default()
+        }
+    }
+
+    async fn open_lm(a: &SimArgs) -> (Arc<LmCache>, Arc<SimMetrics>) {
+        let metrics = Arc::new(SimMetrics::new("m").unwrap());
+        let cfg = LmCacheConfig::from_args(a, &model(), 131072)
+            .unwrap()
+            .unwrap();
+        (Arc::new(LmCache::open(cfg, metrics.clone()).await), metrics)
+    }
+
+    #[test]
+    fn hash_seeds_like_python() {
+        for ok in ["0", "42", "00", "4294967295"] {
+            check_hash_seed(ok).unwrap();
+        }
+        for bad in ["", "random", "-1", "4294967296", "abc", " 1", "1.0"] {
+            assert!(check_hash_seed(bad).is_err(), "{bad:?}");
+        }
+        assert!(check_hash_seed("random")
+            .unwrap_err()
+            .to_string()
+            .contains("PYTHONHASHSEED"));
+    }
+
+    #[test]
+    fn config_from_args() {
+        assert_eq!(
+            LmCacheConfig::from_args(&SimArgs::default(), &model(), 131072).unwrap(),
+            None
+        );
+        let c = LmCacheConfig::from_args(&args("memory://x"), &model(), 131072)
+            .unwrap()
+            .unwrap();
+        assert_eq!(c.params.model, "llama3-8b");
+        assert_eq!(c.params.scheme, KeyScheme::Lmcache0_3_13);
+        assert_eq!(c.ranks, vec![0]);
+        assert_eq!((c.num_layers, c.hidden_per_rank), (32, 1024));
+        let m = c.metadata(256).unwrap();
+        assert_eq!(m.length, 33_554_432); // 256 × 131072
+        assert_eq!(m.shape, [2, 32, 256, 1024]);
+        assert_eq!(c.blob_len(33_554_432), 32_768);
+        assert_eq!(c.blob_len(100), 1);
+
+        let mut a = args("memory://x");
+        a.world_size = 2;
+        let c = LmCacheConfig::from_args(&a, &model(), 131072)
+            .unwrap()
+            .unwrap();
+        assert_eq!(c.ranks, vec![0, 1]);
+        assert_eq!(c.hidden_per_rank, 512);
+
+        for (f, want) in [
+            (
+                (|a: &mut SimArgs| a.lmcache_scheme = "lmcache-0.3.12".into()) as fn(&mut SimArgs),
+                "--lmcache-scheme",
+            ),
+            (|a| a.hash_seed = "random".into(), "PYTHONHASHSEED"),
+            (|a| a.worker_id = Some(1), "--worker-id 1"),
+            (|a| a.kv_scale_down = 0, "--kv-scale-down"),
+            (|a| a.chunk_size = 0, "--chunk-size"),
+            (|a| a.kv_dtype = "bogus".into(), "bogus"),
+            (|a| a.kv_dtype = "int64".into(), "int64"),
+            (|a| a.lmcache_model = Some("a@b".into()), "'@'"),
+            (
+                |a| a.kv_store = Some("s3://bucket".into()),
+                "unsupported store URL",
+            ),
+            (|a| a.kv_store = Some("memory://".into()), "needs a name"),
+            (
+                |a| a.kv_store = Some("redis://h:1/notadb".into()),
+                "--kv-store",
+            ),
+        ] {
+            let mut a = args("memory://x");
+            f(&mut a);
+            let e = LmCacheConfig::from_args(&a, &model(), 131072).unwrap_err();
+            assert!(format!("{e:#}").contains(want), "{want}: {e:#}");
+        }
+    }
+
+    #[tokio::test]
+    async fn lookup_then_save_then_hit() {
+        let (lm, metrics) = open_lm(&args("memory://lmcache-unit-1")).await;
+        let ids: Vec<u32> = (0..10).collect();
+        let miss = lm.query(&ids).await;
+        assert_eq!((miss.hit_chunks, miss.cached_tokens), (0, 0));
+        assert_eq!(miss.chunks.len(), 2); // 10 tokens, chunk 4, no partial chunk
+        assert_eq!(lm.save(&miss).await.unwrap(), 2);
+        let hit = lm.query(&ids).await;
+        assert_eq!((hit.hit_chunks, hit.cached_tokens), (2, 8));
+        assert_eq!(lm.save(&hit).await.unwrap(), 0);
+        // a whole-prompt hit leaves the last token to compute
+        let hit = lm.query(&ids[..8]).await;
+        assert_eq!((hit.hit_chunks, hit.cached_tokens), (2, 7));
+        // the entries: blob then LMCache header with the real shape
+        let store = named_memory_store("lmcache-unit-1");
+        let key = &miss.chunks[0].keys[0];
+        let meta = RemoteMetadata::from_bytes(
+            &store
+                .raw_get(&cacheroute_kdn::keys::redis_metadata_key(key))
+                .unwrap(),
+        )
+        .unwrap();
+        assert_eq!(meta.shape, [2, 32, 4, 1024]);
+        assert_eq!(meta.length, 4 * 131072);
+        let blob = store
+            .raw_get(&cacheroute_kdn::keys::redis_kv_bytes_key(key))
+            .unwrap();
+        assert_eq!(blob.len(), 4 * 131072 / 1024);
+        let d = Sha256::digest(key.as_bytes());
+        assert!(blob.chunks(32).all(|c| c == &d[..c.len()]));
+        assert_eq!(LmCache::blob(key, 5), &d[..5]);
+        assert_eq!(LmCache::blob(key, 100).len(), 100);
+        let text = metrics.render();
+        assert!(text.contains("sim_lmcache_chunks_stored_total{model_name=\"m\"} 2"));
+        assert!(text.contains("sim_lmcache_chunks_loaded_total{model_name=\"m\"} 4"));
+        assert!(text.contains("vllm:external_prefix_cache_hits_total{model_name=\"m\"} 15"));
+        assert!(text.contains("vllm:external_prefix_cache_queries_total{model_name=\"m\"} 28"));
+    }
+
+    #[tokio::test]
+    async fn all_ranks_must_hold_a_chunk() {
+        let mut a = args("memory://lmcache-unit-2");
+        a.world_size = 2;
+        let (lm, _) = open_lm(&a).await;
+        let ids: Vec<u32> = (0..9).collect();
+        let miss = lm.query(&ids).await;
+        assert_eq!(miss.chunks[0].keys.len(), 2);
+        assert!(miss.chunks[0].keys[1].contains("@2@1@"));
+        assert_eq!(lm.save(&miss).await.unwrap(), 4);
+        assert_eq!(lm.query(&ids).await.cached_tokens, 8);
+        // rank 1 loses chunk 1: only chunk 0 is usable
+        let store = named_memory_store("lmcache-unit-2");
+        store.raw_delete(&cacheroute_kdn::keys::redis_metadata_key(
+            &miss.chunks[1].keys[1],
+        ));
+        assert_eq!(lm.query(&ids).await.cached_tokens, 4);
+        // a sim simulating rank 0 only does not care
+        a.worker_id = Some(0);
+        let (rank0, _) = open_lm(&a).await;
+        assert_eq!(rank0.query(&ids).await.cached_tokens, 8);
+    }
+
+    #[tokio::test]
+    async fn unreachable_store_misses_and_counts() {
+        let (lm, metrics) = open_lm(&args("redis://127.0.0.1:1")).await;
+        assert!(!lm.is_connected());
+        let ids: Vec<u32> = (0..10).collect();
+        let l = lm.query(&ids).await;
+        assert!(l.failed);
+        assert_eq!(l.cached_tokens, 0);
+        assert!(lm.save(&l).await.is_err());
+        lm.save_after_prefill(l).await;
+        let text = metrics.render();
+        // start-up, lookup, store
+        assert!(
+            text.contains("sim_kv_store_errors_total{model_name=\"m\"} 3"),
+            "{text}"
+        );
+    }
+}
