@@ -110,6 +110,8 @@ pub struct PoolInstance {
     pub weight: u32,
     pub backend: Backend,
     pub state: Arc<InstanceState>,
+    /// `host:port`, the Host header sent upstream.
+    pub host_header: String,
     pub connect_timeout: Duration,
     /// Longest wait for any one read (first byte included) or write.
     pub read_timeout: Duration,
@@ -339,6 +341,7 @@ impl FleetBuilder {
                 inflight_gauge.set(state.inflight() as i64);
                 let settings = pc.settings(&config.upstream);
                 instances.push(PoolInstance {
+                    host_header: format!("{}:{}", url.host, url.port),
                     connect_timeout: Duration::from_millis(
                         ic.connect_timeout_ms.unwrap_or(settings.connect_timeout_ms),
                     ),

@@ -18,6 +18,11 @@ use reload::{ConfigSource, Overrides};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
+/// The service plane allocates and frees many small buffers per request;
+/// mimalloc cuts that cost by about half compared with glibc's malloc.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "cacheroute",

@@ -184,7 +184,7 @@ impl Reloader {
                     continue;
                 }
             }
-            if n % 5 == 0 && fleet.pools.iter().any(|p| p.discovered) {
+            if n.is_multiple_of(5) && fleet.pools.iter().any(|p| p.discovered) {
                 self.refresh_discovery().await;
             }
         }

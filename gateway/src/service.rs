@@ -226,7 +226,7 @@ impl ServicePlane {
             ];
             ctx.upstream = Some(inst.url.base.clone());
             match forward::exchange(
-                &self.state.connector,
+                &self.state.transport,
                 session,
                 inst,
                 body.clone(),

@@ -3,7 +3,7 @@
 use crate::fleet::{Fleet, FleetBuilder};
 use crate::metrics::Metrics;
 use arc_swap::ArcSwap;
-use pingora::connectors::http::Connector;
+use pingora::connectors::TransportConnector;
 use std::sync::Arc;
 
 pub struct GatewayState {
@@ -12,7 +12,7 @@ pub struct GatewayState {
     pub builder: FleetBuilder,
     pub metrics: Arc<Metrics>,
     /// Pooled keep-alive connections to the instances.
-    pub connector: Connector,
+    pub transport: TransportConnector,
 }
 
 impl GatewayState {
@@ -22,7 +22,7 @@ impl GatewayState {
             fleet: ArcSwap::from_pointee(fleet),
             builder,
             metrics,
-            connector: Connector::new(None),
+            transport: TransportConnector::new(None),
         })
     }
 
