@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# The test command: `bash scripts/test.sh` (CI runs exactly this via .ci/run).
+#
+# On a fresh Debian machine with the Rust toolchain, gcc and Python 3 + pip,
+# it installs what is missing (cmake and redis-server from apt, the Python
+# packages openai, httpx, prometheus-client and pytest from pip), builds the
+# workspace (dev profile), runs the Rust tests, then the end-to-end suite in
+# tests/ against the freshly built binary. Exits non-zero on any failure.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+step() { printf '\n==> [test.sh] %s\n' "$*"; }
+die() { printf '\n==> [test.sh] FAILED: %s\n' "$*" >&2; exit 1; }
+
+as_root() {
+  if [ "$(id -u)" = 0 ]; then "$@"
+  elif command -v sudo >/dev/null 2>&1; then sudo "$@"
+  else die "need root to run: $*"; fi
+}
+
+# --- system packages -------------------------------------------------------
+missing=()
+command -v cmake >/dev/null 2>&1 || missing+=(cmake)
+command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
+if [ ${#missing[@]} -gt 0 ]; then
+  step "installing ${missing[*]} (apt-get)"
+  export DEBIAN_FRONTEND=noninteractive
+  as_root apt-get update -qq
+  as_root apt-get install -y -qq --no-install-recommends "${missing[@]}"
+fi
+
+# --- Python packages ---------------------------------------------------------
+PY=${PYTHON:-python3}
+pip_missing=()
+for pair in openai:openai httpx:httpx prometheus_client:prometheus-client pytest:pytest; do
+  "$PY" -c "import ${pair%%:*}" >/dev/null 2>&1 || pip_missing+=("${pair#*:}")
+done
+if [ ${#pip_missing[@]} -gt 0 ]; then
+  step "installing Python packages: ${pip_missing[*]} (pip)"
+  "$PY" -m pip install -q "${pip_missing[@]}" \
+    || "$PY" -m pip install -q --break-system-packages "${pip_missing[@]}" \
+    || die "pip install ${pip_missing[*]}"
+fi
+
+# --- build ---------------------------------------------------------------------
+step "cargo build --workspace --all-targets"
+cargo build --workspace --all-targets || die "cargo build"
+
+TARGET_DIR=$(cargo metadata --format-version 1 --no-deps \
+  | "$PY" -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')
+export CACHEROUTE_BIN="$TARGET_DIR/debug/cacheroute"
+[ -x "$CACHEROUTE_BIN" ] || die "binary not found: $CACHEROUTE_BIN"
+
+# --- tests -----------------------------------------------------------------------
+failed=()
+
+step "cargo test --workspace"
+cargo test --workspace || failed+=("cargo test")
+
+step "end-to-end suite: $PY -m pytest -q tests/ (CACHEROUTE_BIN=$CACHEROUTE_BIN)"
+export PYTHONDONTWRITEBYTECODE=1
+set +e
+timeout 1200 "$PY" -m pytest -q tests/
+rc=$?
+set -e
+case $rc in
+  0) ;;
+  5) failed+=("pytest (no test was collected)") ;;
+  124) failed+=("pytest (timed out)") ;;
+  *) failed+=("pytest (exit $rc)") ;;
+esac
+
+if [ ${#failed[@]} -gt 0 ]; then
+  die "${failed[*]}"
+fi
