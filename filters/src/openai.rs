@@ -68,14 +68,14 @@ pub struct CommonParams {
 }
 
 /// Content of a chat message: a string, or a list of content parts.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(untagged)]
 pub enum MessageContent {
     Text(String),
     Parts(Vec<Value>),
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct ChatMessage {
     pub role: String,
     #[serde(default)]
@@ -99,7 +99,7 @@ impl ChatMessage {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct ChatCompletionRequest {
     pub model: String,
     pub messages: Vec<ChatMessage>,
@@ -112,7 +112,7 @@ pub struct ChatCompletionRequest {
 }
 
 /// `prompt` of `/v1/completions`: text, texts, token ids, or batches of ids.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(untagged)]
 pub enum Prompt {
     Text(String),
@@ -121,7 +121,7 @@ pub enum Prompt {
     TokenBatches(Vec<Vec<u32>>),
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct CompletionRequest {
     pub model: String,
     pub prompt: Prompt,
@@ -237,13 +237,6 @@ fn invalid_field(e: serde_json::Error) -> ApiError {
     // serde's message names the expected type; the untagged enums get a
     // friendlier wording.
     let msg = e.to_string();
-    let msg = if msg.contains("untagged enum Prompt") {
-        "`prompt` must be a string, an array of strings, an array of token ids, or an array of arrays of token ids".to_string()
-    } else if msg.contains("untagged enum MessageContent") {
-        "a message's `content` must be a string or an array of content parts".to_string()
-    } else {
-        msg
-    };
     ApiError::bad_request("invalid_type", format!("invalid request body: {msg}"))
 }
 
@@ -368,6 +361,213 @@ impl fmt::Display for ApiError {
 }
 
 impl std::error::Error for ApiError {}
+
+/// Hand-written deserialisers: one pass over the body, typed fields checked,
+/// unknown fields kept. (serde's `flatten` and `untagged` buffer every value
+/// first, which is most of the parsing cost on the hot path.)
+mod de {
+    use super::*;
+    use serde::de::{self, Deserializer, MapAccess, SeqAccess, Visitor};
+    use std::fmt;
+
+    const PROMPT_SHAPES: &str = "`prompt` must be a string, an array of strings, an array of token ids, or an array of arrays of token ids";
+
+    impl CommonParams {
+        /// Take `key`'s value if it is one of the common parameters.
+        fn accept<'de, A: MapAccess<'de>>(
+            &mut self,
+            key: &str,
+            map: &mut A,
+        ) -> Result<bool, A::Error> {
+            match key {
+                "stream" => self.stream = map.next_value()?,
+                "stream_options" => self.stream_options = map.next_value()?,
+                "max_tokens" => self.max_tokens = map.next_value()?,
+                "temperature" => self.temperature = map.next_value()?,
+                "top_p" => self.top_p = map.next_value()?,
+                "n" => self.n = map.next_value()?,
+                _ => return Ok(false),
+            }
+            Ok(true)
+        }
+    }
+
+    fn required<T, E: de::Error>(v: Option<T>, field: &'static str) -> Result<T, E> {
+        v.ok_or_else(|| de::Error::missing_field(field))
+    }
+
+    impl<'de> Deserialize<'de> for ChatCompletionRequest {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            struct V;
+            impl<'de> Visitor<'de> for V {
+                type Value = ChatCompletionRequest;
+                fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                    f.write_str("a chat completion request object")
+                }
+                fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+                    let (mut model, mut messages, mut max_completion_tokens) = (None, None, None);
+                    let mut params = CommonParams::default();
+                    let mut extra = Map::new();
+                    while let Some(key) = map.next_key::<String>()? {
+                        match key.as_str() {
+                            "model" => model = map.next_value::<Option<String>>()?,
+                            "messages" => {
+                                messages = map.next_value::<Option<Vec<ChatMessage>>>()?
+                            }
+                            "max_completion_tokens" => max_completion_tokens = map.next_value()?,
+                            k => {
+                                if !params.accept(k, &mut map)? {
+                                    extra.insert(key, map.next_value()?);
+                                }
+                            }
+                        }
+                    }
+                    Ok(ChatCompletionRequest {
+                        model: required(model, "model")?,
+                        messages: required(messages, "messages")?,
+                        max_completion_tokens,
+                        params,
+                        extra,
+                    })
+                }
+            }
+            d.deserialize_map(V)
+        }
+    }
+
+    impl<'de> Deserialize<'de> for CompletionRequest {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            struct V;
+            impl<'de> Visitor<'de> for V {
+                type Value = CompletionRequest;
+                fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                    f.write_str("a completion request object")
+                }
+                fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+                    let (mut model, mut prompt) = (None, None);
+                    let mut params = CommonParams::default();
+                    let mut extra = Map::new();
+                    while let Some(key) = map.next_key::<String>()? {
+                        match key.as_str() {
+                            "model" => model = map.next_value::<Option<String>>()?,
+                            "prompt" => prompt = map.next_value::<Option<Prompt>>()?,
+                            k => {
+                                if !params.accept(k, &mut map)? {
+                                    extra.insert(key, map.next_value()?);
+                                }
+                            }
+                        }
+                    }
+                    Ok(CompletionRequest {
+                        model: required(model, "model")?,
+                        prompt: required(prompt, "prompt")?,
+                        params,
+                        extra,
+                    })
+                }
+            }
+            d.deserialize_map(V)
+        }
+    }
+
+    impl<'de> Deserialize<'de> for ChatMessage {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            struct V;
+            impl<'de> Visitor<'de> for V {
+                type Value = ChatMessage;
+                fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                    f.write_str("a message object")
+                }
+                fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+                    let (mut role, mut content) = (None, None);
+                    let mut extra = Map::new();
+                    while let Some(key) = map.next_key::<String>()? {
+                        match key.as_str() {
+                            "role" => role = Some(map.next_value::<String>()?),
+                            "content" => content = map.next_value::<Option<MessageContent>>()?,
+                            _ => {
+                                extra.insert(key, map.next_value()?);
+                            }
+                        }
+                    }
+                    Ok(ChatMessage {
+                        role: required(role, "role")?,
+                        content,
+                        extra,
+                    })
+                }
+            }
+            d.deserialize_map(V)
+        }
+    }
+
+    impl<'de> Deserialize<'de> for MessageContent {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            struct V;
+            impl<'de> Visitor<'de> for V {
+                type Value = MessageContent;
+                fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                    f.write_str("a message's `content` as a string or an array of content parts")
+                }
+                fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
+                    Ok(MessageContent::Text(v.to_string()))
+                }
+                fn visit_string<E: de::Error>(self, v: String) -> Result<Self::Value, E> {
+                    Ok(MessageContent::Text(v))
+                }
+                fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+                    let mut parts = Vec::new();
+                    while let Some(p) = seq.next_element::<Value>()? {
+                        parts.push(p);
+                    }
+                    Ok(MessageContent::Parts(parts))
+                }
+            }
+            d.deserialize_any(V)
+        }
+    }
+
+    impl<'de> Deserialize<'de> for Prompt {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            // Prompts are rare enough, and their shapes varied enough, that
+            // going through a Value is the clear way.
+            let value = Value::deserialize(d)?;
+            let invalid = || de::Error::custom(PROMPT_SHAPES);
+            match value {
+                Value::String(s) => Ok(Prompt::Text(s)),
+                Value::Array(items) => {
+                    if items.iter().all(Value::is_string) {
+                        Ok(Prompt::Texts(
+                            items
+                                .into_iter()
+                                .filter_map(|v| v.as_str().map(str::to_string))
+                                .collect(),
+                        ))
+                    } else if items.iter().all(Value::is_number) {
+                        token_ids(&items).map(Prompt::Tokens).ok_or_else(invalid)
+                    } else if items.iter().all(Value::is_array) {
+                        items
+                            .iter()
+                            .map(|v| v.as_array().and_then(|a| token_ids(a)))
+                            .collect::<Option<Vec<_>>>()
+                            .map(Prompt::TokenBatches)
+                            .ok_or_else(invalid)
+                    } else {
+                        Err(invalid())
+                    }
+                }
+                _ => Err(invalid()),
+            }
+        }
+    }
+
+    fn token_ids(items: &[Value]) -> Option<Vec<u32>> {
+        items
+            .iter()
+            .map(|v| v.as_u64().and_then(|n| u32::try_from(n).ok()))
+            .collect()
+    }
+}
 
 #[cfg(test)]
 mod tests {

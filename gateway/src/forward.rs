@@ -7,7 +7,7 @@ use pingora::connectors::TransportConnector;
 use pingora::http::ResponseHeader;
 use pingora::prelude::*;
 use pingora::protocols::http::v1::client::HttpSession as Http1Session;
-use pingora::proxy::Session;
+use pingora::protocols::http::ServerSession as Session;
 use pingora::upstreams::peer::Peer;
 use std::time::{Duration, Instant};
 use tokio::io::AsyncWriteExt;
@@ -109,7 +109,7 @@ pub async fn exchange(
     let status = upstream_resp.status.as_u16();
     let resp = downstream_response(upstream_resp, extra_headers).map_err(failed)?;
     session
-        .write_response_header(Box::new(resp), false)
+        .write_response_header(Box::new(resp))
         .await
         .map_err(ExchangeError::Downstream)?;
 
@@ -123,7 +123,7 @@ pub async fn exchange(
                 // If the client went away, dropping `up` closes the upstream
                 // connection, which makes vLLM abort the generation.
                 session
-                    .write_response_body(Some(chunk), false)
+                    .write_response_body(chunk, false)
                     .await
                     .map_err(ExchangeError::Downstream)?;
             }
@@ -137,7 +137,7 @@ pub async fn exchange(
         }
     }
     session
-        .write_response_body(None, true)
+        .finish_body()
         .await
         .map_err(ExchangeError::Downstream)?;
     if up.is_body_done() {

@@ -54,12 +54,11 @@ pub fn run(source: ConfigSource, overrides: Overrides) -> Result<()> {
     let mut server = Server::new_with_opt_and_conf(None, conf);
     server.bootstrap();
 
-    let mut service_plane = pingora::proxy::http_proxy_service_with_name(
-        &server.configuration,
+    let mut service_plane = Service::new(
+        "cacheroute service plane".to_string(),
         ServicePlane {
             state: state.clone(),
         },
-        "cacheroute service plane",
     );
     service_plane.add_tcp(&listen.to_string());
 

@@ -12,9 +12,11 @@ use crate::state::GatewayState;
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
 use cacheroute_filters::openai::{ApiError, CompletionBody, Route};
+use pingora::apps::{HttpPersistentSettings, HttpServerApp, ReusedHttpStream};
 use pingora::http::ResponseHeader;
 use pingora::prelude::*;
-use pingora::proxy::{ProxyHttp, Session};
+use pingora::protocols::http::ServerSession as Session;
+use pingora::server::ShutdownWatch;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -35,41 +37,52 @@ pub struct ReqCtx {
 }
 
 #[async_trait]
-impl ProxyHttp for ServicePlane {
-    type CTX = ReqCtx;
-
-    fn new_ctx(&self) -> ReqCtx {
-        ReqCtx {
+impl HttpServerApp for ServicePlane {
+    async fn process_new_http(
+        self: &Arc<Self>,
+        mut session: Session,
+        shutdown: &ShutdownWatch,
+    ) -> Option<ReusedHttpStream> {
+        match session.read_request().await {
+            Ok(true) => {}
+            // The client closed an idle keep-alive connection.
+            Ok(false) => return None,
+            Err(e) => {
+                tracing::debug!(error = %e, "reading a request failed");
+                return None;
+            }
+        }
+        let keepalive = if *shutdown.borrow() { None } else { Some(60) };
+        session.set_keepalive(keepalive);
+        let mut ctx = ReqCtx {
             start: Instant::now(),
             route: "other",
             status: 0,
             upstream: None,
             ttft: None,
+        };
+        let result = self.route_request(&mut session, &mut ctx).await;
+        self.record(&ctx, result.is_err());
+        if let Err(e) = result {
+            tracing::debug!(error = %e, "request ended early");
+            return None;
+        }
+        let settings = HttpPersistentSettings::for_session(&session);
+        match session.finish().await {
+            Ok(stream) => stream.map(|s| ReusedHttpStream::from_reusable_stream(s, settings)),
+            Err(_) => None,
         }
     }
+}
 
-    async fn request_filter(&self, session: &mut Session, ctx: &mut ReqCtx) -> Result<bool> {
-        self.route_request(session, ctx).await?;
-        Ok(true)
-    }
-
-    async fn upstream_peer(&self, _s: &mut Session, _c: &mut ReqCtx) -> Result<Box<HttpPeer>> {
-        // Every request is answered in request_filter.
-        Error::e_explain(
-            InternalError,
-            "the proxy pipeline is not used by the service plane",
-        )
-    }
-
-    async fn logging(&self, _session: &mut Session, e: Option<&pingora::Error>, ctx: &mut ReqCtx) {
+impl ServicePlane {
+    /// Metrics of one finished request.
+    fn record(&self, ctx: &ReqCtx, failed: bool) {
         let m = &self.state.metrics;
         // 499: the client went away before a response was written.
-        let status = if ctx.status != 0 {
-            ctx.status
-        } else if e.is_some() {
-            499
-        } else {
-            0
+        let status = match (ctx.status, failed) {
+            (0, true) => 499,
+            (s, _) => s,
         };
         let status = status.to_string();
         let upstream = ctx.upstream.as_deref().unwrap_or("");
@@ -85,9 +98,7 @@ impl ProxyHttp for ServicePlane {
                 .observe(ttft.as_secs_f64());
         }
     }
-}
 
-impl ServicePlane {
     async fn route_request(&self, session: &mut Session, ctx: &mut ReqCtx) -> Result<()> {
         let method = session.req_header().method.clone();
         let path = session.req_header().uri.path().to_string();
@@ -330,9 +341,7 @@ async fn read_body(
     if declared.is_some_and(|n| n > limit) {
         return Ok(Err(ApiError::body_too_large(limit)));
     }
-    session
-        .as_downstream_mut()
-        .set_read_timeout(Some(CLIENT_BODY_READ_TIMEOUT));
+    session.set_read_timeout(Some(CLIENT_BODY_READ_TIMEOUT));
     let mut buf = BytesMut::with_capacity(declared.unwrap_or(4096).min(limit));
     while let Some(chunk) = session.read_request_body().await? {
         if buf.len() + chunk.len() > limit {
@@ -375,6 +384,6 @@ pub async fn respond(
         resp.insert_header(k.to_string(), *v)?;
     }
     ctx.status = status;
-    session.write_response_header(Box::new(resp), false).await?;
-    session.write_response_body(Some(body), true).await
+    session.write_response_header(Box::new(resp)).await?;
+    session.write_response_body(body, true).await
 }
