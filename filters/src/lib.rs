@@ -2,3 +2,4 @@
 pub mod balance;
 pub mod cost_model;
 pub mod openai;
+pub mod prompt;

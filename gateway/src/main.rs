@@ -42,6 +42,10 @@ enum Command {
     Sim(cacheroute_sim::SimArgs),
     /// Everything on loopback in one process: a gateway and two sims.
     Demo(demo::DemoArgs),
+    /// KDN: knowledge registry, warm-up and KV injection (default 127.0.0.1:9101).
+    Kdn(cacheroute_kdn::KdnArgs),
+    /// Client of a KDN: register, list, show, delete, search, inject.
+    Knowledge(cacheroute_kdn::client_cli::KnowledgeArgs),
     /// LMCache KV keys.
     Kv {
         #[command(subcommand)]
@@ -102,5 +106,10 @@ fn run() -> Result<()> {
         Command::Sim(args) => tokio::runtime::Runtime::new()?.block_on(cacheroute_sim::run(args)),
         Command::Demo(args) => demo::run(args),
         Command::Kv { command } => cacheroute_kdn::cli::run_kv(command),
+        Command::Kdn(args) => {
+            tokio::runtime::Runtime::new()?.block_on(cacheroute_kdn::run_kdn(args))
+        }
+        Command::Knowledge(args) => tokio::runtime::Runtime::new()?
+            .block_on(cacheroute_kdn::client_cli::run_knowledge(args)),
     }
 }
