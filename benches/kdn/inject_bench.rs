@@ -26,9 +26,7 @@
 //! target with `link_gbps = --link-gbps` (default 10): the logical rate should be the
 //! link's.
 
-use std::net::{TcpListener, TcpStream};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use bytes::Bytes;
 use cacheroute_kdn::config::{KdnConfig, ModelConfig, TargetConfig};
@@ -37,52 +35,7 @@ use cacheroute_kdn::spawn_kdn;
 use cacheroute_kdn::store::{Chunk, KvStore, RedisStore};
 use serde_json::{json, Value};
 
-struct Redis {
-    child: Child,
-    port: u16,
-    dir: std::path::PathBuf,
-}
-
-impl Redis {
-    fn start(tag: &str) -> Redis {
-        let bin =
-            std::env::var("CACHEROUTE_REDIS_SERVER").unwrap_or_else(|_| "redis-server".into());
-        let dir = std::env::temp_dir().join(format!("kdn-bench-{}-{tag}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let child = Command::new(&bin)
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no"])
-            .arg("--dir")
-            .arg(&dir)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {bin} ({e}); install redis-server"));
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "redis-server did not come up");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Redis { child, port, dir }
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/", self.port)
-    }
-}
-
-impl Drop for Redis {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
+use cacheroute_kdn::local_redis::LocalRedis as Redis;
 
 fn arg(name: &str, default: usize) -> usize {
     let args: Vec<String> = std::env::args().collect();
@@ -208,8 +161,8 @@ async fn main() {
     let want_chunks = arg("--chunks", 64);
     let rounds = arg("--rounds", 3);
     let batch = arg("--batch", 4);
-    let src = Redis::start("src");
-    let dst = Redis::start("dst");
+    let src = Redis::start();
+    let dst = Redis::start();
 
     let mut cfg = KdnConfig::default();
     cfg.kdn.listen = "127.0.0.1:0".parse().unwrap();

@@ -102,57 +102,29 @@ impl ServicePlane {
     async fn route_request(&self, session: &mut Session, ctx: &mut ReqCtx) -> Result<()> {
         let method = session.req_header().method.clone();
         let path = session.req_header().uri.path().to_string();
-        if let Some(route) = Route::from_path(&path) {
-            ctx.route = route.label();
-            if method != http::Method::POST {
-                return self
-                    .reject(
-                        session,
-                        ctx,
-                        ApiError::method_not_allowed(method.as_str(), &path),
-                    )
-                    .await;
-            }
-            return self.completion(session, ctx, route).await;
+        let (label, allowed) = match Route::from_path(&path) {
+            Some(route) => (route.label(), http::Method::POST),
+            None => match path.as_str() {
+                "/v1/models" => ("models", http::Method::GET),
+                "/health" => ("health", http::Method::GET),
+                _ => return self.reject(session, ctx, ApiError::not_found(&path)).await,
+            },
+        };
+        ctx.route = label;
+        if method != allowed {
+            let err = ApiError::method_not_allowed(method.as_str(), &path);
+            return self.reject(session, ctx, err).await;
         }
-        match path.as_str() {
-            "/v1/models" => {
-                ctx.route = "models";
-                if method != http::Method::GET {
-                    return self
-                        .reject(
-                            session,
-                            ctx,
-                            ApiError::method_not_allowed(method.as_str(), &path),
-                        )
-                        .await;
-                }
-                let fleet = self.state.fleet.load();
-                let body = models_json(&fleet);
+        match Route::from_path(&path) {
+            Some(route) => self.completion(session, ctx, route).await,
+            None if label == "models" => {
+                let body = models_json(&self.state.fleet.load());
                 respond(session, ctx, 200, "application/json", body.into(), &[]).await
             }
-            "/health" => {
-                ctx.route = "health";
-                if method != http::Method::GET {
-                    return self
-                        .reject(
-                            session,
-                            ctx,
-                            ApiError::method_not_allowed(method.as_str(), &path),
-                        )
-                        .await;
-                }
-                respond(
-                    session,
-                    ctx,
-                    200,
-                    "application/json",
-                    Bytes::from_static(b"{\"status\":\"ok\"}"),
-                    &[],
-                )
-                .await
+            None => {
+                let body = Bytes::from_static(b"{\"status\":\"ok\"}");
+                respond(session, ctx, 200, "application/json", body, &[]).await
             }
-            _ => self.reject(session, ctx, ApiError::not_found(&path)).await,
         }
     }
 

@@ -19,6 +19,7 @@ pub mod config;
 pub mod inject;
 pub mod keys;
 pub mod layout;
+pub mod local_redis;
 pub mod metrics;
 pub mod registry;
 pub mod server;

@@ -12,12 +12,8 @@ use cacheroute_kdn::store::{named_memory_store, KvStore, RedisStore};
 use cacheroute_sim::tokenizer::Tokenizer;
 use cacheroute_sim::{spawn, spawn_with_prefix_cache, NoPrefixCache, SimArgs, SimHandle};
 use serde_json::{json, Value};
-use std::net::{TcpListener, TcpStream};
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 const HF_MODEL: &str = "meta-llama/Llama-3.1-8B-Instruct";
 
@@ -521,73 +517,7 @@ async fn kv_handles_and_skip_save() {
 // ---------------------------------------------------------------------------
 // A real Redis
 
-/// A throwaway redis-server on a free loopback port; killed on drop.
-struct RedisServer {
-    child: Child,
-    port: u16,
-    dir: PathBuf,
-}
-
-impl RedisServer {
-    fn start() -> Self {
-        let bin =
-            std::env::var("CACHEROUTE_REDIS_SERVER").unwrap_or_else(|_| "redis-server".into());
-        if Command::new(&bin)
-            .arg("--version")
-            .stdout(Stdio::null())
-            .status()
-            .is_err()
-        {
-            panic!(
-                "`{bin}` not found: this test needs a real Redis server. Install it \
-                 (e.g. `apt-get install -y redis-server`) or set CACHEROUTE_REDIS_SERVER"
-            );
-        }
-        let dir = std::env::temp_dir().join(format!("cacheroute-sim-redis-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        for _attempt in 0..5 {
-            let port = TcpListener::bind("127.0.0.1:0")
-                .unwrap()
-                .local_addr()
-                .unwrap()
-                .port();
-            let mut child = Command::new(&bin)
-                .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-                .args(["--save", "", "--appendonly", "no"])
-                .arg("--dir")
-                .arg(&dir)
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .unwrap_or_else(|e| panic!("cannot start {bin}: {e}"));
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while Instant::now() < deadline {
-                if let Ok(Some(_)) = child.try_wait() {
-                    break; // port taken meanwhile: try another
-                }
-                if TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                    return Self { child, port, dir };
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-        panic!("redis-server did not come up");
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/", self.port)
-    }
-}
-
-impl Drop for RedisServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
+use cacheroute_kdn::local_redis::LocalRedis as RedisServer;
 
 #[tokio::test]
 async fn two_sims_share_a_real_redis() {
