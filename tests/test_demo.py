@@ -25,9 +25,10 @@ def two_free_ports() -> int:
 
 
 def test_demo(procs, cr_bin):
-    port, cport, sim_port = free_port(), free_port(), two_free_ports()
+    port, cport, kport, sim_port = free_port(), free_port(), free_port(), two_free_ports()
     p = procs.start("demo", [cr_bin, "demo", "--listen", f"127.0.0.1:{port}", "--control", f"127.0.0.1:{cport}",
-                             "--sim-port", str(sim_port), "--time-scale", "50"])
+                             "--sim-port", str(sim_port), "--kdn-listen", f"127.0.0.1:{kport}",
+                             "--time-scale", "50"])
     base = f"http://127.0.0.1:{port}"
     p.wait_http(base + "/health")
     p.wait_http(f"http://127.0.0.1:{cport}/healthz")

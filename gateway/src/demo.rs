@@ -1,11 +1,40 @@
-//! `cacheroute demo`: the embedded default. A gateway and two simulated H100
-//! Llama-3-8B instances in one process on loopback; nothing to install.
+//! `cacheroute demo`: the embedded default. A gateway, two simulated H100
+//! Llama-3-8B instances and a KDN in one process on loopback; nothing to install.
+//!
+//! The KDN and the sims share in-process LMCache stores (`memory://NAME`): sim 0 is
+//! the KDN's producer and writes into the KDN's store (`memory://demo-kdn`), sim 1
+//! has a store of its own (`memory://demo-sim-1`) that the KDN injects into. After
+//! start-up the bundled corpus (`conf/knowledge/demo.jsonl`) is registered (warmed
+//! up through sim 0) and injected into sim 1, so a chat request whose first system
+//! message is a block's registered content hits the KV cache on either sim.
 
 use crate::reload::{ConfigSource, Overrides};
 use anyhow::{Context, Result};
+use cacheroute_kdn::config::KdnConfig;
+use cacheroute_kdn::service::{InjectRequest, Kdn, RegisterRequest};
 use clap::Args;
 use std::io::Write;
 use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// The bundled knowledge corpus (one block per line, `cacheroute knowledge register
+/// --jsonl` format).
+pub const DEMO_CORPUS: &str = include_str!("../../conf/knowledge/demo.jsonl");
+/// A question per corpus block (`{"id", "question"}`): the KDN refuses unknown fields in
+/// registrations, so they live beside the corpus.
+pub const DEMO_QUESTIONS: &str = include_str!("../../conf/knowledge/demo-questions.jsonl");
+
+/// vLLM's `--model` string in the LMCache keys of the demo's sims and KDN.
+const LMCACHE_MODEL: &str = "meta-llama/Meta-Llama-3-8B-Instruct";
+const LMCACHE_SCHEME: &str = "lmcache-0.3.15";
+const CHUNK_SIZE: usize = 256;
+const HASH_SEED: &str = "0";
+/// The KDN's store; sim 0 (the producer) uses it as its LMCache store.
+const KDN_STORE: &str = "memory://demo-kdn";
+const KDN_REGISTRY: &str = "memory://demo-registry";
+/// Sim 1's LMCache store, filled by injection.
+const SIM1_STORE: &str = "memory://demo-sim-1";
 
 #[derive(Args)]
 pub struct DemoArgs {
@@ -18,6 +47,9 @@ pub struct DemoArgs {
     /// First port of the two sim instances (they take this one and the next).
     #[arg(long, default_value_t = 8100)]
     sim_port: u16,
+    /// KDN (knowledge registry and KV injection) API address.
+    #[arg(long, default_value = "127.0.0.1:9101")]
+    kdn_listen: SocketAddr,
     /// Model name the sims serve.
     #[arg(long, default_value = "llama3-8b")]
     model: String,
@@ -26,17 +58,92 @@ pub struct DemoArgs {
     time_scale: f64,
 }
 
+/// One corpus block's question.
+struct Question {
+    id: String,
+    question: String,
+}
+
+fn corpus() -> Result<Vec<RegisterRequest>> {
+    DEMO_CORPUS
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+        .map(|(i, l)| serde_json::from_str(l).with_context(|| format!("demo.jsonl line {}", i + 1)))
+        .collect()
+}
+
+fn questions() -> Result<Vec<Question>> {
+    DEMO_QUESTIONS
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+        .map(|(i, l)| {
+            let v: serde_json::Value = serde_json::from_str(l)
+                .with_context(|| format!("demo-questions.jsonl line {}", i + 1))?;
+            let field = |k: &str| {
+                v.get(k)
+                    .and_then(|x| x.as_str())
+                    .map(str::to_string)
+                    .with_context(|| format!("demo-questions.jsonl line {}: no {k}", i + 1))
+            };
+            Ok(Question {
+                id: field("id")?,
+                question: field("question")?,
+            })
+        })
+        .collect()
+}
+
+fn kdn_config(args: &DemoArgs, sims: &[SocketAddr]) -> Result<KdnConfig> {
+    let toml = format!(
+        r#"[kdn]
+listen = "{listen}"
+registry = "{KDN_REGISTRY}"
+store = "{KDN_STORE}"
+warmup_timeout_s = 120.0
+
+[[models]]
+name = "{model}"
+lmcache_model = "{LMCACHE_MODEL}"
+template = "llama3"
+scheme = "{LMCACHE_SCHEME}"
+chunk_size = {CHUNK_SIZE}
+hash_seed = "{HASH_SEED}"
+kv_bytes_per_token = 131072
+producer = "http://{producer}"
+
+[[targets]]
+name = "sim-0"
+store = "{KDN_STORE}"
+
+[[targets]]
+name = "sim-1"
+store = "{SIM1_STORE}"
+"#,
+        listen = args.kdn_listen,
+        model = args.model,
+        producer = sims[0],
+    );
+    KdnConfig::from_toml(&toml).context("the demo's KDN configuration")
+}
+
 pub fn run(args: DemoArgs) -> Result<()> {
     let sims: Vec<SocketAddr> = (0..2)
         .map(|i| SocketAddr::from(([127, 0, 0, 1], args.sim_port + i)))
         .collect();
-    // The sims get a runtime of their own on a side thread; the gateway
+    let blocks = corpus()?;
+    let qs = questions()?;
+    let kdn_cfg = kdn_config(&args, &sims)?;
+    // The sims and the KDN get a runtime of their own on a side thread; the gateway
     // (Pingora) owns the main thread.
-    let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<()>>();
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<SocketAddr>>();
     let sim_args: Vec<cacheroute_sim::SimArgs> = sims
         .iter()
-        .map(|addr| demo_sim_args(*addr, &args.model, args.time_scale))
+        .zip([KDN_STORE, SIM1_STORE])
+        .map(|(addr, store)| demo_sim_args(*addr, &args.model, args.time_scale, store))
         .collect();
+    let model = args.model.clone();
     std::thread::Builder::new()
         .name("demo-sims".into())
         .spawn(move || {
@@ -59,12 +166,22 @@ pub fn run(args: DemoArgs) -> Result<()> {
                         }
                     }
                 }
-                let _ = ready_tx.send(Ok(()));
+                let kdn = match cacheroute_kdn::spawn_kdn(kdn_cfg).await {
+                    Ok(k) => k,
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e.context("the demo's KDN")));
+                        return;
+                    }
+                };
+                let _ = ready_tx.send(Ok(kdn.addr));
+                if let Err(e) = load_corpus(&kdn.kdn, blocks, &model).await {
+                    eprintln!("demo: loading the knowledge corpus failed: {e:#}");
+                }
                 std::future::pending::<()>().await;
-                drop(handles);
+                drop((handles, kdn));
             });
         })?;
-    ready_rx.recv().context("the sims' thread ended early")??;
+    let kdn_addr = ready_rx.recv().context("the sims' thread ended early")??;
 
     let config_path =
         std::env::temp_dir().join(format!("cacheroute-demo-{}.toml", std::process::id()));
@@ -79,26 +196,105 @@ pub fn run(args: DemoArgs) -> Result<()> {
             .map(|a| format!("  [[pools.instances]]\n  url = \"http://{a}\"\n"))
             .collect::<String>()
     )?;
-    print_banner(&args, &sims, &config_path);
+    print_banner(&args, &sims, kdn_addr, &qs, &config_path);
     crate::server::run(ConfigSource::File(config_path), Overrides::default())
 }
 
-fn demo_sim_args(listen: SocketAddr, model: &str, time_scale: f64) -> cacheroute_sim::SimArgs {
+/// Register the corpus (warm-up through the producer, sim 0) and inject every block into
+/// both targets (sim 0's store is the KDN's: nothing to copy there).
+async fn load_corpus(kdn: &Arc<Kdn>, blocks: Vec<RegisterRequest>, model: &str) -> Result<()> {
+    let n = blocks.len();
+    let (records, _) = kdn
+        .register(blocks, true)
+        .await
+        .map_err(|e| anyhow::anyhow!("registering: {}", e.message))?;
+    let mut ready = Vec::new();
+    for r in &records {
+        match r.models.get(model) {
+            Some(e) if e.status == cacheroute_kdn::registry::BlockStatus::KvReady => {
+                ready.push(r.id.clone())
+            }
+            Some(e) => eprintln!(
+                "demo: knowledge {} is {}: {}",
+                r.id,
+                e.status.name(),
+                e.error.as_deref().unwrap_or("")
+            ),
+            None => eprintln!("demo: knowledge {} is not registered for {model}", r.id),
+        }
+    }
+    let mut chunks = 0;
+    for target in ["sim-0", "sim-1"] {
+        let job = kdn
+            .inject(&InjectRequest {
+                knowledge_ids: ready.clone(),
+                model: model.to_string(),
+                target: target.into(),
+                wait: false,
+                timeout_ms: None,
+            })
+            .map_err(|e| anyhow::anyhow!("injecting into {target}: {}", e.message))?;
+        job.wait(Duration::from_secs(300)).await;
+        if let Some(e) = job.error() {
+            anyhow::bail!("injecting into {target}: {e}");
+        }
+        if target == "sim-1" {
+            chunks = job.view()["chunks_done"].as_u64().unwrap_or(0);
+        }
+    }
+    println!(
+        "demo: knowledge ready: {}/{n} blocks kv_ready for {model} (warmed up through sim 0), \
+         injected into sim 1 ({chunks} chunks)",
+        ready.len()
+    );
+    let _ = std::io::stdout().flush();
+    Ok(())
+}
+
+fn demo_sim_args(
+    listen: SocketAddr,
+    model: &str,
+    time_scale: f64,
+    store: &str,
+) -> cacheroute_sim::SimArgs {
     use clap::Parser;
     #[derive(Parser)]
     struct Wrapper {
         #[command(flatten)]
         sim: cacheroute_sim::SimArgs,
     }
-    let mut sim = Wrapper::parse_from(["sim"]).sim;
+    let mut sim = Wrapper::parse_from([
+        "sim",
+        "--kv-store",
+        store,
+        "--lmcache-model",
+        LMCACHE_MODEL,
+        "--lmcache-scheme",
+        LMCACHE_SCHEME,
+        "--chunk-size",
+        &CHUNK_SIZE.to_string(),
+        "--hash-seed",
+        HASH_SEED,
+    ])
+    .sim;
     sim.listen = listen;
     sim.model = model.to_string();
     sim.time_scale = time_scale;
     sim
 }
 
-fn print_banner(args: &DemoArgs, sims: &[SocketAddr], config: &std::path::Path) {
+fn print_banner(
+    args: &DemoArgs,
+    sims: &[SocketAddr],
+    kdn: SocketAddr,
+    qs: &[Question],
+    config: &std::path::Path,
+) {
     let url = format!("http://{}", args.listen);
+    let (id, question) = qs
+        .first()
+        .map(|q| (q.id.as_str(), q.question.as_str()))
+        .unwrap_or(("", ""));
     println!(
         r#"
 CacheRoute demo is up (Ctrl-C to stop).
@@ -106,6 +302,7 @@ CacheRoute demo is up (Ctrl-C to stop).
   gateway        {url}   (OpenAI API)
   control plane  http://{control}   (/metrics, /debug/status, /admin/reload)
   instances      {sims}   (sim, H100 Llama-3-8B profile)
+  KDN            http://{kdn}   (knowledge registry + KV injection: /v1/knowledge, /v1/inject)
   config         {config}   (edit it: the gateway reloads on change)
 
 Try it:
@@ -121,6 +318,29 @@ for ch in c.chat.completions.create(model="{model}", stream=True,
 print()'
 
   curl -s http://{control}/debug/status
+
+The KDN registers a bundled corpus of {blocks} knowledge blocks (warm-up through sim 0,
+injection into sim 1; "knowledge ready" is printed when done):
+
+  curl -s 'http://{kdn}/v1/knowledge?text=false' | python3 -m json.tool | head -40
+  curl -s 'http://{kdn}/v1/knowledge/search?q=paged+attention&k=3'
+
+A RAG request with the knowledge laid out as the KDN registered it (the gateway's own
+retrieval comes in a later release): the block's registered content as the first system
+message, then its question; usage.prompt_tokens_details.cached_tokens shows the KV hit:
+
+  python3 - <<'EOF'
+import json, urllib.request
+rec = json.load(urllib.request.urlopen("http://{kdn}/v1/knowledge/{id}"))
+body = {{"model": "{model}", "max_tokens": 16, "messages": [
+    {{"role": "system", "content": rec["models"]["{model}"]["content"]}},
+    {{"role": "user", "content": {question}}}]}}
+req = urllib.request.Request("{url}/v1/chat/completions", json.dumps(body).encode(),
+                             {{"content-type": "application/json"}})
+usage = json.load(urllib.request.urlopen(req))["usage"]
+print("prompt_tokens", usage["prompt_tokens"],
+      "cached_tokens", usage["prompt_tokens_details"]["cached_tokens"])
+EOF
 "#,
         control = args.control,
         sims = sims
@@ -130,5 +350,30 @@ print()'
             .join(", "),
         config = config.display(),
         model = args.model,
+        blocks = DEMO_CORPUS.lines().filter(|l| !l.trim().is_empty()).count(),
+        question = serde_json::to_string(question).unwrap_or_default(),
     );
+    let _ = std::io::stdout().flush();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn corpus_parses_and_every_block_has_a_question() {
+        let blocks = corpus().unwrap();
+        let qs = questions().unwrap();
+        assert!(blocks.len() >= 24, "{} blocks", blocks.len());
+        let ids: Vec<&str> = blocks.iter().map(|b| b.id.as_deref().unwrap()).collect();
+        let qids: Vec<&str> = qs.iter().map(|q| q.id.as_str()).collect();
+        assert_eq!(ids, qids);
+        for b in &blocks {
+            let words = b.text.split_whitespace().count();
+            assert!((150..=400).contains(&words), "{:?}: {words} words", b.id);
+        }
+        for q in &qs {
+            assert!(q.question.trim().ends_with('?'), "{}", q.id);
+        }
+    }
 }

@@ -1,0 +1,86 @@
+"""`cacheroute demo` with its KDN: the bundled corpus is registered (warmed up
+through sim 0) and injected into sim 1, so a chat request whose first system
+message is a block's registered content hits the KV cache through the gateway."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from crtest import MODEL, client, free_port, norm_url, wait_until
+from test_demo import two_free_ports
+
+KNOWLEDGE = Path(__file__).resolve().parent.parent / "conf" / "knowledge"
+
+
+def load_jsonl(name: str) -> list[dict]:
+    return [json.loads(line) for line in (KNOWLEDGE / name).read_text().splitlines() if line.strip()]
+
+
+def test_demo_corpus_has_questions():
+    blocks = load_jsonl("demo.jsonl")
+    questions = {q["id"]: q["question"] for q in load_jsonl("demo-questions.jsonl")}
+    assert len(blocks) >= 24
+    assert len({b["id"] for b in blocks}) == len(blocks)
+    for b in blocks:
+        assert b["text"].strip() and b["title"]
+        assert questions.get(b["id"], "").strip().endswith("?"), b["id"]
+    assert set(questions) == {b["id"] for b in blocks}
+
+
+def chat(c, base: str, system: str, question: str) -> tuple[dict, str]:
+    r = c.post(base + "/v1/chat/completions", json={
+        "model": MODEL, "max_tokens": 4,
+        "messages": [{"role": "system", "content": system}, {"role": "user", "content": question}]})
+    assert r.status_code == 200, r.text
+    return r.json(), norm_url(r.headers.get("x-cacheroute-instance"))
+
+
+def test_demo_kv_hit(procs, cr_bin):
+    port, cport, kport, sim_port = free_port(), free_port(), free_port(), two_free_ports()
+    p = procs.start("demo", [cr_bin, "demo", "--listen", f"127.0.0.1:{port}", "--control", f"127.0.0.1:{cport}",
+                             "--sim-port", str(sim_port), "--kdn-listen", f"127.0.0.1:{kport}",
+                             "--time-scale", "50"])
+    base, kdn = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{kport}"
+    p.wait_http(base + "/health")
+    p.wait_http(kdn + "/health")
+    assert f"127.0.0.1:{kport}" in p.logs()
+
+    blocks = load_jsonl("demo.jsonl")
+    questions = {q["id"]: q["question"] for q in load_jsonl("demo-questions.jsonl")}
+    ids = {b["id"] for b in blocks}
+
+    def all_ready():
+        with client() as c:
+            r = c.get(kdn + "/v1/knowledge", params={"content": "true", "text": "false"})
+        r.raise_for_status()
+        recs = {d["id"]: d for d in r.json()["data"]}
+        if set(recs) != ids:
+            return None
+        for rec in recs.values():
+            m = rec["models"][MODEL]
+            assert m["status"] != "failed", rec
+            if m["status"] != "kv_ready" or "sim-1" not in m.get("resident", []):
+                return None
+        return recs
+
+    recs = wait_until(all_ready, timeout=120, interval=0.25, what="every demo block kv_ready and injected into sim-1")
+    wait_until(lambda: "knowledge ready" in p.logs(), timeout=30, what="the demo says the knowledge is ready")
+
+    hit_on = set()
+    with client(timeout=30) as c:
+        for bid in [b["id"] for b in blocks][:: max(1, len(blocks) // 5)]:
+            m = recs[bid]["models"][MODEL]
+            assert m["tokens"] == m["chunks"] * m["chunk_size"] and m["chunks"] >= 1
+            # the gateway spreads requests over both sims: both hold the block's KV
+            for _ in range(2):
+                body, inst = chat(c, base, m["content"], questions[bid])
+                u = body["usage"]
+                hit_on.add(inst)
+                assert u["prompt_tokens"] > m["tokens"]
+                assert u["prompt_tokens_details"]["cached_tokens"] == m["tokens"], (bid, u, m["tokens"])
+
+        # a system prompt the KDN never registered: no KV anywhere
+        u = chat(c, base, f"You are a terse assistant (test {kport}-{port}). " * 40, "What is BM25?")[0]["usage"]
+        assert (u.get("prompt_tokens_details") or {}).get("cached_tokens", 0) == 0, u
+    assert hit_on == {f"http://127.0.0.1:{sim_port}", f"http://127.0.0.1:{sim_port + 1}"}, hit_on
