@@ -12,6 +12,7 @@ use anyhow::{Context, Result};
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use cacheroute_filters::balance::{self, Candidate};
+use cacheroute_filters::openai::Route;
 use pingora::http::RequestHeader;
 use pingora::lb::discovery::ServiceDiscovery;
 use pingora::lb::health_check::{HealthCheck, HttpHealthCheck};
@@ -68,6 +69,33 @@ impl InstanceState {
     }
 }
 
+/// The per-request metric series of one instance, resolved at build time so
+/// that the hot path does no label lookups: `[chat, completions]`.
+pub struct InstanceMetrics {
+    pub url: String,
+    pub ok: [prometheus::IntCounter; 2],
+    pub ttft: [prometheus::Histogram; 2],
+}
+
+impl InstanceMetrics {
+    fn new(metrics: &Metrics, url: &str) -> Self {
+        let routes = [Route::Chat.label(), Route::Completions.label()];
+        InstanceMetrics {
+            url: url.to_string(),
+            ok: routes.map(|r| metrics.requests.with_label_values(&[r, "200", url])),
+            ttft: routes.map(|r| metrics.ttft.with_label_values(&[r, url])),
+        }
+    }
+
+    pub fn route_index(route: &str) -> Option<usize> {
+        match route {
+            "chat" => Some(0),
+            "completions" => Some(1),
+            _ => None,
+        }
+    }
+}
+
 /// Counts a request in flight on an instance for as long as it lives.
 pub struct InflightGuard<'a> {
     inst: &'a PoolInstance,
@@ -117,6 +145,8 @@ pub struct PoolInstance {
     pub read_timeout: Duration,
     /// `cacheroute_upstream_inflight{pool,upstream}`, resolved once.
     inflight_gauge: IntGauge,
+    /// Metric handles of this instance's successful requests, resolved once.
+    pub metrics: Arc<InstanceMetrics>,
 }
 
 impl PoolInstance {
@@ -150,18 +180,32 @@ impl Pool {
 
     /// Choose an instance for one attempt, skipping those in `tried`.
     pub fn choose(&self, tried: &[usize]) -> Option<usize> {
-        let candidates: Vec<Candidate> = self
-            .instances
-            .iter()
-            .enumerate()
-            .map(|(i, inst)| Candidate {
-                weight: inst.weight,
-                inflight: inst.state.inflight(),
-                available: !tried.contains(&i) && self.is_healthy(inst),
-            })
-            .collect();
+        // Pools are small: decide on the stack, not the heap.
+        const ON_STACK: usize = 16;
+        let candidate = |(i, inst): (usize, &PoolInstance)| Candidate {
+            weight: inst.weight,
+            inflight: inst.state.inflight(),
+            available: !tried.contains(&i) && self.is_healthy(inst),
+        };
         let ticket = self.ticket.fetch_add(1, Ordering::Relaxed);
-        balance::choose(self.settings.policy, &candidates, ticket)
+        let n = self.instances.len();
+        if n <= ON_STACK {
+            let mut buf = [Candidate {
+                weight: 0,
+                inflight: 0,
+                available: false,
+            }; ON_STACK];
+            for (slot, c) in buf
+                .iter_mut()
+                .zip(self.instances.iter().enumerate().map(candidate))
+            {
+                *slot = c;
+            }
+            balance::choose(self.settings.policy, &buf[..n], ticket)
+        } else {
+            let all: Vec<Candidate> = self.instances.iter().enumerate().map(candidate).collect();
+            balance::choose(self.settings.policy, &all, ticket)
+        }
     }
 }
 
@@ -350,6 +394,7 @@ impl FleetBuilder {
                     ),
                     state,
                     inflight_gauge,
+                    metrics: Arc::new(InstanceMetrics::new(metrics, &url.base)),
                     url,
                     addr,
                     weight: ic.weight as u32,

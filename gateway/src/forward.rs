@@ -54,7 +54,7 @@ pub async fn exchange(
     session: &mut Session,
     inst: &PoolInstance,
     body: Bytes,
-    extra_headers: &[(&str, &str)],
+    extra_headers: &[(&'static str, &str)],
     start: Instant,
 ) -> std::result::Result<Completed, ExchangeError> {
     let peer = inst.peer();
@@ -185,13 +185,13 @@ fn upstream_request_bytes(session: &Session, inst: &PoolInstance, body: &[u8]) -
 
 fn downstream_response(
     upstream: &ResponseHeader,
-    extra: &[(&str, &str)],
+    extra: &[(&'static str, &str)],
 ) -> Result<ResponseHeader> {
     let mut resp = upstream.clone();
     resp.remove_header("connection");
     resp.remove_header("keep-alive");
     for (k, v) in extra {
-        resp.insert_header(k.to_string(), *v)?;
+        resp.insert_header(*k, *v)?;
     }
     Ok(resp)
 }

@@ -13,6 +13,8 @@ const LATENCY_BUCKETS: &[f64] = &[
 
 pub struct Metrics {
     registry: Registry,
+    duration_chat: prometheus::Histogram,
+    duration_completions: prometheus::Histogram,
     pub requests: IntCounterVec,
     pub request_duration: HistogramVec,
     pub ttft: HistogramVec,
@@ -115,6 +117,8 @@ impl Metrics {
         reloads.with_label_values(&["ok"]);
         reloads.with_label_values(&["error"]);
         Metrics {
+            duration_chat: request_duration.with_label_values(&["chat"]),
+            duration_completions: request_duration.with_label_values(&["completions"]),
             registry,
             requests,
             request_duration,
@@ -125,6 +129,16 @@ impl Metrics {
             reloads,
             retries,
             upstream_errors,
+        }
+    }
+
+    /// `cacheroute_request_duration_seconds{route}`; the completion routes'
+    /// series are resolved once.
+    pub fn duration(&self, route: &str) -> prometheus::Histogram {
+        match route {
+            "chat" => self.duration_chat.clone(),
+            "completions" => self.duration_completions.clone(),
+            other => self.request_duration.with_label_values(&[other]),
         }
     }
 

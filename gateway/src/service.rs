@@ -6,7 +6,7 @@
 //! chunk by chunk (Pingora cannot forward a pre-read body over 64 KiB through
 //! its normal pipeline; research/pingora.md §3).
 
-use crate::fleet::{Fleet, InflightGuard, Pool, PoolInstance};
+use crate::fleet::{Fleet, InflightGuard, InstanceMetrics, Pool, PoolInstance};
 use crate::forward::{self, ExchangeError};
 use crate::state::GatewayState;
 use async_trait::async_trait;
@@ -32,7 +32,8 @@ pub struct ReqCtx {
     start: Instant,
     route: &'static str,
     status: u16,
-    upstream: Option<String>,
+    /// The instance that answered, if any.
+    served_by: Option<Arc<InstanceMetrics>>,
     ttft: Option<Duration>,
 }
 
@@ -58,7 +59,7 @@ impl HttpServerApp for ServicePlane {
             start: Instant::now(),
             route: "other",
             status: 0,
-            upstream: None,
+            served_by: None,
             ttft: None,
         };
         let result = self.route_request(&mut session, &mut ctx).await;
@@ -76,7 +77,8 @@ impl HttpServerApp for ServicePlane {
 }
 
 impl ServicePlane {
-    /// Metrics of one finished request.
+    /// Metrics of one finished request. Successful completions use the
+    /// instance's pre-resolved series; the rest look their labels up.
     fn record(&self, ctx: &ReqCtx, failed: bool) {
         let m = &self.state.metrics;
         // 499: the client went away before a response was written.
@@ -84,18 +86,20 @@ impl ServicePlane {
             (0, true) => 499,
             (s, _) => s,
         };
-        let status = status.to_string();
-        let upstream = ctx.upstream.as_deref().unwrap_or("");
-        m.requests
-            .with_label_values(&[ctx.route, &status, upstream])
-            .inc();
-        m.request_duration
-            .with_label_values(&[ctx.route])
+        let route = InstanceMetrics::route_index(ctx.route);
+        match (&ctx.served_by, route) {
+            (Some(inst), Some(r)) if status == 200 => inst.ok[r].inc(),
+            (served_by, _) => {
+                let upstream = served_by.as_ref().map(|i| i.url.as_str()).unwrap_or("");
+                m.requests
+                    .with_label_values(&[ctx.route, status_label(status).as_ref(), upstream])
+                    .inc();
+            }
+        }
+        m.duration(ctx.route)
             .observe(ctx.start.elapsed().as_secs_f64());
-        if let Some(ttft) = ctx.ttft {
-            m.ttft
-                .with_label_values(&[ctx.route, upstream])
-                .observe(ttft.as_secs_f64());
+        if let (Some(inst), Some(r), Some(ttft)) = (&ctx.served_by, route, ctx.ttft) {
+            inst.ttft[r].observe(ttft.as_secs_f64());
         }
     }
 
@@ -207,7 +211,7 @@ impl ServicePlane {
                 ("x-cacheroute-instance", inst.url.base.as_str()),
                 ("x-cacheroute-pool", pool_ref.name.as_str()),
             ];
-            ctx.upstream = Some(inst.url.base.clone());
+            ctx.served_by = Some(inst.metrics.clone());
             match forward::exchange(
                 &self.state.transport,
                 session,
@@ -273,7 +277,7 @@ impl ServicePlane {
                 Err(ExchangeError::Downstream(e)) => return Err(e),
             }
         }
-        ctx.upstream = None;
+        ctx.served_by = None;
         let mut err = ApiError::no_healthy_upstream(model);
         if !connect_errors.is_empty() {
             err.message = format!(
@@ -358,4 +362,20 @@ pub async fn respond(
     ctx.status = status;
     session.write_response_header(Box::new(resp)).await?;
     session.write_response_body(body, true).await
+}
+
+/// The label of an HTTP status, without allocating for the common ones.
+fn status_label(status: u16) -> std::borrow::Cow<'static, str> {
+    match status {
+        200 => "200".into(),
+        400 => "400".into(),
+        404 => "404".into(),
+        405 => "405".into(),
+        413 => "413".into(),
+        499 => "499".into(),
+        502 => "502".into(),
+        503 => "503".into(),
+        504 => "504".into(),
+        other => other.to_string().into(),
+    }
 }
