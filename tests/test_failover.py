@@ -89,3 +89,24 @@ def test_instance_comes_back(sim, gateway):
         seen = Counter(norm_url(c.post(g.url + "/v1/chat/completions", json=chat_body(max_tokens=2))
                                 .headers.get("x-cacheroute-instance")) for _ in range(10))
     assert seen[a2.url] > 0 and seen[b.url] > 0
+
+
+def test_restarted_instance_stale_connections(sim, gateway):
+    """An instance restarted on the same address leaves the gateway's
+    kept-alive connections to it closed. The next requests must still succeed
+    on that instance (retried on a fresh connection), without the instance
+    being taken out of rotation: it is the only one."""
+    a = sim()
+    g = gateway(config={"upstream": {"health_check_interval_ms": 60000, "max_retries": 0},
+                        "pools": [pool("p", [a.url])]})
+    with client(timeout=PROMPT_TIMEOUT) as c:
+        # several concurrent-ish requests leave kept-alive connections behind
+        for _ in range(5):
+            assert c.post(g.url + "/v1/chat/completions", json=chat_body(max_tokens=2)).status_code == 200
+    a.kill()
+    a2 = sim(port=a.port)
+    with client(timeout=PROMPT_TIMEOUT) as c:
+        for i in range(5):
+            r = c.post(g.url + "/v1/chat/completions", json=chat_body(max_tokens=2))
+            assert r.status_code == 200, f"request {i} after the restart: {r.status_code} {r.text[:300]}"
+            assert norm_url(r.headers.get("x-cacheroute-instance")) == a2.url

@@ -7,6 +7,7 @@
 //! requests started on the old fleet finish.
 
 use crate::config::{Config, InstanceUrl, PoolSettings, UpstreamDefaults};
+use crate::idle_pool::IdlePool;
 use crate::metrics::Metrics;
 use anyhow::{Context, Result};
 use arc_swap::ArcSwap;
@@ -26,10 +27,16 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+/// Idle connections kept per instance, and for how long.
+const IDLE_CAPACITY: usize = 1024;
+const IDLE_TIMEOUT: Duration = Duration::from_secs(4);
+
 /// Live state of one instance, shared by every fleet that lists its URL.
 #[derive(Debug)]
 pub struct InstanceState {
     inflight: AtomicU64,
+    /// Idle keep-alive connections to this instance.
+    pub idle: IdlePool,
     /// Milliseconds since `epoch` of the last failed connect; 0 = never.
     last_connect_failure_ms: AtomicU64,
     epoch: Instant,
@@ -39,6 +46,7 @@ impl InstanceState {
     fn new() -> Self {
         InstanceState {
             inflight: AtomicU64::new(0),
+            idle: IdlePool::new(IDLE_CAPACITY, IDLE_TIMEOUT),
             last_connect_failure_ms: AtomicU64::new(0),
             epoch: Instant::now(),
         }

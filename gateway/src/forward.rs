@@ -8,7 +8,6 @@ use pingora::http::ResponseHeader;
 use pingora::prelude::*;
 use pingora::protocols::http::v1::client::HttpSession as Http1Session;
 use pingora::protocols::http::ServerSession as Session;
-use pingora::upstreams::peer::Peer;
 use std::time::{Duration, Instant};
 use tokio::io::AsyncWriteExt;
 
@@ -35,8 +34,9 @@ pub struct Completed {
 }
 
 pub enum ExchangeError {
-    /// Nothing reached the instance (connect failed, or a pooled connection
-    /// turned out dead before the request was taken): safe to retry elsewhere.
+    /// No connection to the instance could be made: nothing reached it, so
+    /// the request may go to another instance. (A kept-alive connection
+    /// found closed is not this: the exchange retries on a fresh one.)
     NotSent(Box<Error>),
     /// The instance failed after the request was sent; not retried, since
     /// generation is not idempotent. `status_sent`: the client already has
@@ -58,48 +58,30 @@ pub async fn exchange(
     start: Instant,
 ) -> std::result::Result<Completed, ExchangeError> {
     let peer = inst.peer();
-    let (mut stream, reused) = transport
-        .get_stream(&peer)
-        .await
-        .map_err(ExchangeError::NotSent)?;
     // Header and body leave in one write: one send per request on the
     // upstream side, as a tuned reverse proxy does (Pingora's h1 client
     // flushes the header on its own).
     let request = upstream_request_bytes(session, inst, &body);
-    let written = async {
-        stream.write_all(&request).await?;
-        stream.flush().await
+    let mut up = loop {
+        let (stream, reused) = match inst.state.idle.take() {
+            Some(stream) => (stream, true),
+            None => {
+                let fresh = transport.new_stream(&peer).await;
+                (fresh.map_err(ExchangeError::NotSent)?, false)
+            }
+        };
+        match send(stream, &peer, &request, inst.read_timeout).await {
+            Ok(up) => break up,
+            // A kept-alive connection the instance has closed fails on first
+            // use, before the request reached it: the others kept since are
+            // likely closed too, so drop them and go again on a fresh one.
+            Err(e) if reused && matches!(e.etype(), ConnectionClosed | ReadError | WriteError) => {
+                tracing::debug!(upstream = %inst.url.base, error = %e, "stale kept-alive connection");
+                inst.state.idle.clear();
+            }
+            Err(e) => return Err(failed(e)),
+        }
     };
-    let written = tokio::time::timeout(inst.read_timeout, written).await;
-    match written {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => {
-            // A pooled connection the instance has closed fails on first
-            // use: the request never reached it, so it may go elsewhere.
-            let error = Error::because(WriteError, "writing the request upstream", e);
-            return Err(if reused {
-                ExchangeError::NotSent(error)
-            } else {
-                failed(error)
-            });
-        }
-        Err(_) => {
-            return Err(failed(Error::explain(
-                WriteTimedout,
-                "writing the request upstream",
-            )))
-        }
-    }
-    let mut up = Http1Session::new_with_options(stream, &peer);
-    up.read_timeout = Some(inst.read_timeout);
-    if let Err(e) = up.read_response().await {
-        let stale = reused && matches!(e.etype(), ConnectionClosed | ReadError);
-        return Err(if stale {
-            ExchangeError::NotSent(e)
-        } else {
-            failed(e)
-        });
-    }
     let Some(upstream_resp) = up.resp_header() else {
         return Err(failed(Error::explain(
             InternalError,
@@ -143,10 +125,38 @@ pub async fn exchange(
     if up.is_body_done() {
         up.respect_keepalive();
         if let Some(stream) = up.reuse().await {
-            transport.release_stream(stream, peer.reuse_hash(), peer.options.idle_timeout);
+            inst.state.idle.put(stream);
         }
     }
     Ok(Completed { status, ttft })
+}
+
+/// Write the request and read the response header.
+async fn send(
+    mut stream: pingora::protocols::Stream,
+    peer: &pingora::prelude::HttpPeer,
+    request: &[u8],
+    timeout: Duration,
+) -> Result<Http1Session> {
+    let written = async {
+        stream.write_all(request).await?;
+        stream.flush().await
+    };
+    match tokio::time::timeout(timeout, written).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => {
+            return Err(Error::because(
+                WriteError,
+                "writing the request upstream",
+                e,
+            ))
+        }
+        Err(_) => return Error::e_explain(WriteTimedout, "writing the request upstream"),
+    }
+    let mut up = Http1Session::new_with_options(stream, peer);
+    up.read_timeout = Some(timeout);
+    up.read_response().await?;
+    Ok(up)
 }
 
 fn failed(error: Box<Error>) -> ExchangeError {

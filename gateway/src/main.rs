@@ -6,6 +6,7 @@ mod control;
 mod demo;
 mod fleet;
 mod forward;
+mod idle_pool;
 mod metrics;
 mod reload;
 mod server;
