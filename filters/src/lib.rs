@@ -1,5 +1,7 @@
 //! CacheRoute request filters: plain decisions over plain data. No filter opens a socket.
 pub mod balance;
+pub mod bm25;
 pub mod cost_model;
 pub mod openai;
 pub mod prompt;
+pub mod scheduler;
