@@ -1,6 +1,7 @@
 //! `cacheroute`: one binary, one subcommand per component.
 
 mod background;
+mod calibrate;
 mod config;
 mod control;
 mod demo;
@@ -47,6 +48,11 @@ enum Command {
     Kdn(cacheroute_kdn::KdnArgs),
     /// Client of a KDN: register, list, show, delete, search, inject.
     Knowledge(cacheroute_kdn::client_cli::KnowledgeArgs),
+    /// The TTFT cost model: fit it to a GPU profile and report its error.
+    Calibrate {
+        #[command(subcommand)]
+        command: calibrate::CalibrateCommand,
+    },
     /// LMCache KV keys.
     Kv {
         #[command(subcommand)]
@@ -107,6 +113,7 @@ fn run() -> Result<()> {
         Command::Sim(args) => tokio::runtime::Runtime::new()?.block_on(cacheroute_sim::run(args)),
         Command::Demo(args) => demo::run(args),
         Command::Kv { command } => cacheroute_kdn::cli::run_kv(command),
+        Command::Calibrate { command } => calibrate::run(command),
         Command::Kdn(args) => {
             tokio::runtime::Runtime::new()?.block_on(cacheroute_kdn::run_kdn(args))
         }
