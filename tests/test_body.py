@@ -133,3 +133,45 @@ def test_unicode_and_unknown_fields_round_trip(stack):
         r = c.post(g.url + "/v1/chat/completions", json=body)
     assert r.status_code == 200, r.text[:500]
     assert upstream_body(s.last_request()) == body
+
+
+def test_expect_100_continue(stack):
+    """A client that sends `Expect: 100-continue` and waits for the interim
+    answer before sending its body (as curl does for large bodies) gets
+    `100 Continue`, then the completion; the upstream never sees the Expect
+    header. A body declared over the limit is refused without the 100."""
+    import socket
+    from urllib.parse import urlsplit
+
+    s, g = stack
+    host, port = urlsplit(g.url).hostname, urlsplit(g.url).port
+    body = json.dumps(chat_body(max_tokens=2)).encode()
+
+    def send_headers(length: int) -> socket.socket:
+        sock = socket.create_connection((host, port), timeout=10)
+        sock.sendall((f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}\r\n"
+                      f"Content-Type: application/json\r\nContent-Length: {length}\r\n"
+                      "Expect: 100-continue\r\n\r\n").encode())
+        return sock
+
+    sock = send_headers(len(body))
+    with sock:
+        # Without the interim answer this read blocks until the socket timeout.
+        interim = b""
+        while b"\r\n\r\n" not in interim:
+            chunk = sock.recv(4096)
+            assert chunk, "connection closed before any answer"
+            interim += chunk
+        assert interim.startswith(b"HTTP/1.1 100"), interim[:200]
+        sock.sendall(body)
+        answer = b""
+        while b"\r\n\r\n" not in answer:
+            answer += sock.recv(65536)
+        assert answer.startswith(b"HTTP/1.1 200"), answer[:300]
+    last = s.last_request()
+    assert upstream_body(last) == json.loads(body)
+
+    sock = send_headers(64 * MIB)  # over the default 32 MiB limit
+    with sock:
+        answer = sock.recv(65536)
+        assert answer.startswith(b"HTTP/1.1 413"), answer[:300]

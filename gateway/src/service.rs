@@ -318,6 +318,16 @@ async fn read_body(
         return Ok(Err(ApiError::body_too_large(limit)));
     }
     session.set_read_timeout(Some(CLIENT_BODY_READ_TIMEOUT));
+    // A client that asked to wait (curl does for large bodies) would
+    // otherwise pause a full second before sending the body.
+    let expects_continue = session
+        .req_header()
+        .headers
+        .get(http::header::EXPECT)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+    if expects_continue {
+        session.write_continue_response().await?;
+    }
     let mut buf = BytesMut::with_capacity(declared.unwrap_or(4096).min(limit));
     while let Some(chunk) = session.read_request_body().await? {
         if buf.len() + chunk.len() > limit {
