@@ -186,14 +186,14 @@ impl Pool {
         self.backends.ready(&inst.backend) && !inst.state.failed_recently(self.health_interval)
     }
 
-    /// Choose an instance for one attempt, skipping those in `tried`.
-    pub fn choose(&self, tried: &[usize]) -> Option<usize> {
+    /// Choose an instance for one attempt, skipping those `tried` says were.
+    pub fn choose(&self, tried: impl Fn(usize) -> bool) -> Option<usize> {
         // Pools are small: decide on the stack, not the heap.
         const ON_STACK: usize = 16;
         let candidate = |(i, inst): (usize, &PoolInstance)| Candidate {
             weight: inst.weight,
             inflight: inst.state.inflight(),
-            available: !tried.contains(&i) && self.is_healthy(inst),
+            available: !tried(i) && self.is_healthy(inst),
         };
         let ticket = self.ticket.fetch_add(1, Ordering::Relaxed);
         let n = self.instances.len();

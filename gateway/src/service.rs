@@ -294,12 +294,9 @@ impl ServicePlane {
 /// still has an untried healthy instance.
 fn choose(fleet: &Fleet, pools: &[usize], tried: &[(usize, usize)]) -> Option<(usize, usize)> {
     pools.iter().find_map(|&p| {
-        let tried_here: Vec<usize> = tried
-            .iter()
-            .filter(|(tp, _)| *tp == p)
-            .map(|(_, i)| *i)
-            .collect();
-        fleet.pools[p].choose(&tried_here).map(|i| (p, i))
+        fleet.pools[p]
+            .choose(|i| tried.contains(&(p, i)))
+            .map(|i| (p, i))
     })
 }
 

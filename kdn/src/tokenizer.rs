@@ -42,21 +42,16 @@ pub struct ChatMessage {
     pub content: String,
 }
 
-/// Render messages with the Llama-3 chat template, with the generation prompt:
-/// `<|begin_of_text|>` then, per message,
-/// `<|start_header_id|>{role}<|end_header_id|>\n\n{content}<|eot_id|>`, then
-/// `<|start_header_id|>assistant<|end_header_id|>\n\n`.
+/// Render messages with the Llama-3 chat template, with the generation prompt.
+/// The template itself lives in [`cacheroute_filters::prompt`], the one the
+/// KDN's knowledge layout uses: KV hits depend on both rendering alike.
 pub fn render_llama3_chat(messages: &[ChatMessage]) -> String {
-    let mut s = String::from("<|begin_of_text|>");
-    for m in messages {
-        s.push_str("<|start_header_id|>");
-        s.push_str(&m.role);
-        s.push_str("<|end_header_id|>\n\n");
-        s.push_str(&m.content);
-        s.push_str("<|eot_id|>");
-    }
-    s.push_str("<|start_header_id|>assistant<|end_header_id|>\n\n");
-    s
+    use cacheroute_filters::prompt::{render_chat, ChatTemplate, Message};
+    let messages: Vec<Message<'_>> = messages
+        .iter()
+        .map(|m| Message::new(&m.role, &m.content))
+        .collect();
+    render_chat(ChatTemplate::Llama3, &messages)
 }
 
 /// FNV-1a, 64 bit.
