@@ -219,16 +219,17 @@ def gateway(procs, cr_bin, tmp_path):
     /debug/status shows every configured instance healthy."""
 
     def start(upstreams: list[str] | None = None, config: dict | str | None = None,
-              wait_healthy: bool = True, token: str | None = None, extra: list[str] | None = None) -> Gateway:
+              wait_healthy: bool = True, token: str | None = None, extra: list[str] | None = None,
+              port: int | None = None, control_port: int | None = None) -> Gateway:
         assert (upstreams is None) != (config is None), "give upstreams or config"
-        port, cport = free_port(), free_port()
+        port, cport = port or free_port(), control_port or free_port()
         args = [cr_bin, "gateway", "--listen", f"127.0.0.1:{port}", "--control", f"127.0.0.1:{cport}"]
         cfg_path = None
         if upstreams is not None:
             for u in upstreams:
                 args += ["--upstream", u]
         else:
-            cfg_path = tmp_path / "cacheroute.toml"
+            cfg_path = tmp_path / f"cacheroute-{port}.toml"
             cfg_path.write_text(render_config(config, port, cport))
             args += ["--config", str(cfg_path)]
         args += extra or []

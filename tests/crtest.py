@@ -199,29 +199,33 @@ def _toml_value(v: Any) -> str:
 
 
 def to_toml(cfg: dict) -> str:
-    """Write the gateway's config shape as TOML: scalar tables [gateway] and
-    [upstream], and [[pools]] with nested [[pools.instances]]."""
+    """Write a config dict as TOML: dict values become [tables], lists of dicts
+    become [[arrays of tables]] (one level of nesting, e.g. [[pools.instances]])."""
     out: list[str] = []
-    for section in ("gateway", "upstream"):
-        if section in cfg:
+    for section, v in cfg.items():
+        if isinstance(v, dict):
             out.append(f"[{section}]")
-            for k, v in cfg[section].items():
-                out.append(f"{k} = {_toml_value(v)}")
+            for k, x in v.items():
+                out.append(f"{k} = {_toml_value(x)}")
             out.append("")
-    for pool in cfg.get("pools", []):
-        out.append("[[pools]]")
-        for k, v in pool.items():
-            if k != "instances":
-                out.append(f"{k} = {_toml_value(v)}")
-        out.append("")
-        for inst in pool.get("instances", []):
-            out.append("  [[pools.instances]]")
-            for k, v in inst.items():
-                out.append(f"  {k} = {_toml_value(v)}")
+    for section, v in cfg.items():
+        if isinstance(v, dict):
+            continue
+        if not (isinstance(v, list) and all(isinstance(x, dict) for x in v)):
+            raise KeyError(f"config key {section} must be a table or an array of tables")
+        for item in v:
+            out.append(f"[[{section}]]")
+            nested = {k: x for k, x in item.items() if isinstance(x, list) and x and all(isinstance(e, dict) for e in x)}
+            for k, x in item.items():
+                if k not in nested:
+                    out.append(f"{k} = {_toml_value(x)}")
             out.append("")
-    for k, v in cfg.items():
-        if k not in ("gateway", "upstream", "pools"):
-            raise KeyError(f"unknown top-level config key in test: {k}")
+            for k, rows in nested.items():
+                for row in rows:
+                    out.append(f"  [[{section}.{k}]]")
+                    for rk, rv in row.items():
+                        out.append(f"  {rk} = {_toml_value(rv)}")
+                    out.append("")
     return "\n".join(out) + "\n"
 
 

@@ -11,6 +11,17 @@ pub enum BalancePolicy {
     /// Fewest requests in flight per unit of weight.
     #[default]
     LeastInflight,
+    /// Least loaded: the gateway's in-flight and queued counts, or the instance
+    /// agent's running and waiting counts when they are higher (other gateways'
+    /// traffic), per unit of weight.
+    LeastLoaded,
+    /// An instance whose store already holds the request's KV, while it is within
+    /// the affinity load window of the least loaded one; otherwise least loaded.
+    KnowledgeAffinity,
+    /// For requests without knowledge: the instance that served the longest shared
+    /// prompt prefix (an approximate prefix tree, with load-balance thresholds);
+    /// requests with knowledge use knowledge affinity.
+    PrefixAffinity,
 }
 
 impl BalancePolicy {
@@ -18,6 +29,9 @@ impl BalancePolicy {
         match self {
             BalancePolicy::RoundRobin => "round_robin",
             BalancePolicy::LeastInflight => "least_inflight",
+            BalancePolicy::LeastLoaded => "least_loaded",
+            BalancePolicy::KnowledgeAffinity => "knowledge_affinity",
+            BalancePolicy::PrefixAffinity => "prefix_affinity",
         }
     }
 }
@@ -29,15 +43,40 @@ pub struct Candidate {
     pub inflight: u64,
     /// Healthy and not excluded (e.g. already tried by this request).
     pub available: bool,
+    /// Preferred by an affinity policy (holds the KV, or served the prefix).
+    pub affinity: bool,
 }
+
+/// Requests of extra load an affinity instance may carry over the least loaded one
+/// and still be preferred.
+pub const AFFINITY_LOAD_WINDOW: u64 = 4;
 
 /// Pick an instance. `ticket` is a per-pool counter that advances on every
 /// decision: it drives round robin and breaks least-inflight ties fairly.
 pub fn choose(policy: BalancePolicy, candidates: &[Candidate], ticket: u64) -> Option<usize> {
     match policy {
         BalancePolicy::RoundRobin => weighted_round_robin(candidates, ticket),
-        BalancePolicy::LeastInflight => least_inflight(candidates, ticket),
+        BalancePolicy::LeastInflight | BalancePolicy::LeastLoaded => {
+            least_inflight(candidates, ticket)
+        }
+        BalancePolicy::KnowledgeAffinity | BalancePolicy::PrefixAffinity => {
+            affinity(candidates, ticket)
+        }
     }
+}
+
+/// The least loaded affinity instance if it is within [`AFFINITY_LOAD_WINDOW`] of the
+/// least loaded instance overall; otherwise the least loaded.
+fn affinity(candidates: &[Candidate], ticket: u64) -> Option<usize> {
+    let best = least_inflight(candidates, ticket)?;
+    let floor = candidates[best].inflight;
+    let preferred = candidates
+        .iter()
+        .enumerate()
+        .filter(|(_, c)| c.available && c.affinity)
+        .min_by_key(|(_, c)| c.inflight)
+        .filter(|(_, c)| c.inflight <= floor + AFFINITY_LOAD_WINDOW);
+    Some(preferred.map_or(best, |(i, _)| i))
 }
 
 fn weighted_round_robin(candidates: &[Candidate], ticket: u64) -> Option<usize> {
@@ -102,7 +141,24 @@ mod tests {
             weight,
             inflight,
             available,
+            affinity: false,
         }
+    }
+
+    #[test]
+    fn affinity_holds_within_the_load_window_only() {
+        let mut cands = [c(1, 0, true), c(1, 3, true)];
+        cands[1].affinity = true;
+        assert_eq!(choose(BalancePolicy::KnowledgeAffinity, &cands, 0), Some(1));
+        cands[1].inflight = AFFINITY_LOAD_WINDOW + 1;
+        assert_eq!(choose(BalancePolicy::KnowledgeAffinity, &cands, 0), Some(0));
+        // An unavailable affinity instance is never chosen.
+        cands[1].inflight = 0;
+        cands[1].available = false;
+        assert_eq!(choose(BalancePolicy::KnowledgeAffinity, &cands, 0), Some(0));
+        // No affinity anywhere: least loaded.
+        let cands = [c(1, 2, true), c(1, 1, true)];
+        assert_eq!(choose(BalancePolicy::KnowledgeAffinity, &cands, 0), Some(1));
     }
 
     #[test]

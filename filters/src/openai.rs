@@ -191,6 +191,14 @@ impl CompletionBody {
         self.params().stream.unwrap_or(false)
     }
 
+    /// The body's unknown (non-OpenAI) top-level fields.
+    pub fn extra_mut(&mut self) -> &mut Map<String, Value> {
+        match self {
+            CompletionBody::Chat(r) => &mut r.extra,
+            CompletionBody::Completions(r) => &mut r.extra,
+        }
+    }
+
     /// Serialise back to JSON (unknown fields included).
     pub fn to_json(&self) -> Vec<u8> {
         // Serialising plain serde_json data cannot fail.
@@ -333,6 +341,21 @@ impl ApiError {
             "server_error",
             "upstream_error",
             format!("upstream failed: {detail}"),
+        )
+    }
+
+    /// 429: the instance's admission queue is full or the wait ran out.
+    pub fn too_many_requests(code: &'static str, message: impl Into<String>) -> Self {
+        Self::new(429, "rate_limit_error", code, message)
+    }
+
+    /// 508: the request went round gateways more times than allowed.
+    pub fn loop_detected(hops: u32, max: u32) -> Self {
+        Self::new(
+            508,
+            "server_error",
+            "loop_detected",
+            format!("the request passed {hops} CacheRoute gateways (limit {max}): routing loop"),
         )
     }
 

@@ -85,6 +85,17 @@ impl ChatTemplate {
         }
     }
 
+    /// What closes the knowledge message in a raw (completions) prompt, as the chat
+    /// template would close it: the end-of-message special token, or
+    /// [`PLAIN_SEPARATOR`] without a template.
+    pub fn end_of_message(self) -> &'static str {
+        match self {
+            ChatTemplate::Llama3 => "<|eot_id|>",
+            ChatTemplate::Chatml => "<|im_end|>\n",
+            ChatTemplate::Plain => PLAIN_SEPARATOR,
+        }
+    }
+
     /// Whether the engine lets the tokenizer add its special tokens (BOS) when it
     /// tokenizes text in this layout: not for chat templates (the Llama-3 template writes
     /// `<|begin_of_text|>` itself, ChatML has no BOS), yes for plain completions.

@@ -21,12 +21,33 @@ impl BackgroundService for Background {
             _ = self.health_loop() => {}
             _ = self.reloader.watch() => {}
             _ = sighup_loop(&self.reloader) => {}
+            _ = crate::sync::sync_loop(self.state.clone()) => {}
+            _ = self.gauges_loop() => {}
             _ = shutdown.changed() => {}
         }
     }
 }
 
 impl Background {
+    /// Membership and KDN gauges, refreshed once a second.
+    async fn gauges_loop(&self) {
+        use crate::members::MemberKind;
+        loop {
+            let m = &self.state.metrics;
+            m.members
+                .with_label_values(&["kdn"])
+                .set(self.state.members.live(MemberKind::Kdn).len() as i64);
+            m.members
+                .with_label_values(&["agent"])
+                .set(self.state.members.live(MemberKind::Agent).len() as i64);
+            m.kdn_up.reset();
+            for k in self.state.knowledge.kdns.load().iter() {
+                m.kdn_up.with_label_values(&[&k.id]).set(i64::from(k.up));
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    }
+
     async fn health_loop(&self) {
         loop {
             self.state.builder.health.run_health_check(true).await;

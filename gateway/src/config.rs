@@ -6,6 +6,9 @@
 
 use anyhow::{bail, Context, Result};
 use cacheroute_filters::balance::BalancePolicy;
+use cacheroute_filters::injection::{InjectionStrategy, ReleasePolicy};
+use cacheroute_filters::prompt::ChatTemplate;
+use cacheroute_filters::scheduler::SchedulerConfig;
 use serde::{Deserialize, Serialize};
 use std::collections::HashSet;
 use std::net::SocketAddr;
@@ -19,6 +22,121 @@ pub struct Config {
     pub upstream: UpstreamDefaults,
     #[serde(default)]
     pub pools: Vec<PoolConfig>,
+    /// The scheduler filter's knobs (thresholds, weights, retrieval).
+    #[serde(default)]
+    pub scheduler: SchedulerConfig,
+    /// Knowledge sync from KDNs and membership.
+    #[serde(default)]
+    pub knowledge: KnowledgeSection,
+    /// KDNs known from the file (more may register on the control plane).
+    #[serde(default)]
+    pub kdns: Vec<KdnConfig>,
+    /// The proxy filter's defaults (pools may override them).
+    #[serde(default)]
+    pub proxy: ProxySection,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProxySection {
+    /// How knowledge is injected: text, kv, iws (the original's rule) or adaptive.
+    pub injection: InjectionStrategy,
+    /// KV-mode requests admitted before their KV is resident: ordered, text_bypass, wait.
+    pub release: ReleasePolicy,
+    /// Longest a KV-mode request waits for its KV once it could go; then text.
+    pub kv_deadline_ms: u64,
+    /// Limit of one injection job the gateway asks a KDN for.
+    pub inject_timeout_ms: u64,
+    /// GPU profile of the instances (JSON, as conf/profiles/); "" = the built-in
+    /// H100 Llama-3-8B profile.
+    pub profile: String,
+    /// Chat template family of the served models; a block registered for another
+    /// template goes as text (counted as a prefix mismatch).
+    pub template: ChatTemplate,
+    /// The models' tokenizer.json, to check that a rendered prefix has the registered
+    /// token count; "" = the deterministic approximation the KDN and sim use.
+    pub tokenizer: String,
+    /// Also send the KV handle in the body as `kv_transfer_params`.
+    pub kv_transfer_params: bool,
+    /// Round-trip time of a KDN → instance link, ms (for the predictions).
+    pub link_rtt_ms: f64,
+}
+
+impl Default for ProxySection {
+    fn default() -> Self {
+        ProxySection {
+            injection: InjectionStrategy::Adaptive,
+            release: ReleasePolicy::Ordered,
+            kv_deadline_ms: 5_000,
+            inject_timeout_ms: 60_000,
+            profile: String::new(),
+            template: ChatTemplate::Llama3,
+            tokenizer: String::new(),
+            kv_transfer_params: false,
+            link_rtt_ms: 0.5,
+        }
+    }
+}
+
+/// What a gateway does with a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    /// Both filters in one process: choose the pool, then the instance.
+    #[default]
+    All,
+    /// Only the scheduler filter: pools are gateways with `role = "proxy"`, and the
+    /// decision travels to them in `x-cacheroute-*` headers.
+    Scheduler,
+    /// Only the proxy filter: trusts the pool and knowledge an upstream scheduler put
+    /// in the headers (and schedules itself when they are absent).
+    Proxy,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::All => "all",
+            Role::Scheduler => "scheduler",
+            Role::Proxy => "proxy",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KnowledgeSection {
+    /// How often each KDN's registry (versioned: unchanged costs a 304) and load, and
+    /// each agent's load, are pulled.
+    pub sync_interval_ms: u64,
+    /// Timeout of one pull.
+    pub sync_timeout_ms: u64,
+    /// Seconds a registered member lives without a heartbeat, when it does not say.
+    pub member_ttl_s: f64,
+    /// Optional OpenAI-compatible embeddings endpoint (vLLM, TEI): base URL. When set,
+    /// retrieval ranks blocks by cosine similarity of embeddings instead of BM25.
+    pub embeddings_url: String,
+    /// Model name sent to the embeddings endpoint.
+    pub embeddings_model: String,
+}
+
+impl Default for KnowledgeSection {
+    fn default() -> Self {
+        KnowledgeSection {
+            sync_interval_ms: 1_000,
+            sync_timeout_ms: 2_000,
+            member_ttl_s: 10.0,
+            embeddings_url: String::new(),
+            embeddings_model: String::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KdnConfig {
+    /// Base URL of the KDN API.
+    pub url: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -30,6 +148,14 @@ pub struct GatewaySection {
     pub max_body_bytes: usize,
     pub control_token: String,
     pub watch_config: bool,
+    pub role: Role,
+    /// Gateway hops a request may take (scheduler → proxy …) before it is refused as
+    /// a loop (508).
+    pub max_hops: u32,
+    /// Scheduling decisions kept for `GET /debug/strategy`.
+    pub decision_history: usize,
+    /// Append one JSON line per decision to this file ("-": stdout; "": off).
+    pub log_decisions: String,
 }
 
 impl Default for GatewaySection {
@@ -41,6 +167,10 @@ impl Default for GatewaySection {
             max_body_bytes: 32 * 1024 * 1024,
             control_token: String::new(),
             watch_config: true,
+            role: Role::All,
+            max_hops: 4,
+            decision_history: 256,
+            log_decisions: String::new(),
         }
     }
 }
@@ -56,6 +186,9 @@ pub struct UpstreamDefaults {
     pub health_path: String,
     pub health_consecutive_success: usize,
     pub health_consecutive_failure: usize,
+    pub max_inflight: u64,
+    pub queue_size: u64,
+    pub queue_timeout_ms: u64,
 }
 
 impl Default for UpstreamDefaults {
@@ -69,14 +202,25 @@ impl Default for UpstreamDefaults {
             health_path: "/health".into(),
             health_consecutive_success: 1,
             health_consecutive_failure: 1,
+            max_inflight: 0,
+            queue_size: 1024,
+            queue_timeout_ms: 30_000,
         }
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 pub struct PoolConfig {
     pub name: String,
+    /// Retrieve knowledge for every request this pool could serve, not only
+    /// `"RAG": true` ones.
+    #[serde(default)]
+    pub rag_always: bool,
+    /// The KDN injection target (its configured name) of this pool's instances'
+    /// LMCache stores; default: the pool's name. An instance may override it.
+    #[serde(default)]
+    pub kv_target: Option<String>,
     #[serde(default)]
     pub models: Vec<String>,
     #[serde(default)]
@@ -87,6 +231,24 @@ pub struct PoolConfig {
     pub read_timeout_ms: Option<u64>,
     #[serde(default)]
     pub max_retries: Option<usize>,
+    /// Requests in flight per instance (like vLLM's `max_num_seqs`); 0 = unbounded.
+    #[serde(default)]
+    pub max_inflight: Option<u64>,
+    /// Requests that may wait for a slot per instance; beyond it: 429.
+    #[serde(default)]
+    pub queue_size: Option<u64>,
+    /// Longest wait for a slot; past it: 429.
+    #[serde(default)]
+    pub queue_timeout_ms: Option<u64>,
+    /// Overrides of `[proxy]` for this pool.
+    #[serde(default)]
+    pub injection: Option<InjectionStrategy>,
+    #[serde(default)]
+    pub release: Option<ReleasePolicy>,
+    #[serde(default)]
+    pub kv_deadline_ms: Option<u64>,
+    #[serde(default)]
+    pub profile: Option<String>,
     #[serde(default)]
     pub instances: Vec<InstanceConfig>,
 }
@@ -102,10 +264,50 @@ pub struct InstanceConfig {
     pub connect_timeout_ms: Option<u64>,
     #[serde(default)]
     pub read_timeout_ms: Option<u64>,
+    /// The KDN injection target of this instance's store (overrides the pool's).
+    #[serde(default)]
+    pub kv_target: Option<String>,
+    /// Overrides the pool's `max_inflight` for this instance.
+    #[serde(default)]
+    pub max_inflight: Option<u64>,
+}
+
+impl InstanceConfig {
+    pub fn new(url: &str) -> Self {
+        InstanceConfig {
+            url: url.to_string(),
+            weight: 1,
+            connect_timeout_ms: None,
+            read_timeout_ms: None,
+            kv_target: None,
+            max_inflight: None,
+        }
+    }
 }
 
 fn default_weight() -> i64 {
     1
+}
+
+fn validate_scheduler(s: &SchedulerConfig) -> Result<()> {
+    let finite_nonneg = [
+        ("retrieval_min_score", s.retrieval_min_score),
+        ("kdn_queue_ms_overload_th", s.kdn_queue_ms_overload_th),
+        ("pool_load_ratio_delta", s.pool_load_ratio_delta),
+        ("default_link_cost", s.default_link_cost),
+        ("w_history", s.w_history),
+        ("w_link", s.w_link),
+        ("w_load", s.w_load),
+    ];
+    for (name, v) in finite_nonneg {
+        if !(v.is_finite() && v >= 0.0) {
+            bail!("scheduler.{name} must be a finite number ≥ 0 (got {v})");
+        }
+    }
+    if s.retrieval_top_k == 0 {
+        bail!("scheduler.retrieval_top_k must be at least 1");
+    }
+    Ok(())
 }
 
 /// Per-pool settings after applying the `[upstream]` defaults.
@@ -115,6 +317,9 @@ pub struct PoolSettings {
     pub connect_timeout_ms: u64,
     pub read_timeout_ms: u64,
     pub max_retries: usize,
+    pub max_inflight: u64,
+    pub queue_size: u64,
+    pub queue_timeout_ms: u64,
 }
 
 impl PoolConfig {
@@ -124,6 +329,9 @@ impl PoolConfig {
             connect_timeout_ms: self.connect_timeout_ms.unwrap_or(d.connect_timeout_ms),
             read_timeout_ms: self.read_timeout_ms.unwrap_or(d.read_timeout_ms),
             max_retries: self.max_retries.unwrap_or(d.max_retries),
+            max_inflight: self.max_inflight.unwrap_or(d.max_inflight),
+            queue_size: self.queue_size.unwrap_or(d.queue_size),
+            queue_timeout_ms: self.queue_timeout_ms.unwrap_or(d.queue_timeout_ms),
         }
     }
 }
@@ -200,6 +408,36 @@ impl Config {
         if self.pools.is_empty() {
             bail!("at least one [[pools]] entry is required");
         }
+        if g.max_hops == 0 {
+            bail!("gateway.max_hops must be at least 1");
+        }
+        let k = &self.knowledge;
+        if k.sync_interval_ms == 0 || k.sync_timeout_ms == 0 {
+            bail!("knowledge.sync_interval_ms and sync_timeout_ms must be at least 1");
+        }
+        if !(k.member_ttl_s.is_finite() && k.member_ttl_s > 0.0) {
+            bail!("knowledge.member_ttl_s must be a positive number of seconds");
+        }
+        if !k.embeddings_url.is_empty() && !k.embeddings_url.starts_with("http://") {
+            bail!("knowledge.embeddings_url must be an http:// base URL");
+        }
+        validate_scheduler(&self.scheduler)?;
+        let p = &self.proxy;
+        if p.kv_deadline_ms == 0 || p.inject_timeout_ms == 0 {
+            bail!("proxy.kv_deadline_ms and inject_timeout_ms must be at least 1");
+        }
+        if !(p.link_rtt_ms.is_finite() && p.link_rtt_ms >= 0.0) {
+            bail!("proxy.link_rtt_ms must be a finite number ≥ 0");
+        }
+        let mut kdn_urls = HashSet::new();
+        for kdn in &self.kdns {
+            if !(kdn.url.starts_with("http://") || kdn.url.starts_with("https://")) {
+                bail!("kdn url `{}` must be an http:// base URL", kdn.url);
+            }
+            if !kdn_urls.insert(kdn.url.trim_end_matches('/')) {
+                bail!("kdn {} is listed twice", kdn.url);
+            }
+        }
         let mut names = HashSet::new();
         for pool in &self.pools {
             if pool.name.trim().is_empty() {
@@ -212,7 +450,7 @@ impl Config {
                 bail!("pool `{}` has no instances", pool.name);
             }
             let s = pool.settings(u);
-            if s.connect_timeout_ms == 0 || s.read_timeout_ms == 0 {
+            if s.connect_timeout_ms == 0 || s.read_timeout_ms == 0 || s.queue_timeout_ms == 0 {
                 bail!("pool `{}`: timeouts must be at least 1 ms", pool.name);
             }
             if pool.models.iter().any(|m| m.is_empty()) {
@@ -251,20 +489,8 @@ impl Config {
         let config = Config {
             pools: vec![PoolConfig {
                 name: "default".into(),
-                models: Vec::new(),
-                policy: None,
-                connect_timeout_ms: None,
-                read_timeout_ms: None,
-                max_retries: None,
-                instances: upstreams
-                    .iter()
-                    .map(|u| InstanceConfig {
-                        url: u.clone(),
-                        weight: 1,
-                        connect_timeout_ms: None,
-                        read_timeout_ms: None,
-                    })
-                    .collect(),
+                instances: upstreams.iter().map(|u| InstanceConfig::new(u)).collect(),
+                ..PoolConfig::default()
             }],
             ..Config::default()
         };

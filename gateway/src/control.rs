@@ -1,6 +1,8 @@
-//! The control plane: metrics, status, reload. Its own listener, so none of
-//! it is reachable on the client port.
+//! The control plane: metrics, status, reload, decisions (`/debug/strategy`),
+//! and membership (`/v1/members`). Its own listener, so none of it is
+//! reachable on the client port.
 
+use crate::members::{MemberKind, Registration};
 use crate::reload::Reloader;
 use crate::state::GatewayState;
 use async_trait::async_trait;
@@ -18,10 +20,23 @@ pub struct ControlPlane {
 #[async_trait]
 impl ServeHttp for ControlPlane {
     async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
-        // Read any body so the connection can be reused.
-        let _ = session.drain_request_body().await;
         let method = session.req_header().method.clone();
         let path = session.req_header().uri.path().to_string();
+        let query = session.req_header().uri.query().unwrap_or("").to_string();
+        // Read the body (registrations are small) so the connection can be reused.
+        let mut body = Vec::new();
+        loop {
+            match session.read_request_body().await {
+                Ok(Some(chunk)) if body.len() + chunk.len() <= MAX_CONTROL_BODY => {
+                    body.extend_from_slice(&chunk)
+                }
+                Ok(Some(_)) => {
+                    let err = ApiError::body_too_large(MAX_CONTROL_BODY);
+                    return json(StatusCode::PAYLOAD_TOO_LARGE, err.to_json());
+                }
+                Ok(None) | Err(_) => break,
+            }
+        }
         if path == "/healthz" {
             return json(StatusCode::OK, br#"{"ok":true}"#.to_vec());
         }
@@ -68,13 +83,98 @@ impl ServeHttp for ControlPlane {
                         .unwrap_or_default(),
                 ),
             },
-            (_, "/metrics" | "/debug/status" | "/admin/reload") => {
+            (Method::GET, "/debug/strategy") => {
+                let n = query_param(&query, "n")
+                    .and_then(|v| v.parse::<usize>().ok())
+                    .unwrap_or(20);
+                let records = self.state.decisions.last(n);
+                let data: Vec<&crate::decisions::DecisionRecord> =
+                    records.iter().map(|r| &**r).collect();
+                let body = serde_json::json!({"object": "list", "data": data});
+                json(
+                    StatusCode::OK,
+                    serde_json::to_vec_pretty(&body).unwrap_or_default(),
+                )
+            }
+            (Method::GET, "/debug/knowledge") => {
+                let catalog = self.state.knowledge.catalog.load();
+                let body = serde_json::json!({
+                    "blocks": catalog.blocks.len(),
+                    "embedded": catalog.embeddings.len(),
+                    "versions": catalog.versions,
+                    "kdns": **self.state.knowledge.kdns.load(),
+                    "agents": **self.state.knowledge.agents.load(),
+                });
+                json(
+                    StatusCode::OK,
+                    serde_json::to_vec_pretty(&body).unwrap_or_default(),
+                )
+            }
+            (Method::GET, "/v1/members") => json(
+                StatusCode::OK,
+                serde_json::to_vec(&self.state.members.to_json()).unwrap_or_default(),
+            ),
+            (Method::POST, "/v1/members") => match Registration::parse(&body) {
+                Ok(r) => {
+                    let ttl = self.state.fleet.load().config.knowledge.member_ttl_s;
+                    let (kind, id) = (r.kind, r.id.clone());
+                    if self.state.members.register(r, ttl) {
+                        tracing::info!(?kind, %id, "member registered");
+                        self.state.sync_now.notify_one();
+                    }
+                    json(
+                        StatusCode::OK,
+                        serde_json::to_vec(&serde_json::json!({
+                            "object": "member", "kind": kind, "id": id, "registered": true,
+                        }))
+                        .unwrap_or_default(),
+                    )
+                }
+                Err(e) => json(StatusCode::BAD_REQUEST, e.to_json()),
+            },
+            (Method::DELETE, p) if p.starts_with("/v1/members/") => {
+                let rest = &p["/v1/members/".len()..];
+                match rest
+                    .split_once('/')
+                    .and_then(|(k, id)| Some((MemberKind::parse(k)?, id)))
+                {
+                    Some((kind, id)) => {
+                        let removed = self.state.members.remove(kind, id);
+                        if removed {
+                            tracing::info!(?kind, %id, "member left");
+                            self.state.sync_now.notify_one();
+                        }
+                        json(
+                            StatusCode::OK,
+                            serde_json::to_vec(&serde_json::json!({"deleted": removed}))
+                                .unwrap_or_default(),
+                        )
+                    }
+                    None => json(StatusCode::NOT_FOUND, ApiError::not_found(p).to_json()),
+                }
+            }
+            (
+                _,
+                "/metrics" | "/debug/status" | "/admin/reload" | "/debug/strategy"
+                | "/debug/knowledge" | "/v1/members",
+            ) => {
                 let err = ApiError::method_not_allowed(session.req_header().method.as_str(), &path);
                 json(StatusCode::METHOD_NOT_ALLOWED, err.to_json())
             }
             _ => json(StatusCode::NOT_FOUND, ApiError::not_found(&path).to_json()),
         }
     }
+}
+
+/// Largest control-plane request body.
+const MAX_CONTROL_BODY: usize = 64 * 1024;
+
+fn query_param<'a>(query: &'a str, name: &str) -> Option<&'a str> {
+    query
+        .split('&')
+        .filter_map(|kv| kv.split_once('='))
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| v)
 }
 
 fn authorized(session: &ServerSession, token: &str) -> bool {

@@ -188,12 +188,18 @@ pub fn run(args: DemoArgs) -> Result<()> {
     let mut f = std::fs::File::create(&config_path)?;
     write!(
         f,
-        "[gateway]\nlisten = \"{}\"\ncontrol = \"{}\"\n\n[upstream]\nhealth_check_interval_ms = 1000\n\n[[pools]]\nname = \"demo\"\nmodels = [\"{}\"]\n{}",
+        "[gateway]\nlisten = \"{}\"\ncontrol = \"{}\"\n\n[upstream]\nhealth_check_interval_ms = 1000\n\n\
+         [knowledge]\nsync_interval_ms = 500\n\n[[kdns]]\nurl = \"http://{}\"\n\n\
+         [[pools]]\nname = \"demo\"\nmodels = [\"{}\"]\n{}",
         args.listen,
         args.control,
+        kdn_addr,
         args.model,
         sims.iter()
-            .map(|a| format!("  [[pools.instances]]\n  url = \"http://{a}\"\n"))
+            .enumerate()
+            .map(|(i, a)| format!(
+                "  [[pools.instances]]\n  url = \"http://{a}\"\n  kv_target = \"sim-{i}\"\n"
+            ))
             .collect::<String>()
     )?;
     print_banner(&args, &sims, kdn_addr, &qs, &config_path);
@@ -325,22 +331,15 @@ injection into sim 1; "knowledge ready" is printed when done):
   curl -s 'http://{kdn}/v1/knowledge?text=false' | python3 -m json.tool | head -40
   curl -s 'http://{kdn}/v1/knowledge/search?q=paged+attention&k=3'
 
-A RAG request with the knowledge laid out as the KDN registered it (the gateway's own
-retrieval comes in a later release): the block's registered content as the first system
-message, then its question; usage.prompt_tokens_details.cached_tokens shows the KV hit:
+A RAG request: the gateway retrieves the block that answers the question (synced from
+the KDN), lays it out first in the prompt and picks text or KV injection; the headers
+say what it chose, usage.prompt_tokens_details.cached_tokens shows the KV hit, and
+http://{control}/debug/strategy explains the decision:
 
-  python3 - <<'EOF'
-import json, urllib.request
-rec = json.load(urllib.request.urlopen("http://{kdn}/v1/knowledge/{id}"))
-body = {{"model": "{model}", "max_tokens": 16, "messages": [
-    {{"role": "system", "content": rec["models"]["{model}"]["content"]}},
-    {{"role": "user", "content": {question}}}]}}
-req = urllib.request.Request("{url}/v1/chat/completions", json.dumps(body).encode(),
-                             {{"content-type": "application/json"}})
-usage = json.load(urllib.request.urlopen(req))["usage"]
-print("prompt_tokens", usage["prompt_tokens"],
-      "cached_tokens", usage["prompt_tokens_details"]["cached_tokens"])
-EOF
+  curl -si {url}/v1/chat/completions -H 'content-type: application/json' \
+    -d '{{"model":"{model}","RAG":true,"max_tokens":16,"messages":[{{"role":"user","content":{question}}}]}}' \
+    | grep -iE '^x-cacheroute|cached_tokens'
+  (expected block: {id})
 "#,
         control = args.control,
         sims = sims

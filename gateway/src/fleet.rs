@@ -6,14 +6,18 @@
 //! instance URL and outlives reloads, so in-flight counts stay right while
 //! requests started on the old fleet finish.
 
+use crate::admission::Admission;
 use crate::config::{Config, InstanceUrl, PoolSettings, UpstreamDefaults};
 use crate::idle_pool::IdlePool;
 use crate::metrics::Metrics;
 use anyhow::{Context, Result};
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
-use cacheroute_filters::balance::{self, Candidate};
+use cacheroute_filters::balance::{self, BalancePolicy, Candidate};
+use cacheroute_filters::cost_model::CostModel;
+use cacheroute_filters::injection::{InjectionStrategy, ReleasePolicy};
 use cacheroute_filters::openai::Route;
+use cacheroute_kdn::tokenizer::Tokenizer;
 use pingora::http::RequestHeader;
 use pingora::lb::discovery::ServiceDiscovery;
 use pingora::lb::health_check::{HealthCheck, HttpHealthCheck};
@@ -40,6 +44,13 @@ pub struct InstanceState {
     /// Milliseconds since `epoch` of the last failed connect; 0 = never.
     last_connect_failure_ms: AtomicU64,
     epoch: Instant,
+    /// Slots and the waiting queue.
+    pub admission: Arc<Admission>,
+    /// KV-mode requests waiting for their KV outside the queue (`text_bypass`)
+    /// keep their order through this.
+    pub kv_gate: tokio::sync::Mutex<()>,
+    /// KV-mode requests waiting for their KV outside the queue right now.
+    pub kv_waiting: AtomicU64,
 }
 
 impl InstanceState {
@@ -49,11 +60,19 @@ impl InstanceState {
             idle: IdlePool::new(IDLE_CAPACITY, IDLE_TIMEOUT),
             last_connect_failure_ms: AtomicU64::new(0),
             epoch: Instant::now(),
+            admission: Arc::new(Admission::default()),
+            kv_gate: tokio::sync::Mutex::new(()),
+            kv_waiting: AtomicU64::new(0),
         }
     }
 
     pub fn inflight(&self) -> u64 {
         self.inflight.load(Ordering::Relaxed)
+    }
+
+    /// Requests waiting for a slot on this instance.
+    pub fn queued(&self) -> u64 {
+        self.admission.queued()
     }
 
     fn now_ms(&self) -> u64 {
@@ -155,6 +174,10 @@ pub struct PoolInstance {
     inflight_gauge: IntGauge,
     /// Metric handles of this instance's successful requests, resolved once.
     pub metrics: Arc<InstanceMetrics>,
+    /// Requests in flight allowed (0 = unbounded).
+    pub max_inflight: u64,
+    /// KDN injection target of this instance's store, when set on the instance.
+    pub kv_target: Option<String>,
 }
 
 impl PoolInstance {
@@ -169,8 +192,22 @@ impl PoolInstance {
     }
 }
 
+/// The proxy filter's settings for one pool.
+pub struct PoolProxy {
+    pub injection: InjectionStrategy,
+    pub release: ReleasePolicy,
+    pub kv_deadline: Duration,
+    /// The TTFT cost model of the pool's GPUs.
+    pub cost: Arc<CostModel>,
+}
+
 pub struct Pool {
     pub name: String,
+    pub proxy: PoolProxy,
+    /// Retrieve for every request this pool may serve.
+    pub rag_always: bool,
+    /// KDN injection target of the instances' stores (default: the pool's name).
+    pub kv_target: Option<String>,
     pub models: Vec<String>,
     /// Whether `models` comes from the instances' `/v1/models`.
     pub discovered: bool,
@@ -187,13 +224,29 @@ impl Pool {
     }
 
     /// Choose an instance for one attempt, skipping those `tried` says were.
-    pub fn choose(&self, tried: impl Fn(usize) -> bool) -> Option<usize> {
+    /// `affinity` marks instances an affinity policy prefers; `agent_load` gives an
+    /// instance agent's running + waiting count (for `least_loaded`).
+    pub fn choose(
+        &self,
+        tried: impl Fn(usize) -> bool,
+        affinity: impl Fn(usize) -> bool,
+        agent_load: impl Fn(&PoolInstance) -> u64,
+    ) -> Option<usize> {
         // Pools are small: decide on the stack, not the heap.
         const ON_STACK: usize = 16;
-        let candidate = |(i, inst): (usize, &PoolInstance)| Candidate {
-            weight: inst.weight,
-            inflight: inst.state.inflight(),
-            available: !tried(i) && self.is_healthy(inst),
+        let policy = self.settings.policy;
+        let candidate = |(i, inst): (usize, &PoolInstance)| {
+            let own = inst.state.inflight() + inst.state.queued();
+            let load = match policy {
+                BalancePolicy::RoundRobin | BalancePolicy::LeastInflight => own,
+                _ => own.max(agent_load(inst)),
+            };
+            Candidate {
+                weight: inst.weight,
+                inflight: load,
+                available: !tried(i) && self.is_healthy(inst),
+                affinity: affinity(i),
+            }
         };
         let ticket = self.ticket.fetch_add(1, Ordering::Relaxed);
         let n = self.instances.len();
@@ -202,6 +255,7 @@ impl Pool {
                 weight: 0,
                 inflight: 0,
                 available: false,
+                affinity: false,
             }; ON_STACK];
             for (slot, c) in buf
                 .iter_mut()
@@ -209,10 +263,10 @@ impl Pool {
             {
                 *slot = c;
             }
-            balance::choose(self.settings.policy, &buf[..n], ticket)
+            balance::choose(policy, &buf[..n], ticket)
         } else {
             let all: Vec<Candidate> = self.instances.iter().enumerate().map(candidate).collect();
-            balance::choose(self.settings.policy, &all, ticket)
+            balance::choose(policy, &all, ticket)
         }
     }
 }
@@ -221,6 +275,8 @@ impl Pool {
 pub struct Fleet {
     pub version: u64,
     pub config: Config,
+    /// Tokenizer of the served models (prefix checks).
+    pub tokenizer: Arc<Tokenizer>,
     pub pools: Vec<Pool>,
     by_model: HashMap<String, Vec<usize>>,
     /// Union of the models of every pool, sorted.
@@ -255,6 +311,8 @@ impl Fleet {
                             weight: i.weight,
                             healthy: p.is_healthy(i),
                             inflight: i.state.inflight(),
+                            queued: i.state.queued(),
+                            max_inflight: i.max_inflight,
                         })
                         .collect(),
                 })
@@ -287,6 +345,8 @@ pub struct InstanceStatus {
     pub weight: u32,
     pub healthy: bool,
     pub inflight: u64,
+    pub queued: u64,
+    pub max_inflight: u64,
 }
 
 /// A fixed backend set: membership changes come from config reloads, which
@@ -381,7 +441,30 @@ impl FleetBuilder {
         self.check.update(&config.upstream);
         let health_interval = Duration::from_millis(config.upstream.health_check_interval_ms);
         let mut pools = Vec::with_capacity(config.pools.len());
+        let mut profiles: HashMap<String, Arc<CostModel>> = HashMap::new();
         for pc in &config.pools {
+            let profile = pc
+                .profile
+                .clone()
+                .unwrap_or_else(|| config.proxy.profile.clone());
+            let cost = match profiles.get(&profile) {
+                Some(c) => c.clone(),
+                None => {
+                    let c = Arc::new(load_profile(&profile)?);
+                    profiles.insert(profile.clone(), c.clone());
+                    c
+                }
+            };
+            let proxy = PoolProxy {
+                injection: pc.injection.unwrap_or(config.proxy.injection),
+                release: pc.release.unwrap_or(config.proxy.release),
+                kv_deadline: Duration::from_millis(
+                    pc.kv_deadline_ms
+                        .unwrap_or(config.proxy.kv_deadline_ms)
+                        .max(1),
+                ),
+                cost,
+            };
             let mut instances = Vec::with_capacity(pc.instances.len());
             for ic in &pc.instances {
                 let url = InstanceUrl::parse(&ic.url)?;
@@ -407,6 +490,8 @@ impl FleetBuilder {
                     addr,
                     weight: ic.weight as u32,
                     backend,
+                    max_inflight: ic.max_inflight.unwrap_or(settings.max_inflight),
+                    kv_target: ic.kv_target.clone(),
                 });
             }
             let set: BTreeSet<Backend> = instances.iter().map(|i| i.backend.clone()).collect();
@@ -431,6 +516,9 @@ impl FleetBuilder {
             };
             pools.push(Pool {
                 name: pc.name.clone(),
+                proxy,
+                rag_always: pc.rag_always,
+                kv_target: pc.kv_target.clone(),
                 models,
                 discovered: was_discovered,
                 settings: pc.settings(&config.upstream),
@@ -448,14 +536,39 @@ impl FleetBuilder {
         }
         let mut models: Vec<String> = by_model.keys().cloned().collect();
         models.sort();
+        let tokenizer = Arc::new(if config.proxy.tokenizer.is_empty() {
+            Tokenizer::approx(128_256)
+        } else {
+            Tokenizer::from_file(&config.proxy.tokenizer)
+                .with_context(|| format!("proxy.tokenizer {}", config.proxy.tokenizer))?
+        });
         Ok(Fleet {
             version,
+            tokenizer,
             config,
             pools,
             by_model,
             models,
         })
     }
+}
+
+/// The built-in profile: Llama-3-8B on one H100 (conf/profiles/).
+const BUILTIN_PROFILE: &str = include_str!("../../conf/profiles/h100-llama3-8b.json");
+
+/// A pool's cost model from a profile file ("" = the built-in one).
+fn load_profile(path: &str) -> Result<CostModel> {
+    let text = if path.is_empty() {
+        BUILTIN_PROFILE.to_string()
+    } else {
+        std::fs::read_to_string(path).with_context(|| format!("profile {path}"))?
+    };
+    CostModel::from_profile_json(&text).map_err(|e| {
+        anyhow::anyhow!(
+            "profile {}: {e}",
+            if path.is_empty() { "(built-in)" } else { path }
+        )
+    })
 }
 
 async fn resolve(url: &InstanceUrl) -> Result<SocketAddr> {

@@ -54,6 +54,7 @@ pub async fn exchange(
     session: &mut Session,
     inst: &PoolInstance,
     body: Bytes,
+    request_headers: &[(&'static str, &str)],
     extra_headers: &[(&'static str, &str)],
     start: Instant,
 ) -> std::result::Result<Completed, ExchangeError> {
@@ -61,7 +62,7 @@ pub async fn exchange(
     // Header and body leave in one write: one send per request on the
     // upstream side, as a tuned reverse proxy does (Pingora's h1 client
     // flushes the header on its own).
-    let request = upstream_request_bytes(session, inst, &body);
+    let request = upstream_request_bytes(session, inst, request_headers, &body);
     let mut up = loop {
         let (stream, reused) = match inst.state.idle.take() {
             Some(stream) => (stream, true),
@@ -70,7 +71,13 @@ pub async fn exchange(
                 (fresh.map_err(ExchangeError::NotSent)?, false)
             }
         };
-        match send(stream, &peer, &request, inst.read_timeout).await {
+        // A client that goes away during a long prefill aborts the upstream
+        // request (dropping the connection makes vLLM abort it).
+        let sent = tokio::select! {
+            r = send(stream, &peer, &request, inst.read_timeout) => r,
+            gone = session.read_body_or_idle(true) => return Err(client_gone(gone)),
+        };
+        match sent {
             Ok(up) => break up,
             // A kept-alive connection the instance has closed fails on first
             // use, before the request reached it: the others kept since are
@@ -97,7 +104,11 @@ pub async fn exchange(
 
     let mut ttft = None;
     loop {
-        match up.read_body_bytes().await {
+        let next = tokio::select! {
+            r = up.read_body_bytes() => r,
+            gone = session.read_body_or_idle(true) => return Err(client_gone(gone)),
+        };
+        match next {
             Ok(Some(chunk)) => {
                 if ttft.is_none() && !chunk.is_empty() {
                     ttft = Some(start.elapsed());
@@ -159,6 +170,17 @@ async fn send(
     Ok(up)
 }
 
+/// The downstream idle read ended: the client closed the connection.
+fn client_gone(r: Result<Option<Bytes>>) -> ExchangeError {
+    ExchangeError::Downstream(match r {
+        Err(e) => e,
+        Ok(_) => Error::explain(
+            ConnectionClosed,
+            "client sent data while waiting for the response",
+        ),
+    })
+}
+
 fn failed(error: Box<Error>) -> ExchangeError {
     ExchangeError::Failed {
         status_sent: false,
@@ -168,7 +190,12 @@ fn failed(error: Box<Error>) -> ExchangeError {
 
 /// The request as it goes on the wire: the client's headers minus the
 /// per-connection ones, our Host and Content-Length, then the body.
-fn upstream_request_bytes(session: &Session, inst: &PoolInstance, body: &[u8]) -> Vec<u8> {
+fn upstream_request_bytes(
+    session: &Session,
+    inst: &PoolInstance,
+    request_headers: &[(&'static str, &str)],
+    body: &[u8],
+) -> Vec<u8> {
     let down = session.req_header();
     let path = down.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
     let mut buf = Vec::with_capacity(256 + body.len() + down.headers.len() * 48);
@@ -177,12 +204,19 @@ fn upstream_request_bytes(session: &Session, inst: &PoolInstance, body: &[u8]) -
     buf.extend_from_slice(path.as_bytes());
     buf.extend_from_slice(b" HTTP/1.1\r\n");
     for (name, value) in down.headers.iter() {
-        if !NOT_FORWARDED.contains(&name.as_str()) {
+        // Our own headers are set by this gateway only.
+        if !NOT_FORWARDED.contains(&name.as_str()) && !name.as_str().starts_with("x-cacheroute-") {
             buf.extend_from_slice(name.as_str().as_bytes());
             buf.extend_from_slice(b": ");
             buf.extend_from_slice(value.as_bytes());
             buf.extend_from_slice(b"\r\n");
         }
+    }
+    for (name, value) in request_headers {
+        buf.extend_from_slice(name.as_bytes());
+        buf.extend_from_slice(b": ");
+        buf.extend_from_slice(value.as_bytes());
+        buf.extend_from_slice(b"\r\n");
     }
     buf.extend_from_slice(b"host: ");
     buf.extend_from_slice(inst.host_header.as_bytes());
@@ -200,8 +234,12 @@ fn downstream_response(
     let mut resp = upstream.clone();
     resp.remove_header("connection");
     resp.remove_header("keep-alive");
+    // A gateway behind this one (role proxy) already said what it decided; its
+    // answer is the more precise one. Engines never send these headers.
     for (k, v) in extra {
-        resp.insert_header(*k, *v)?;
+        if upstream.headers.get(*k).is_none() {
+            resp.insert_header(*k, *v)?;
+        }
     }
     Ok(resp)
 }

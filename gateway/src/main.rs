@@ -1,18 +1,27 @@
 //! `cacheroute`: one binary, one subcommand per component.
 
+mod admission;
 mod background;
 mod calibrate;
 mod config;
 mod control;
+mod decisions;
 mod demo;
 mod fleet;
 mod forward;
+mod headers;
 mod idle_pool;
+mod knowledge;
+mod kv_inject;
+mod members;
 mod metrics;
+mod proxy;
 mod reload;
+mod retrieval;
 mod server;
 mod service;
 mod state;
+mod sync;
 
 use anyhow::{bail, Result};
 use clap::{Args, Parser, Subcommand};

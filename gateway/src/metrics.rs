@@ -24,6 +24,20 @@ pub struct Metrics {
     pub reloads: IntCounterVec,
     pub retries: IntCounterVec,
     pub upstream_errors: IntCounterVec,
+    pub knowledge_blocks: IntGauge,
+    pub kdn_up: IntGaugeVec,
+    pub members: IntGaugeVec,
+    pub scheduling: IntCounterVec,
+    pub injection: IntCounterVec,
+    pub knowledge_tokens: IntCounterVec,
+    pub knowledge_cached_tokens: prometheus::IntCounter,
+    pub ttft_prediction_ratio: HistogramVec,
+    pub queue_length: IntGaugeVec,
+    pub queue_wait: HistogramVec,
+    pub admission_rejected: IntCounterVec,
+    pub ready_release: IntCounterVec,
+    pub prefix_mismatch: prometheus::IntCounter,
+    pub kv_injections: IntCounterVec,
 }
 
 impl Metrics {
@@ -100,6 +114,113 @@ impl Metrics {
             &["upstream", "kind"],
         )
         .expect("valid metric");
+        let counter = |name: &str, help: &str, labels: &[&str]| {
+            IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric")
+        };
+        let gauge = |name: &str, help: &str, labels: &[&str]| {
+            IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric")
+        };
+        let knowledge_blocks = IntGauge::new(
+            "cacheroute_knowledge_blocks",
+            "Knowledge blocks in the gateway's catalog (synced from the KDNs)",
+        )
+        .expect("valid metric");
+        let kdn_up = gauge(
+            "cacheroute_kdn_up",
+            "1 if the KDN answered the last sync, else 0",
+            &["kdn"],
+        );
+        let members = gauge(
+            "cacheroute_members",
+            "Live registered members by kind",
+            &["kind"],
+        );
+        let scheduling = counter(
+            "cacheroute_scheduling_decisions_total",
+            "Scheduler decisions by chosen pool, knowledge source (none, explicit, retrieved) and whether a KDN supplies it",
+            &["pool", "knowledge", "kdn"],
+        );
+        let injection = counter(
+            "cacheroute_injection_decisions_total",
+            "Injection decisions by mode (text, kv) and reason",
+            &["mode", "reason"],
+        );
+        let knowledge_tokens = counter(
+            "cacheroute_knowledge_tokens_total",
+            "Knowledge prefix tokens sent to instances, by injection mode",
+            &["mode"],
+        );
+        let knowledge_cached_tokens = prometheus::IntCounter::new(
+            "cacheroute_knowledge_cached_tokens_total",
+            "Knowledge prefix tokens whose KV was resident when the request went (the KV reuse ratio is this over cacheroute_knowledge_tokens_total)",
+        )
+        .expect("valid metric");
+        let ttft_prediction_ratio = HistogramVec::new(
+            HistogramOpts::new(
+                "cacheroute_ttft_prediction_ratio",
+                "Measured TTFT over the injection decision's predicted TTFT, by mode",
+            )
+            .buckets(vec![
+                0.25, 0.5, 0.67, 0.8, 0.9, 1.0, 1.1, 1.25, 1.5, 2.0, 4.0,
+            ]),
+            &["mode"],
+        )
+        .expect("valid metric");
+        let queue_length = gauge(
+            "cacheroute_queue_length",
+            "Requests waiting for an admission slot, per instance",
+            &["pool", "upstream"],
+        );
+        let queue_wait = HistogramVec::new(
+            HistogramOpts::new(
+                "cacheroute_queue_wait_seconds",
+                "Time requests waited for an admission slot",
+            )
+            .buckets(LATENCY_BUCKETS.to_vec()),
+            &["pool"],
+        )
+        .expect("valid metric");
+        let admission_rejected = counter(
+            "cacheroute_admission_rejected_total",
+            "Requests refused with 429 by pool and reason (queue_full, timeout)",
+            &["pool", "reason"],
+        );
+        let ready_release = counter(
+            "cacheroute_ready_release_total",
+            "KV-mode requests whose KV was not resident when admitted, by release policy and outcome (ready, deadline_text, bypassed_by_text, failed_text)",
+            &["policy", "outcome"],
+        );
+        let prefix_mismatch = prometheus::IntCounter::new(
+            "cacheroute_prefix_mismatch_total",
+            "KV-mode requests sent as text because the rendered prefix did not match the registered one",
+        )
+        .expect("valid metric");
+        let kv_injections = counter(
+            "cacheroute_kv_injections_total",
+            "Injection jobs the gateway asked KDNs for, by result (ok, failed, timeout)",
+            &["result"],
+        );
+        for c in [
+            Box::new(knowledge_blocks.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(kdn_up.clone()),
+            Box::new(members.clone()),
+            Box::new(scheduling.clone()),
+            Box::new(injection.clone()),
+            Box::new(knowledge_tokens.clone()),
+            Box::new(knowledge_cached_tokens.clone()),
+            Box::new(ttft_prediction_ratio.clone()),
+            Box::new(queue_length.clone()),
+            Box::new(queue_wait.clone()),
+            Box::new(admission_rejected.clone()),
+            Box::new(ready_release.clone()),
+            Box::new(prefix_mismatch.clone()),
+            Box::new(kv_injections.clone()),
+        ] {
+            registry.register(c).expect("metric names are unique");
+        }
+        for mode in ["text", "kv"] {
+            knowledge_tokens.with_label_values(&[mode]);
+        }
         for c in [
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(request_duration.clone()),
@@ -129,6 +250,20 @@ impl Metrics {
             reloads,
             retries,
             upstream_errors,
+            knowledge_blocks,
+            kdn_up,
+            members,
+            scheduling,
+            injection,
+            knowledge_tokens,
+            knowledge_cached_tokens,
+            ttft_prediction_ratio,
+            queue_length,
+            queue_wait,
+            admission_rejected,
+            ready_release,
+            prefix_mismatch,
+            kv_injections,
         }
     }
 

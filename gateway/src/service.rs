@@ -1,22 +1,40 @@
-//! The service plane: the OpenAI-compatible API, as a Pingora `ProxyHttp`.
+//! The service plane: the OpenAI-compatible API, as a Pingora `HttpServerApp`.
 //!
-//! Completion requests are answered entirely in `request_filter`: the whole
-//! body is read and parsed before the upstream is chosen, then the exchange
-//! runs through Pingora's pooled connector and the response streams back
-//! chunk by chunk (Pingora cannot forward a pre-read body over 64 KiB through
-//! its normal pipeline; research/pingora.md §3).
+//! A completion request is read and parsed whole, then the scheduler filter
+//! ([`ServicePlane::plan`]: knowledge, pool, KDN) and the proxy filter (admission,
+//! instance, injection) decide, and the exchange runs through Pingora's
+//! connector while the response streams back chunk by chunk (Pingora cannot
+//! forward a pre-read body over 64 KiB through its proxy pipeline;
+//! research/pingora.md §3). Filters decide; this module does the I/O.
 
+use crate::admission::{Refused, Slot};
+use crate::config::Role;
+use crate::decisions::{DecisionRecord, Outcome};
 use crate::fleet::{Fleet, InflightGuard, InstanceMetrics, Pool, PoolInstance};
 use crate::forward::{self, ExchangeError};
+use crate::headers;
+use crate::knowledge::{self, AgentLive, Catalog};
+use crate::kv_inject::{self, InjectState};
+use crate::proxy::{self, KvPlan};
+use crate::retrieval;
 use crate::state::GatewayState;
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
+use cacheroute_filters::balance::BalancePolicy;
+use cacheroute_filters::injection::{InjectionDecision, InjectionMode, ReleasePolicy};
+use cacheroute_filters::layout::{self, Applied};
 use cacheroute_filters::openai::{ApiError, CompletionBody, Route};
+use cacheroute_filters::prompt;
+use cacheroute_filters::scheduler::{
+    self, take_extensions, InjectionPreference, KnowledgeRequirement, SchedulingDecision,
+};
 use pingora::apps::{HttpPersistentSettings, HttpServerApp, ReusedHttpStream};
 use pingora::http::ResponseHeader;
 use pingora::prelude::*;
 use pingora::protocols::http::ServerSession as Session;
 use pingora::server::ShutdownWatch;
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -35,6 +53,41 @@ pub struct ReqCtx {
     /// The instance that answered, if any.
     served_by: Option<Arc<InstanceMetrics>>,
     ttft: Option<Duration>,
+    /// The filters' decisions for a completion request.
+    plan: Option<Arc<Plan>>,
+    /// The proxy filter's injection decision for the attempt that answered.
+    injection: Option<InjectionDecision>,
+    /// How the KV got there, or why it did not.
+    kv_note: Option<String>,
+    /// What happened on the way (fallbacks).
+    notes: Vec<String>,
+}
+
+/// What the filters decided for one completion request.
+pub struct Plan {
+    pub id: u64,
+    pub role: Role,
+    pub hops: u32,
+    pub model: String,
+    /// The body as it goes upstream (extensions removed, knowledge laid out).
+    pub body: Bytes,
+    /// The parsed body, kept when KV-mode requests carry `kv_transfer_params`.
+    pub parsed: Option<CompletionBody>,
+    /// Pools to try, the chosen one first.
+    pub pool_order: Vec<usize>,
+    /// Required knowledge ids, the leading (prefix) block first.
+    pub ids: Vec<String>,
+    pub decision: SchedulingDecision,
+    /// Headers added to the upstream request.
+    pub request_headers: Vec<(&'static str, String)>,
+    /// The leading block's registered prefix leads the prompt (KV can serve it).
+    pub leading_applied: bool,
+    /// Tokens of the leading block's registered prefix.
+    pub knowledge_tokens: u64,
+    /// Estimated tokens of the rest of the prompt.
+    pub prompt_tokens: u64,
+    pub client_injection: InjectionPreference,
+    pub notes: Vec<String>,
 }
 
 #[async_trait]
@@ -61,6 +114,10 @@ impl HttpServerApp for ServicePlane {
             status: 0,
             served_by: None,
             ttft: None,
+            plan: None,
+            injection: None,
+            kv_note: None,
+            notes: Vec::new(),
         };
         let result = self.route_request(&mut session, &mut ctx).await;
         self.record(&ctx, result.is_err());
@@ -101,6 +158,50 @@ impl ServicePlane {
         if let (Some(inst), Some(r), Some(ttft)) = (&ctx.served_by, route, ctx.ttft) {
             inst.ttft[r].observe(ttft.as_secs_f64());
         }
+        if let Some(plan) = &ctx.plan {
+            self.record_decision(ctx, plan, status);
+        }
+    }
+
+    /// Count and keep a completed request's decisions.
+    fn record_decision(&self, ctx: &ReqCtx, plan: &Plan, status: u16) {
+        let m = &self.state.metrics;
+        let d = &plan.decision;
+        let source = match d.knowledge {
+            KnowledgeRequirement::None => "none",
+            KnowledgeRequirement::Explicit { .. } => "explicit",
+            KnowledgeRequirement::Retrieved { .. } => "retrieved",
+        };
+        m.scheduling
+            .with_label_values(&[
+                d.pool.as_deref().unwrap_or(""),
+                source,
+                if d.kdn.is_some() { "yes" } else { "no" },
+            ])
+            .inc();
+        let gw = &self.state.fleet.load().config.gateway;
+        let keep = gw.decision_history;
+        let record = DecisionRecord {
+            id: plan.id,
+            at: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs_f64())
+                .unwrap_or(0.0),
+            route: ctx.route,
+            role: plan.role.as_str(),
+            hops: plan.hops,
+            scheduling: plan.decision.clone(),
+            injection: ctx.injection.clone(),
+            outcome: Outcome {
+                status,
+                instance: ctx.served_by.as_ref().map(|i| i.url.clone()),
+                ttft_ms: ctx.ttft.map(|t| t.as_secs_f64() * 1e3),
+                duration_ms: ctx.start.elapsed().as_secs_f64() * 1e3,
+                kv: ctx.kv_note.clone(),
+                notes: plan.notes.iter().chain(&ctx.notes).cloned().collect(),
+            },
+        };
+        self.state.decisions.push(record, keep);
     }
 
     async fn route_request(&self, session: &mut Session, ctx: &mut ReqCtx) -> Result<()> {
@@ -142,6 +243,16 @@ impl ServicePlane {
             Some(a) => &[("allow", a)],
             None => &[],
         };
+        self.reject_with(session, ctx, err, headers).await
+    }
+
+    async fn reject_with(
+        &self,
+        session: &mut Session,
+        ctx: &mut ReqCtx,
+        err: ApiError,
+        headers: &[(&str, &str)],
+    ) -> Result<()> {
         respond(
             session,
             ctx,
@@ -162,61 +273,339 @@ impl ServicePlane {
         // Every request keeps the fleet it started with, through reloads.
         let fleet = self.state.fleet.load_full();
         let limit = fleet.config.gateway.max_body_bytes;
-        let body = match read_body(session, limit).await? {
+        let raw = match read_body(session, limit).await? {
             Ok(b) => b,
             Err(err) => return self.reject(session, ctx, err).await,
         };
-        let parsed = match CompletionBody::parse(route, &body) {
+        let plan = match self.plan(session, &fleet, route, raw).await {
             Ok(p) => p,
             Err(err) => return self.reject(session, ctx, err).await,
         };
-        let model = parsed.model();
-        let pools = fleet.pools_for(model);
-        if pools.is_empty() {
-            return self
-                .reject(session, ctx, ApiError::model_not_found(model))
-                .await;
+        ctx.plan = Some(Arc::new(plan));
+        self.forward(session, ctx, &fleet).await
+    }
+
+    /// The scheduler filter: parse, take the extensions out, find the knowledge,
+    /// choose the pool and the KDN, and lay the knowledge out in the body.
+    async fn plan(
+        &self,
+        session: &Session,
+        fleet: &Fleet,
+        route: Route,
+        raw: Bytes,
+    ) -> std::result::Result<Plan, ApiError> {
+        let gw = &fleet.config.gateway;
+        let req = session.req_header();
+        let hops = header_str(req, headers::HOPS)
+            .and_then(|v| v.trim().parse::<u32>().ok())
+            .unwrap_or(0);
+        if hops >= gw.max_hops {
+            return Err(ApiError::loop_detected(hops, gw.max_hops));
         }
-        self.forward(session, ctx, &fleet, pools, model, body).await
+        let mut body = CompletionBody::parse(route, &raw)?;
+        let had_extensions = ["RAG", "knowledge_ids", "injection"]
+            .iter()
+            .any(|k| body.extra_mut().contains_key(*k));
+        let mut ext = take_extensions(body.extra_mut())?;
+        let model = body.model().to_string();
+        let pools = fleet.pools_for(&model);
+        if pools.is_empty() {
+            return Err(ApiError::model_not_found(&model));
+        }
+        let role = gw.role;
+        // A proxy behind a scheduler trusts the decision in the headers.
+        let upstream = if role == Role::Proxy && hops > 0 {
+            UpstreamDecision::from_headers(req)?
+        } else {
+            None
+        };
+        let catalog = self.state.knowledge.catalog.load_full();
+        let pool_refs: Vec<&Pool> = pools.iter().map(|&p| &fleet.pools[p]).collect();
+        let requirement = match &upstream {
+            Some(u) => {
+                ext.injection = u.injection;
+                if u.knowledge.is_empty() {
+                    KnowledgeRequirement::None
+                } else {
+                    KnowledgeRequirement::Explicit {
+                        ids: u.knowledge.clone(),
+                    }
+                }
+            }
+            None => {
+                retrieval::requirement(
+                    &self.state.http,
+                    &fleet.config.knowledge,
+                    &fleet.config.scheduler,
+                    pool_refs.iter().any(|p| p.rag_always),
+                    &ext,
+                    &catalog,
+                    &body,
+                )
+                .await?
+            }
+        };
+        let ids = requirement.ids();
+        let kdns = self.state.knowledge.kdns.load();
+        let agents = self.state.knowledge.agents.load();
+        let kdn_views = knowledge::kdn_views(&kdns, &catalog, &ids, &model, &pool_refs);
+        let pool_views: Vec<_> = pool_refs
+            .iter()
+            .map(|p| knowledge::pool_view(p, &catalog, &agents, &ids, &model))
+            .collect();
+        let mut decision = scheduler::decide(
+            &fleet.config.scheduler,
+            &requirement,
+            &model,
+            &kdn_views,
+            &pool_views,
+        );
+        if let Some(pool) = upstream.as_ref().and_then(|u| u.pool.as_deref()) {
+            if pool_refs.iter().any(|p| p.name == pool) {
+                decision.pool = Some(pool.to_string());
+                decision.kdn = upstream.as_ref().and_then(|u| u.kdn.clone());
+                decision.reason = format!("pool {pool} chosen by the upstream scheduler");
+            }
+        }
+        // The chosen pool first, then the others serving the model (for retries).
+        let mut pool_order: Vec<usize> = pools.to_vec();
+        if let Some(chosen) = &decision.pool {
+            if let Some(pos) = pool_order
+                .iter()
+                .position(|&p| fleet.pools[p].name == *chosen)
+            {
+                let p = pool_order.remove(pos);
+                pool_order.insert(0, p);
+            }
+        }
+        let ids: Vec<String> = ids.iter().map(|s| s.to_string()).collect();
+        let mut notes = Vec::new();
+        let mut request_headers = vec![(headers::HOPS, (hops + 1).to_string())];
+        let mut knowledge_tokens = 0;
+        if role == Role::Scheduler {
+            // The proxy behind lays the knowledge out; it learns it from the headers.
+            request_headers.push((
+                headers::KNOWLEDGE,
+                headers::encode_ids(ids.iter().map(String::as_str)),
+            ));
+            if let Some(pool) = &decision.pool {
+                request_headers.push((headers::POOL, pool.clone()));
+            }
+            request_headers.push((
+                headers::KDN,
+                decision.kdn.clone().unwrap_or_else(|| "none".into()),
+            ));
+            request_headers.push((
+                headers::INJECTION_PREFERENCE,
+                preference_name(ext.injection).into(),
+            ));
+        }
+        let mut ids = ids;
+        let mut leading_applied = false;
+        if role != Role::Scheduler && !ids.is_empty() {
+            let chosen = decision
+                .pool
+                .as_deref()
+                .and_then(|n| pool_refs.iter().find(|p| p.name == n));
+            lead_with_cheapest(
+                &mut ids,
+                &catalog,
+                &model,
+                chosen.copied(),
+                decision.kdn.as_deref(),
+            );
+            let (leading, rest) = knowledge_texts(&catalog, &ids, &model, &mut notes);
+            let rest_refs: Vec<&str> = rest.iter().map(String::as_str).collect();
+            let template = fleet.config.proxy.template;
+            match layout::apply_knowledge(&mut body, template, &leading.content, &rest_refs) {
+                Applied::Prefix => {
+                    knowledge_tokens = leading.tokens;
+                    leading_applied = leading.registered;
+                }
+                Applied::Nothing => {}
+                Applied::TokenPrompt => {
+                    notes.push("token-id prompt: knowledge not added".to_string())
+                }
+            }
+        }
+        let rewritten = had_extensions || (role != Role::Scheduler && !ids.is_empty());
+        let body_bytes = if rewritten {
+            Bytes::from(body.to_json())
+        } else {
+            raw
+        };
+        // Tokens of the request without its knowledge (≈ 4 bytes per token).
+        let prompt_tokens = (body_bytes.len() as u64 / 4).saturating_sub(knowledge_tokens);
+        let keep_body = fleet.config.proxy.kv_transfer_params && leading_applied;
+        Ok(Plan {
+            id: self.state.next_request_id.fetch_add(1, Ordering::Relaxed),
+            role,
+            hops,
+            model,
+            body: body_bytes,
+            parsed: keep_body.then_some(body),
+            pool_order,
+            ids,
+            decision,
+            request_headers,
+            leading_applied,
+            knowledge_tokens,
+            prompt_tokens,
+            client_injection: ext.injection,
+            notes,
+        })
     }
 
     /// Send the request to an instance, retrying on others while it could not
     /// be sent, and stream the answer back.
-    async fn forward(
-        &self,
-        session: &mut Session,
-        ctx: &mut ReqCtx,
-        fleet: &Fleet,
-        pools: &[usize],
-        model: &str,
-        body: Bytes,
-    ) -> Result<()> {
+    async fn forward(&self, session: &mut Session, ctx: &mut ReqCtx, fleet: &Fleet) -> Result<()> {
         let metrics = &self.state.metrics;
+        let Some(plan) = ctx.plan.clone() else {
+            return Ok(());
+        };
+        let pools = plan.pool_order.clone();
         let max_retries = pools
             .iter()
             .map(|&p| fleet.pools[p].settings.max_retries)
             .max()
             .unwrap_or(0);
+        let knowledge_header = headers::encode_ids(plan.ids.iter().map(String::as_str));
+        let kdn_header = plan.decision.kdn.clone().unwrap_or_else(|| "none".into());
+        let decision_id = plan.id.to_string();
+        let owned_headers = plan.request_headers.clone();
+        let body = plan.body.clone();
+        let role = plan.role;
+        let catalog = self.state.knowledge.catalog.load_full();
         let mut tried: Vec<(usize, usize)> = Vec::new();
         let mut connect_errors: Vec<String> = Vec::new();
         while tried.len() <= max_retries {
-            let Some((pool, idx)) = choose(fleet, pools, &tried) else {
+            let agents = self.state.knowledge.agents.load();
+            let Some((pool, idx)) =
+                choose(fleet, &pools, &tried, &plan, &catalog, &self.state, &agents)
+            else {
                 break;
             };
             tried.push((pool, idx));
             let pool_ref: &Pool = &fleet.pools[pool];
             let inst: &PoolInstance = &pool_ref.instances[idx];
+            let mut kv = if role == Role::Scheduler {
+                None
+            } else {
+                proxy::plan_kv(&self.state, fleet, pool_ref, idx, &plan, &catalog)
+            };
+            // Admission, and the ready-release policy of a KV request whose KV is
+            // still on its way.
+            let policy = pool_ref.proxy.release;
+            let pending = kv.as_mut().and_then(|k| k.pending.take());
+            let admitted = match pending {
+                None => {
+                    if policy == ReleasePolicy::TextBypass
+                        && inst.state.kv_waiting.load(Ordering::Relaxed) > 0
+                    {
+                        self.state
+                            .metrics
+                            .ready_release
+                            .with_label_values(&[policy.as_str(), "bypassed_by_text"])
+                            .inc();
+                    }
+                    self.admit(session, pool_ref, inst).await
+                }
+                Some(mut rx) => {
+                    let deadline = pool_ref.proxy.kv_deadline;
+                    let (ready, slot) = if policy.waits_admitted() {
+                        let slot = self.admit(session, pool_ref, inst).await;
+                        let ready = match &slot {
+                            Ok(_) => wait_kv(session, &mut rx, deadline).await,
+                            Err(_) => Ok(InjectState::Pending),
+                        };
+                        (ready, Some(slot))
+                    } else {
+                        inst.state.kv_waiting.fetch_add(1, Ordering::Relaxed);
+                        let gate = if policy == ReleasePolicy::TextBypass {
+                            Some(inst.state.kv_gate.lock().await)
+                        } else {
+                            None
+                        };
+                        let ready = wait_kv(session, &mut rx, deadline).await;
+                        drop(gate);
+                        inst.state.kv_waiting.fetch_sub(1, Ordering::Relaxed);
+                        (ready, None)
+                    };
+                    let ready = match ready {
+                        Ok(r) => r,
+                        Err(e) => return Err(e),
+                    };
+                    if let Some(k) = kv.as_mut() {
+                        self.settle_kv(k, ready, policy, &mut ctx.notes);
+                    }
+                    match slot {
+                        Some(slot) => slot,
+                        None => self.admit(session, pool_ref, inst).await,
+                    }
+                }
+            };
+            let _slot = match admitted {
+                Ok(slot) => slot,
+                Err(Admit::Refused(err, retry_after)) => {
+                    ctx.served_by = None;
+                    let ra = retry_after.to_string();
+                    return self
+                        .reject_with(session, ctx, err, &[("retry-after", ra.as_str())])
+                        .await;
+                }
+                Err(Admit::ClientGone(e)) => return Err(e),
+            };
             let _inflight = InflightGuard::new(inst);
+            let mode = kv.as_ref().map(|k| k.mode());
+            let injection = match (mode, plan.ids.is_empty()) {
+                (_, true) => "none",
+                (Some(m), false) => m.as_str(),
+                (None, false) if role == Role::Scheduler => "none",
+                (None, false) => "text",
+            };
+            let mut request_headers: Vec<(&'static str, &str)> = owned_headers
+                .iter()
+                .map(|(k, v)| (*k, v.as_str()))
+                .collect();
+            let handle = kv
+                .as_ref()
+                .filter(|k| k.mode() == InjectionMode::Kv)
+                .map(|k| k.handle());
+            if let Some(h) = &handle {
+                request_headers.push((headers::KV_HANDLE, h.as_str()));
+            }
+            let attempt_body = match (&kv, plan.parsed.as_ref()) {
+                (Some(k), Some(parsed)) if k.mode() == InjectionMode::Kv => {
+                    let mut parsed = parsed.clone();
+                    parsed
+                        .extra_mut()
+                        .insert("kv_transfer_params".into(), k.transfer_params());
+                    Bytes::from(parsed.to_json())
+                }
+                _ => body.clone(),
+            };
             let headers = [
-                ("x-cacheroute-instance", inst.url.base.as_str()),
-                ("x-cacheroute-pool", pool_ref.name.as_str()),
+                (headers::INSTANCE, inst.url.base.as_str()),
+                (headers::POOL, pool_ref.name.as_str()),
+                (headers::KNOWLEDGE, knowledge_header.as_str()),
+                (headers::KDN, kdn_header.as_str()),
+                (headers::INJECTION, injection),
+                (headers::DECISION, decision_id.as_str()),
             ];
             ctx.served_by = Some(inst.metrics.clone());
+            if let Some(k) = kv.as_ref() {
+                ctx.injection = Some(k.decision.clone());
+                ctx.kv_note = (k.mode() == InjectionMode::Kv).then(|| match &k.job {
+                    Some(job) => format!("KV ready (job {job}) in {}", k.target),
+                    None => format!("KV resident in {}", k.target),
+                });
+            }
             match forward::exchange(
                 &self.state.transport,
                 session,
                 inst,
-                body.clone(),
+                attempt_body,
+                &request_headers,
                 &headers,
                 ctx.start,
             )
@@ -226,6 +615,9 @@ impl ServicePlane {
                     ctx.status = done.status;
                     ctx.ttft = done.ttft;
                     inst.state.clear_connect_failure();
+                    if let Some(k) = &kv {
+                        self.learn(ctx, inst, k);
+                    }
                     return Ok(());
                 }
                 Err(ExchangeError::NotSent(e)) => {
@@ -278,7 +670,12 @@ impl ServicePlane {
             }
         }
         ctx.served_by = None;
-        let mut err = ApiError::no_healthy_upstream(model);
+        let model = ctx
+            .plan
+            .as_ref()
+            .map(|p| p.model.clone())
+            .unwrap_or_default();
+        let mut err = ApiError::no_healthy_upstream(&model);
         if !connect_errors.is_empty() {
             err.message = format!(
                 "{}; could not connect to: {}",
@@ -288,16 +685,355 @@ impl ServicePlane {
         }
         self.reject(session, ctx, err).await
     }
+
+    /// The outcome of waiting for a KV injection: ready, or text after the deadline
+    /// or a failure.
+    fn settle_kv(
+        &self,
+        kv: &mut KvPlan,
+        ready: InjectState,
+        policy: ReleasePolicy,
+        notes: &mut Vec<String>,
+    ) {
+        let m = &self.state.metrics;
+        let outcome = match ready {
+            InjectState::Ready { job } => {
+                kv.job = Some(job);
+                m.kv_injections.with_label_values(&["ok"]).inc();
+                "ready"
+            }
+            InjectState::Pending => {
+                notes.push(format!(
+                    "KV not resident in {} by the deadline ({}): sent as text",
+                    kv.target,
+                    policy.as_str()
+                ));
+                m.kv_injections.with_label_values(&["timeout"]).inc();
+                kv.decision.mode = InjectionMode::Text;
+                kv.decision.reason = "kv_deadline";
+                "deadline_text"
+            }
+            InjectState::Failed(e) => {
+                notes.push(format!(
+                    "KV injection into {} failed: {e}; sent as text",
+                    kv.target
+                ));
+                m.kv_injections.with_label_values(&["failed"]).inc();
+                kv.decision.mode = InjectionMode::Text;
+                kv.decision.reason = "kv_failed";
+                "failed_text"
+            }
+        };
+        m.ready_release
+            .with_label_values(&[policy.as_str(), outcome])
+            .inc();
+    }
+
+    /// After a successful exchange: metrics of the knowledge's injection and the
+    /// online correction of the adaptive predictor.
+    fn learn(&self, ctx: &ReqCtx, inst: &PoolInstance, kv: &KvPlan) {
+        let m = &self.state.metrics;
+        let d = &kv.decision;
+        let mode = d.mode.as_str();
+        m.injection.with_label_values(&[mode, d.reason]).inc();
+        let tokens = d.inputs.knowledge.knowledge_tokens;
+        m.knowledge_tokens.with_label_values(&[mode]).inc_by(tokens);
+        if d.mode == InjectionMode::Kv {
+            m.knowledge_cached_tokens.inc_by(kv.chunks * kv.chunk_size);
+        }
+        let (Some(ttft), true) = (ctx.ttft, ctx.status == 200) else {
+            return;
+        };
+        let measured = ttft.as_secs_f64() * 1e3;
+        let predicted = match d.mode {
+            InjectionMode::Text => d.predicted_text_ms,
+            InjectionMode::Kv => d.predicted_kv_ms,
+        };
+        if predicted.is_finite() && predicted > 0.0 {
+            m.ttft_prediction_ratio
+                .with_label_values(&[mode])
+                .observe(measured / predicted);
+        }
+        if let Some(a) = &d.adaptive {
+            let raw = match d.mode {
+                InjectionMode::Text => a.text_raw_ms,
+                InjectionMode::Kv => a.kv_raw_ms,
+            };
+            self.state
+                .corrections
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .observe(&inst.url.base, d.mode, raw, measured);
+        }
+    }
+
+    /// Wait for a slot on `inst`, giving up if the client goes away.
+    async fn admit(
+        &self,
+        session: &mut Session,
+        pool: &Pool,
+        inst: &PoolInstance,
+    ) -> std::result::Result<Option<Slot>, Admit> {
+        let limit = inst.max_inflight;
+        if limit == 0 {
+            return Ok(None);
+        }
+        let adm = &inst.state.admission;
+        if let Some(slot) = adm.try_acquire(limit) {
+            return Ok(Some(slot));
+        }
+        let s = &pool.settings;
+        let timeout = Duration::from_millis(s.queue_timeout_ms);
+        let m = &self.state.metrics;
+        let gauge = m
+            .queue_length
+            .with_label_values(&[&pool.name, &inst.url.base]);
+        let waited = Instant::now();
+        let result = {
+            let acquire = adm.acquire(limit, s.queue_size, timeout);
+            gauge.set(adm.queued() as i64 + 1);
+            tokio::select! {
+                r = acquire => Ok(r),
+                gone = session.read_body_or_idle(true) => Err(gone),
+            }
+        };
+        gauge.set(adm.queued() as i64);
+        m.queue_wait
+            .with_label_values(&[&pool.name])
+            .observe(waited.elapsed().as_secs_f64());
+        let retry_after = (s.queue_timeout_ms / 1000).clamp(1, 60);
+        match result {
+            Ok(Ok(slot)) => Ok(Some(slot)),
+            Ok(Err(refused)) => {
+                let (reason, err) = match refused {
+                    Refused::QueueFull => (
+                        "queue_full",
+                        ApiError::too_many_requests(
+                            "queue_full",
+                            format!(
+                                "instance {} has {} requests in flight and {} waiting; try again later",
+                                inst.url.base, limit, s.queue_size
+                            ),
+                        ),
+                    ),
+                    Refused::Timeout => (
+                        "timeout",
+                        ApiError::too_many_requests(
+                            "queue_timeout",
+                            format!(
+                                "no slot on instance {} within {} ms; try again later",
+                                inst.url.base, s.queue_timeout_ms
+                            ),
+                        ),
+                    ),
+                };
+                m.admission_rejected
+                    .with_label_values(&[&pool.name, reason])
+                    .inc();
+                Err(Admit::Refused(err, retry_after))
+            }
+            Err(gone) => Err(Admit::ClientGone(match gone {
+                Err(e) => e,
+                Ok(_) => Error::explain(ConnectionClosed, "client went away while queued"),
+            })),
+        }
+    }
 }
 
-/// The next (pool, instance) to try: the first pool, in config order, that
-/// still has an untried healthy instance.
-fn choose(fleet: &Fleet, pools: &[usize], tried: &[(usize, usize)]) -> Option<(usize, usize)> {
+/// Why a request was not admitted.
+enum Admit {
+    /// 429, with the seconds for Retry-After.
+    Refused(ApiError, u64),
+    ClientGone(Box<Error>),
+}
+
+/// A scheduler gateway's decision, as a proxy receives it.
+struct UpstreamDecision {
+    pool: Option<String>,
+    kdn: Option<String>,
+    knowledge: Vec<String>,
+    injection: InjectionPreference,
+}
+
+impl UpstreamDecision {
+    fn from_headers(
+        req: &pingora::http::RequestHeader,
+    ) -> std::result::Result<Option<UpstreamDecision>, ApiError> {
+        let Some(knowledge) = header_str(req, headers::KNOWLEDGE) else {
+            return Ok(None);
+        };
+        let knowledge = headers::decode_ids(knowledge).ok_or_else(|| {
+            ApiError::bad_request(
+                "invalid_header",
+                format!("malformed {} header", headers::KNOWLEDGE),
+            )
+        })?;
+        let injection = match header_str(req, headers::INJECTION_PREFERENCE) {
+            Some("kv") => InjectionPreference::Kv,
+            Some("text") => InjectionPreference::Text,
+            _ => InjectionPreference::Auto,
+        };
+        Ok(Some(UpstreamDecision {
+            pool: header_str(req, headers::POOL).map(str::to_string),
+            kdn: header_str(req, headers::KDN)
+                .filter(|k| *k != "none")
+                .map(str::to_string),
+            knowledge,
+            injection,
+        }))
+    }
+}
+
+fn header_str<'a>(req: &'a pingora::http::RequestHeader, name: &str) -> Option<&'a str> {
+    req.headers.get(name).and_then(|v| v.to_str().ok())
+}
+
+fn preference_name(p: InjectionPreference) -> &'static str {
+    match p {
+        InjectionPreference::Auto => "auto",
+        InjectionPreference::Kv => "kv",
+        InjectionPreference::Text => "text",
+    }
+}
+
+/// The leading block's registered content for `model` (or its bare layout when it
+/// was not registered for the model), and the other blocks' texts.
+struct Leading {
+    content: String,
+    tokens: u64,
+    /// `content` is the registered prefix for the model (not a bare fallback).
+    registered: bool,
+}
+
+/// Put first the block whose KV is cheapest to have: resident in the chosen pool's
+/// stores, then held by the chosen KDN; the order is otherwise kept.
+fn lead_with_cheapest(
+    ids: &mut [String],
+    catalog: &Catalog,
+    model: &str,
+    pool: Option<&Pool>,
+    kdn: Option<&str>,
+) {
+    let rank = |id: &String| -> u8 {
+        let Some(b) = catalog.blocks.get(id) else {
+            return 3;
+        };
+        if let Some(p) = pool {
+            let targets: Vec<&str> = (0..p.instances.len())
+                .map(|i| knowledge::instance_target(p, i))
+                .collect();
+            if b.resident_in(model, &targets) {
+                return 0;
+            }
+        }
+        match kdn {
+            Some(k) if b.kv_ready_on(k, model) => 1,
+            _ => 2,
+        }
+    };
+    if let Some(best) = (0..ids.len()).min_by_key(|&i| (rank(&ids[i]), i)) {
+        ids[..=best].rotate_right(1);
+    }
+}
+
+fn knowledge_texts(
+    catalog: &Catalog,
+    ids: &[String],
+    model: &str,
+    notes: &mut Vec<String>,
+) -> (Leading, Vec<String>) {
+    let mut leading = Leading {
+        content: String::new(),
+        tokens: 0,
+        registered: false,
+    };
+    let mut rest = Vec::new();
+    for (i, id) in ids.iter().enumerate() {
+        let Some(block) = catalog.blocks.get(id) else {
+            notes.push(format!(
+                "knowledge {id} is not in this gateway's catalog; left out"
+            ));
+            continue;
+        };
+        if i == 0 || leading.content.is_empty() {
+            match block.model(model) {
+                Some(m) if !m.content.is_empty() => {
+                    leading.content = m.content.clone();
+                    leading.tokens = m.tokens;
+                    leading.registered = true;
+                }
+                _ => {
+                    leading.content = prompt::knowledge_message_content(&block.block.text, 0);
+                    notes.push(format!(
+                        "knowledge {id} has no prefix for model {model}: bare text"
+                    ));
+                }
+            }
+        } else {
+            rest.push(block.block.text.clone());
+        }
+    }
+    (leading, rest)
+}
+
+/// The next (pool, instance) to try: the first pool, in the plan's order, that
+/// still has an untried healthy instance, chosen by the pool's policy.
+fn choose(
+    fleet: &Fleet,
+    pools: &[usize],
+    tried: &[(usize, usize)],
+    plan: &Plan,
+    catalog: &Catalog,
+    state: &GatewayState,
+    agents: &HashMap<String, AgentLive>,
+) -> Option<(usize, usize)> {
+    let leading = plan.ids.first().and_then(|id| catalog.blocks.get(id));
     pools.iter().find_map(|&p| {
-        fleet.pools[p]
-            .choose(|i| tried.contains(&(p, i)))
+        let pool = &fleet.pools[p];
+        let policy = pool.settings.policy;
+        let agent_load = |inst: &PoolInstance| {
+            agents
+                .get(&inst.url.base)
+                .filter(|a| a.up)
+                .map_or(0, |a| a.load.running + a.load.waiting)
+        };
+        let holds_kv = |i: usize| {
+            let (Some(b), Some(id)) = (leading, plan.ids.first()) else {
+                return false;
+            };
+            let target = knowledge::instance_target(pool, i);
+            b.resident_in(&plan.model, &[target])
+                || state
+                    .injections
+                    .resident_job(&(target.to_string(), plan.model.clone(), id.clone()))
+                    .is_some()
+                || agents
+                    .get(&pool.instances[i].url.base)
+                    .is_some_and(|a| a.up && a.load.resident.iter().any(|r| r == id))
+        };
+        let affinity = |i: usize| match policy {
+            BalancePolicy::KnowledgeAffinity | BalancePolicy::PrefixAffinity => holds_kv(i),
+            _ => false,
+        };
+        pool.choose(|i| tried.contains(&(p, i)), affinity, agent_load)
             .map(|i| (p, i))
     })
+}
+
+/// Wait for a KV injection up to `deadline`, giving up if the client goes away.
+async fn wait_kv(
+    session: &mut Session,
+    rx: &mut tokio::sync::watch::Receiver<InjectState>,
+    deadline: Duration,
+) -> Result<InjectState> {
+    let until = Instant::now() + deadline;
+    tokio::select! {
+        s = kv_inject::wait_ready(rx, until) => Ok(s),
+        gone = session.read_body_or_idle(true) => Err(match gone {
+            Err(e) => e,
+            Ok(_) => Error::explain(ConnectionClosed, "client went away while its KV was injected"),
+        }),
+    }
 }
 
 /// Read the whole request body, refusing it once it passes `limit` bytes.
@@ -379,6 +1115,7 @@ fn status_label(status: u16) -> std::borrow::Cow<'static, str> {
         404 => "404".into(),
         405 => "405".into(),
         413 => "413".into(),
+        429 => "429".into(),
         499 => "499".into(),
         502 => "502".into(),
         503 => "503".into(),

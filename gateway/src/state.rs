@@ -1,10 +1,18 @@
 //! What the service plane, the control plane and the background tasks share.
 
+use crate::decisions::DecisionLog;
 use crate::fleet::{Fleet, FleetBuilder};
+use crate::knowledge::KnowledgeState;
+use crate::kv_inject::KvInjections;
+use crate::members::Members;
 use crate::metrics::Metrics;
+use crate::proxy::PrefixChecks;
 use arc_swap::ArcSwap;
+use cacheroute_filters::injection::Corrections;
 use pingora::connectors::TransportConnector;
+use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
+use tokio::sync::Notify;
 
 pub struct GatewayState {
     /// The routing table in force; swapped whole on reload.
@@ -13,16 +21,50 @@ pub struct GatewayState {
     pub metrics: Arc<Metrics>,
     /// Pooled keep-alive connections to the instances.
     pub transport: TransportConnector,
+    /// The knowledge catalog, KDN and agent loads (kept by the sync task).
+    pub knowledge: KnowledgeState,
+    /// KDNs and agents registered on the control plane.
+    pub members: Members,
+    /// Wakes the sync task early (a new member registered).
+    pub sync_now: Notify,
+    /// Recent decisions and the decision log.
+    pub decisions: DecisionLog,
+    /// Request ids for decision records.
+    pub next_request_id: AtomicU64,
+    /// Talks to KDNs and embedding endpoints on the request path.
+    pub http: reqwest::Client,
+    /// KV injections in progress and recently done.
+    pub injections: Arc<KvInjections>,
+    /// Online corrections of the adaptive TTFT predictions.
+    pub corrections: std::sync::Mutex<Corrections>,
+    /// Prefix token checks, cached per block.
+    pub prefix_checks: PrefixChecks,
 }
 
 impl GatewayState {
     pub fn new(fleet: Fleet, builder: FleetBuilder, metrics: Arc<Metrics>) -> Arc<GatewayState> {
         metrics.config_version.set(fleet.version as i64);
+        let decisions = DecisionLog::new();
+        if let Err(e) = decisions.set_sink(&fleet.config.gateway.log_decisions) {
+            tracing::warn!(error = %e, "decision log disabled");
+        }
         Arc::new(GatewayState {
             fleet: ArcSwap::from_pointee(fleet),
             builder,
             metrics,
             transport: TransportConnector::new(None),
+            knowledge: KnowledgeState::default(),
+            members: Members::default(),
+            sync_now: Notify::new(),
+            decisions,
+            next_request_id: AtomicU64::new(1),
+            http: reqwest::Client::builder()
+                .pool_idle_timeout(std::time::Duration::from_secs(30))
+                .build()
+                .unwrap_or_default(),
+            injections: Arc::new(KvInjections::default()),
+            corrections: std::sync::Mutex::new(Corrections::new()),
+            prefix_checks: PrefixChecks::default(),
         })
     }
 

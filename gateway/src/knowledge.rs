@@ -1,0 +1,441 @@
+//! What the gateway knows of the knowledge and the components around it, kept
+//! fresh by the sync task (`sync.rs`) so that a request never waits on the
+//! network to retrieve or schedule:
+//!
+//! * the [`Catalog`]: every block registered on the KDNs (text, per-model prefix
+//!   and KV state), with the retrieval index over it; rebuilt only when a KDN's
+//!   registry version changes;
+//! * the KDNs' reported load ([`KdnLive`]) and the instance agents' ([`AgentLive`]).
+
+use crate::fleet::Pool;
+use arc_swap::ArcSwap;
+use cacheroute_filters::bm25::Bm25Index;
+use cacheroute_filters::scheduler::{KdnView, PoolView};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
+
+/// A block's prefix and KV state for one model, on one KDN.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BlockModel {
+    pub status: String,
+    /// Chat template the prefix was laid out for.
+    #[serde(default)]
+    pub template: String,
+    /// Prefix tokens (a whole number of chunks).
+    #[serde(default)]
+    pub tokens: u64,
+    #[serde(default)]
+    pub chunks: u64,
+    #[serde(default)]
+    pub chunk_size: u64,
+    /// Logical KV bytes of the prefix.
+    #[serde(default)]
+    pub bytes: u64,
+    /// The exact content of the knowledge message, as registered.
+    #[serde(default)]
+    pub content: String,
+    /// Injection targets holding the whole block.
+    #[serde(default)]
+    pub resident: Vec<String>,
+}
+
+impl BlockModel {
+    pub fn kv_ready(&self) -> bool {
+        self.status == "kv_ready"
+    }
+}
+
+/// One block as a KDN's snapshot lists it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SnapshotBlock {
+    pub id: String,
+    #[serde(default)]
+    pub title: Option<String>,
+    #[serde(default)]
+    pub tags: Vec<String>,
+    #[serde(default)]
+    pub text: String,
+    #[serde(default)]
+    pub models: BTreeMap<String, BlockModel>,
+}
+
+impl SnapshotBlock {
+    /// What retrieval indexes (the KDN's own search uses the same fields).
+    pub fn index_text(&self) -> String {
+        format!(
+            "{}\n{}\n{}",
+            self.title.as_deref().unwrap_or(""),
+            self.tags.join(" "),
+            self.text
+        )
+    }
+}
+
+/// A KDN's registry at one version.
+#[derive(Debug, Clone, Default)]
+pub struct KdnSnapshot {
+    pub kdn_id: String,
+    pub version: String,
+    pub blocks: Vec<Arc<SnapshotBlock>>,
+}
+
+/// A block across KDNs.
+#[derive(Debug, Clone)]
+pub struct Block {
+    /// The first KDN's copy (text and layout agree across KDNs with the same config).
+    pub block: Arc<SnapshotBlock>,
+    /// KDN id → its copy (per-model status and residency differ per KDN).
+    pub holders: BTreeMap<String, Arc<SnapshotBlock>>,
+}
+
+impl Block {
+    /// The registered prefix of this block for `model`, if any KDN laid it out.
+    pub fn model(&self, model: &str) -> Option<&BlockModel> {
+        self.block
+            .models
+            .get(model)
+            .or_else(|| self.holders.values().find_map(|b| b.models.get(model)))
+    }
+
+    /// Whether `kdn` holds this block's KV for `model`.
+    pub fn kv_ready_on(&self, kdn: &str, model: &str) -> bool {
+        self.holders
+            .get(kdn)
+            .and_then(|b| b.models.get(model))
+            .is_some_and(BlockModel::kv_ready)
+    }
+
+    /// Whether the whole block is resident in one of `targets` for `model`.
+    pub fn resident_in(&self, model: &str, targets: &[&str]) -> bool {
+        self.holders.values().any(|b| {
+            b.models
+                .get(model)
+                .is_some_and(|m| m.resident.iter().any(|r| targets.contains(&r.as_str())))
+        })
+    }
+}
+
+/// Every block known, with the retrieval index.
+#[derive(Default)]
+pub struct Catalog {
+    pub blocks: HashMap<String, Block>,
+    pub index: Bm25Index,
+    /// Block embeddings (when an embeddings endpoint is configured), L2-normalised.
+    pub embeddings: HashMap<String, Vec<f32>>,
+    /// KDN id → version the catalog was built from.
+    pub versions: BTreeMap<String, String>,
+}
+
+impl Catalog {
+    pub fn contains(&self, id: &str) -> bool {
+        self.blocks.contains_key(id)
+    }
+
+    /// Merge KDN snapshots; `previous` gives the index to update in place (only
+    /// blocks whose text changed are re-indexed).
+    pub fn build(snapshots: &[&KdnSnapshot], previous: &Catalog) -> Catalog {
+        let mut blocks: HashMap<String, Block> = HashMap::new();
+        let mut versions = BTreeMap::new();
+        for s in snapshots {
+            versions.insert(s.kdn_id.clone(), s.version.clone());
+            for b in &s.blocks {
+                blocks
+                    .entry(b.id.clone())
+                    .and_modify(|e| {
+                        e.holders.insert(s.kdn_id.clone(), b.clone());
+                    })
+                    .or_insert_with(|| Block {
+                        block: b.clone(),
+                        holders: BTreeMap::from([(s.kdn_id.clone(), b.clone())]),
+                    });
+            }
+        }
+        let mut index = previous.index.clone();
+        for (id, old) in &previous.blocks {
+            match blocks.get(id) {
+                Some(new) if new.block.index_text() == old.block.index_text() => {}
+                _ => {
+                    index.remove(id);
+                }
+            }
+        }
+        for (id, b) in &blocks {
+            if !index.contains(id) {
+                index.insert(id, &b.block.index_text());
+            }
+        }
+        index.compact();
+        let embeddings = previous
+            .embeddings
+            .iter()
+            .filter(|(id, _)| {
+                blocks.get(*id).is_some_and(|b| {
+                    previous
+                        .blocks
+                        .get(*id)
+                        .is_some_and(|o| o.block.index_text() == b.block.index_text())
+                })
+            })
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        Catalog {
+            blocks,
+            index,
+            embeddings,
+            versions,
+        }
+    }
+}
+
+/// A KDN's load, from its `/v1/load`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct KdnLoad {
+    #[serde(default)]
+    pub kdn_id: Option<String>,
+    #[serde(default)]
+    pub pending_transfers: u64,
+    #[serde(default)]
+    pub active_transfers: u64,
+    #[serde(default)]
+    pub queue_wait_ms: f64,
+    #[serde(default)]
+    pub oldest_pending_ms: f64,
+    #[serde(default)]
+    pub bandwidth_bytes_per_s: f64,
+    #[serde(default)]
+    pub max_queue: u64,
+    #[serde(default)]
+    pub targets: BTreeMap<String, KdnTargetLoad>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct KdnTargetLoad {
+    #[serde(default)]
+    pub link_gbps: Option<f64>,
+    #[serde(default)]
+    pub link_backlog_ms: f64,
+    #[serde(default)]
+    pub pending_transfers: u64,
+    #[serde(default)]
+    pub active_transfers: u64,
+}
+
+/// A KDN as the sync task last saw it.
+#[derive(Debug, Clone, Serialize)]
+pub struct KdnLive {
+    pub id: String,
+    pub url: String,
+    /// Registered on the control plane (rather than listed in the config).
+    pub member: bool,
+    pub up: bool,
+    pub load: Option<KdnLoad>,
+    pub last_error: Option<String>,
+}
+
+impl KdnLive {
+    /// Cost of moving KV over the link to `target`, ms per MB (8 / Gb/s).
+    pub fn link_cost(&self, target: &str) -> Option<f64> {
+        let gbps = self.load.as_ref()?.targets.get(target)?.link_gbps?;
+        (gbps > 0.0).then(|| 8.0 / gbps)
+    }
+}
+
+/// An instance agent's report (`/v1/load`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct AgentLoad {
+    #[serde(default)]
+    pub engine_up: bool,
+    #[serde(default)]
+    pub running: u64,
+    #[serde(default)]
+    pub waiting: u64,
+    #[serde(default)]
+    pub kv_usage: f64,
+    #[serde(default)]
+    pub prompt_tokens_per_s: f64,
+    #[serde(default)]
+    pub resident: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct AgentLive {
+    pub id: String,
+    pub url: String,
+    /// Base URL of the engine (the gateway's instance identity).
+    pub instance: String,
+    pub up: bool,
+    pub load: AgentLoad,
+}
+
+/// The sync task's results, read per request.
+#[derive(Default)]
+pub struct KnowledgeState {
+    pub catalog: ArcSwap<Catalog>,
+    pub kdns: ArcSwap<Vec<KdnLive>>,
+    /// Instance base URL → its agent.
+    pub agents: ArcSwap<HashMap<String, AgentLive>>,
+}
+
+/// The KDN injection target of an instance: its own, the pool's, or the pool's name.
+pub fn instance_target(pool: &Pool, inst: usize) -> &str {
+    pool.instances[inst]
+        .kv_target
+        .as_deref()
+        .or(pool.kv_target.as_deref())
+        .unwrap_or(&pool.name)
+}
+
+/// Views of the KDNs for one request: only up KDNs that reported a load, with their
+/// coverage of the required blocks (the only blocks the scheduler looks at).
+pub fn kdn_views(
+    kdns: &[KdnLive],
+    catalog: &Catalog,
+    ids: &[&str],
+    model: &str,
+    pools: &[&Pool],
+) -> Vec<KdnView> {
+    kdns.iter()
+        .filter(|k| k.up)
+        .filter_map(|k| {
+            let load = k.load.as_ref()?;
+            let covers: BTreeSet<(String, String)> = ids
+                .iter()
+                .filter(|id| {
+                    catalog
+                        .blocks
+                        .get(**id)
+                        .is_some_and(|b| b.kv_ready_on(&k.id, model))
+                })
+                .map(|id| (id.to_string(), model.to_string()))
+                .collect();
+            let link_cost_to = pools
+                .iter()
+                .filter_map(|p| {
+                    let target = p.kv_target.as_deref().unwrap_or(&p.name);
+                    k.link_cost(target).map(|c| (p.name.clone(), c))
+                })
+                .collect();
+            Some(KdnView {
+                id: k.id.clone(),
+                covers,
+                pending: load.pending_transfers,
+                active: load.active_transfers,
+                queue_ms: load.queue_wait_ms.max(load.oldest_pending_ms),
+                overloaded: load.max_queue > 0 && load.pending_transfers >= load.max_queue,
+                link_cost_to,
+            })
+        })
+        .collect()
+}
+
+/// A pool's view for one request: load from the gateway's own counts (or its agents',
+/// when they see more, e.g. traffic from other gateways), and which required blocks
+/// its instances' stores hold.
+pub fn pool_view(
+    pool: &Pool,
+    catalog: &Catalog,
+    agents: &HashMap<String, AgentLive>,
+    ids: &[&str],
+    model: &str,
+) -> PoolView {
+    let (mut inflight, mut queued, mut capacity) = (0u64, 0u64, 0u64);
+    let mut targets: Vec<&str> = Vec::with_capacity(pool.instances.len());
+    for (i, inst) in pool.instances.iter().enumerate() {
+        let own_inflight = inst.state.inflight();
+        let own_queued = inst.state.queued();
+        let agent = agents.get(&inst.url.base).filter(|a| a.up);
+        let (a_running, a_waiting) = agent.map_or((0, 0), |a| (a.load.running, a.load.waiting));
+        inflight += own_inflight.max(a_running);
+        queued += own_queued.max(a_waiting);
+        capacity += inst.max_inflight;
+        let t = instance_target(pool, i);
+        if !targets.contains(&t) {
+            targets.push(t);
+        }
+    }
+    let resident = ids
+        .iter()
+        .filter(|id| {
+            let by_kdn = catalog
+                .blocks
+                .get(**id)
+                .is_some_and(|b| b.resident_in(model, &targets));
+            by_kdn
+                || pool.instances.iter().any(|inst| {
+                    agents
+                        .get(&inst.url.base)
+                        .is_some_and(|a| a.up && a.load.resident.iter().any(|r| r == *id))
+                })
+        })
+        .map(|id| id.to_string())
+        .collect();
+    PoolView {
+        name: pool.name.clone(),
+        models: vec![model.to_string()],
+        queue_len: queued,
+        inflight,
+        capacity,
+        resident,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn block(id: &str, text: &str, status: &str, resident: &[&str]) -> Arc<SnapshotBlock> {
+        Arc::new(SnapshotBlock {
+            id: id.into(),
+            title: None,
+            tags: vec![],
+            text: text.into(),
+            models: BTreeMap::from([(
+                "m".to_string(),
+                BlockModel {
+                    status: status.into(),
+                    template: "llama3".into(),
+                    tokens: 512,
+                    chunks: 2,
+                    chunk_size: 256,
+                    bytes: 0,
+                    content: format!("ctx {text}"),
+                    resident: resident.iter().map(|s| s.to_string()).collect(),
+                },
+            )]),
+        })
+    }
+
+    #[test]
+    fn catalog_merges_kdns_and_reindexes_changed_text_only() {
+        let a = KdnSnapshot {
+            kdn_id: "a".into(),
+            version: "1".into(),
+            blocks: vec![
+                block("x", "volcanic basalt", "kv_ready", &[]),
+                block("y", "tidal", "registered", &[]),
+            ],
+        };
+        let b = KdnSnapshot {
+            kdn_id: "b".into(),
+            version: "7".into(),
+            blocks: vec![block("x", "volcanic basalt", "registered", &["pool-b"])],
+        };
+        let c = Catalog::build(&[&a, &b], &Catalog::default());
+        assert_eq!(c.blocks.len(), 2);
+        let x = &c.blocks["x"];
+        assert!(x.kv_ready_on("a", "m") && !x.kv_ready_on("b", "m"));
+        assert!(x.resident_in("m", &["pool-b"]) && !x.resident_in("m", &["pool-a"]));
+        assert_eq!(c.index.search("basalt", 1)[0].id, "x");
+
+        let a2 = KdnSnapshot {
+            kdn_id: "a".into(),
+            version: "2".into(),
+            blocks: vec![block("y", "tidal estuary", "registered", &[])],
+        };
+        let c2 = Catalog::build(&[&a2], &c);
+        assert!(!c2.contains("x"));
+        assert!(c2.index.search("basalt", 1).is_empty());
+        assert_eq!(c2.index.search("estuary", 1)[0].id, "y");
+    }
+}

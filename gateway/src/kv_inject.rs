@@ -1,0 +1,133 @@
+//! KV injections the gateway asks KDNs for, shared between requests: one job per
+//! (target store, model, block) at a time, whose readiness every waiting request
+//! watches. Blocks injected recently are remembered as resident in their target
+//! until the KDN's registry (synced) says so itself.
+
+use serde::Deserialize;
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+use tokio::sync::watch;
+
+/// (injection target, model, block id).
+pub type InjectKey = (String, String, String);
+
+/// Where an injection stands.
+#[derive(Debug, Clone, PartialEq)]
+pub enum InjectState {
+    Pending,
+    /// The block's KV is in the target store; `job` names the KDN job.
+    Ready {
+        job: String,
+    },
+    Failed(String),
+}
+
+/// How long a finished injection counts as resident without the registry's word.
+const RESIDENT_MEMORY: Duration = Duration::from_secs(600);
+
+#[derive(Default)]
+pub struct KvInjections {
+    running: Mutex<HashMap<InjectKey, watch::Receiver<InjectState>>>,
+    done: Mutex<HashMap<InjectKey, (String, Instant)>>,
+}
+
+#[derive(Deserialize)]
+struct JobView {
+    id: String,
+    status: String,
+    #[serde(default)]
+    error: Option<String>,
+}
+
+impl KvInjections {
+    /// The job of a block recently injected into `target`, if any.
+    pub fn resident_job(&self, key: &InjectKey) -> Option<String> {
+        let done = self.done.lock().unwrap_or_else(|p| p.into_inner());
+        done.get(key)
+            .filter(|(_, at)| at.elapsed() < RESIDENT_MEMORY)
+            .map(|(job, _)| job.clone())
+    }
+
+    /// Watch the injection of `key` from the KDN at `kdn_url`, starting it unless one
+    /// is already running.
+    pub fn ensure(
+        self: &std::sync::Arc<Self>,
+        http: &reqwest::Client,
+        kdn_url: &str,
+        key: InjectKey,
+        timeout: Duration,
+    ) -> watch::Receiver<InjectState> {
+        let mut running = self.running.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(rx) = running.get(&key) {
+            return rx.clone();
+        }
+        let (tx, rx) = watch::channel(InjectState::Pending);
+        running.insert(key.clone(), rx.clone());
+        drop(running);
+        let this = self.clone();
+        let http = http.clone();
+        let url = kdn_url.trim_end_matches('/').to_string();
+        tokio::spawn(async move {
+            let state = run_job(&http, &url, &key, timeout).await;
+            if let InjectState::Ready { job } = &state {
+                let mut done = this.done.lock().unwrap_or_else(|p| p.into_inner());
+                done.retain(|_, (_, at)| at.elapsed() < RESIDENT_MEMORY);
+                done.insert(key.clone(), (job.clone(), Instant::now()));
+            }
+            let _ = tx.send(state);
+            let mut running = this.running.lock().unwrap_or_else(|p| p.into_inner());
+            running.remove(&key);
+        });
+        rx
+    }
+}
+
+/// Ask the KDN to inject and wait for the job to finish.
+async fn run_job(
+    http: &reqwest::Client,
+    url: &str,
+    (target, model, block): &InjectKey,
+    timeout: Duration,
+) -> InjectState {
+    let body = serde_json::json!({
+        "knowledge_ids": [block],
+        "model": model,
+        "target": target,
+        "wait": true,
+        "timeout_ms": timeout.as_millis() as u64,
+    });
+    let resp = http
+        .post(format!("{url}/v1/inject"))
+        .json(&body)
+        .timeout(timeout + Duration::from_secs(5))
+        .send()
+        .await;
+    let resp = match resp {
+        Ok(r) => r,
+        Err(e) => return InjectState::Failed(format!("{url}: {e}")),
+    };
+    let status = resp.status();
+    let text = resp.text().await.unwrap_or_default();
+    if !status.is_success() {
+        return InjectState::Failed(format!("{url}: HTTP {status}: {text}"));
+    }
+    match serde_json::from_str::<JobView>(&text) {
+        Ok(j) if j.status == "done" => InjectState::Ready { job: j.id },
+        Ok(j) if j.status == "failed" => {
+            InjectState::Failed(j.error.unwrap_or_else(|| "injection failed".into()))
+        }
+        Ok(j) => InjectState::Failed(format!("injection job {} still {}", j.id, j.status)),
+        Err(e) => InjectState::Failed(format!("{url}: unexpected answer: {e}")),
+    }
+}
+
+/// Wait until `rx` is no longer pending or `deadline` passes (then `Pending`).
+pub async fn wait_ready(rx: &mut watch::Receiver<InjectState>, deadline: Instant) -> InjectState {
+    let wait = rx.wait_for(|s| *s != InjectState::Pending);
+    match tokio::time::timeout_at(deadline.into(), wait).await {
+        Ok(Ok(s)) => s.clone(),
+        Ok(Err(_)) => InjectState::Failed("injection task ended".into()),
+        Err(_) => InjectState::Pending,
+    }
+}

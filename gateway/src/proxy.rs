@@ -1,0 +1,211 @@
+//! The proxy filter's inputs and effects for one attempt on one instance: what the
+//! injection decision looks at (`filters::injection::decide` makes it), the prefix
+//! check, starting the KV injection, and the KV handle.
+
+use crate::fleet::{Fleet, Pool};
+use crate::knowledge::{self, Catalog, KdnLive};
+use crate::kv_inject::{InjectKey, InjectState};
+use crate::service::Plan;
+use crate::state::GatewayState;
+use cacheroute_filters::injection::{
+    self, InjectionDecision, InjectionInputs, InjectionMode, InstanceLoad, KnowledgeShape,
+    TransferPath,
+};
+use cacheroute_filters::prompt::knowledge_prefix;
+use std::collections::HashMap;
+use std::sync::Mutex;
+use tokio::sync::watch;
+
+/// Link speed assumed when a KDN reports neither shaping nor a measured bandwidth.
+const DEFAULT_LINK_GBPS: f64 = 25.0;
+
+/// The KV side of one attempt.
+pub struct KvPlan {
+    pub decision: InjectionDecision,
+    /// Injection target of the instance's store.
+    pub target: String,
+    /// The injection to wait for (KV mode, not resident yet).
+    pub pending: Option<watch::Receiver<InjectState>>,
+    /// KDN job (or `resident`) named in the KV handle.
+    pub job: Option<String>,
+    pub chunks: u64,
+    pub chunk_size: u64,
+}
+
+impl KvPlan {
+    pub fn mode(&self) -> InjectionMode {
+        self.decision.mode
+    }
+
+    /// `x-cacheroute-kv-handle`: the job and the chunk range it made resident.
+    pub fn handle(&self) -> String {
+        format!(
+            "job={};chunks={};tokens={}",
+            self.job.as_deref().unwrap_or("resident"),
+            self.chunks,
+            self.chunks * self.chunk_size
+        )
+    }
+
+    pub fn transfer_params(&self) -> serde_json::Value {
+        serde_json::json!({"cacheroute_kv_handle": {
+            "job": self.job.as_deref().unwrap_or("resident"),
+            "chunks": self.chunks,
+            "tokens": self.chunks * self.chunk_size,
+        }})
+    }
+}
+
+/// Checked prefixes: (block, model, registered tokens) → tokens match.
+#[derive(Default)]
+pub struct PrefixChecks {
+    seen: Mutex<HashMap<(String, String, u64), bool>>,
+}
+
+impl PrefixChecks {
+    /// Whether the prefix the gateway renders for `content` tokenizes to `tokens`
+    /// tokens, as the KDN registered it (cached per block and model).
+    fn matches(&self, fleet: &Fleet, id: &str, model: &str, content: &str, tokens: u64) -> bool {
+        let key = (id.to_string(), model.to_string(), tokens);
+        if let Some(ok) = self
+            .seen
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&key)
+        {
+            return *ok;
+        }
+        let t = fleet.config.proxy.template;
+        let ids = fleet
+            .tokenizer
+            .encode_with(&knowledge_prefix(t, content), t.add_special_tokens());
+        let ok = ids.len() as u64 == tokens;
+        let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+        if seen.len() > 100_000 {
+            seen.clear();
+        }
+        seen.insert(key, ok);
+        ok
+    }
+}
+
+fn transfer_path(fleet: &Fleet, kdn: &KdnLive, target: &str) -> TransferPath {
+    let load = kdn.load.clone().unwrap_or_default();
+    let t = load.targets.get(target);
+    let gbps = t
+        .and_then(|t| t.link_gbps)
+        .or_else(|| (load.bandwidth_bytes_per_s > 0.0).then_some(load.bandwidth_bytes_per_s * 8e-9))
+        .unwrap_or(DEFAULT_LINK_GBPS);
+    TransferPath {
+        link_gbps: gbps,
+        rtt_ms: fleet.config.proxy.link_rtt_ms,
+        link_busy_ms: t.map_or(0.0, |t| t.link_backlog_ms),
+        kdn_queue_ms: load.queue_wait_ms,
+        kdn_pending: load.pending_transfers,
+        kdn_bytes_per_sec: load.bandwidth_bytes_per_s,
+    }
+}
+
+/// Decide how the knowledge reaches instance `idx` of `pool`, and start the
+/// injection if KV is chosen and not resident. `None`: no registered knowledge
+/// leads the prompt (nothing to decide).
+pub fn plan_kv(
+    state: &GatewayState,
+    fleet: &Fleet,
+    pool: &Pool,
+    idx: usize,
+    plan: &Plan,
+    catalog: &Catalog,
+) -> Option<KvPlan> {
+    if !plan.leading_applied {
+        return None;
+    }
+    let id = plan.ids.first()?;
+    let block = catalog.blocks.get(id)?;
+    let m = block.model(&plan.model)?;
+    let inst = &pool.instances[idx];
+    let target = knowledge::instance_target(pool, idx).to_string();
+    let key: InjectKey = (target.clone(), plan.model.clone(), id.clone());
+    let agents = state.knowledge.agents.load();
+    let agent = agents.get(&inst.url.base).filter(|a| a.up);
+    let recent_job = state.injections.resident_job(&key);
+    let resident = block.resident_in(&plan.model, &[&target])
+        || recent_job.is_some()
+        || agent.is_some_and(|a| a.load.resident.iter().any(|r| r == id));
+    let kdns = state.knowledge.kdns.load();
+    let kdn = plan
+        .decision
+        .kdn
+        .as_deref()
+        .and_then(|k| kdns.iter().find(|l| l.id == k && l.up))
+        .filter(|k| block.kv_ready_on(&k.id, &plan.model));
+    let chunk_size = m.chunk_size.max(1);
+    let usable = resident || kdn.is_some();
+    let est = plan.prompt_tokens + plan.knowledge_tokens;
+    let running = inst
+        .state
+        .inflight()
+        .max(agent.map_or(0, |a| a.load.running));
+    let queued = inst.state.queued().max(agent.map_or(0, |a| a.load.waiting));
+    let inputs = InjectionInputs {
+        instance: inst.url.base.clone(),
+        load: InstanceLoad {
+            queued,
+            queued_prefill_tokens: queued * est,
+            running,
+            running_context_tokens: running * est,
+        },
+        knowledge: KnowledgeShape {
+            prompt_tokens: plan.prompt_tokens,
+            knowledge_tokens: m.tokens,
+            chunk_size,
+            resident_chunks: if resident { m.chunks } else { 0 },
+            total_chunks: if usable { m.chunks } else { 0 },
+            kv_bytes_per_token: m.bytes.checked_div(m.tokens).unwrap_or(0),
+        },
+        transfer: kdn.map(|k| transfer_path(fleet, k, &target)),
+    };
+    let mut decision = {
+        let corrections = state.corrections.lock().unwrap_or_else(|p| p.into_inner());
+        injection::decide(
+            pool.proxy.injection,
+            plan.client_injection,
+            &pool.proxy.cost,
+            &inputs,
+            &corrections,
+        )
+    };
+    if decision.mode == InjectionMode::Kv {
+        let template_ok = m.template.is_empty() || m.template == fleet.config.proxy.template.name();
+        if !usable {
+            decision.mode = InjectionMode::Text;
+            decision.reason = "no_usable_kv";
+        } else if !template_ok
+            || !state
+                .prefix_checks
+                .matches(fleet, id, &plan.model, &m.content, m.tokens)
+        {
+            state.metrics.prefix_mismatch.inc();
+            decision.mode = InjectionMode::Text;
+            decision.reason = "prefix_mismatch";
+        }
+    }
+    let (pending, job) = match (decision.mode, resident) {
+        (InjectionMode::Kv, true) => (None, recent_job),
+        (InjectionMode::Kv, false) => {
+            let kdn = kdn?;
+            let timeout = std::time::Duration::from_millis(fleet.config.proxy.inject_timeout_ms);
+            let rx = state.injections.ensure(&state.http, &kdn.url, key, timeout);
+            (Some(rx), None)
+        }
+        (InjectionMode::Text, _) => (None, None),
+    };
+    Some(KvPlan {
+        decision,
+        target,
+        pending,
+        job,
+        chunks: m.chunks,
+        chunk_size,
+    })
+}

@@ -1,0 +1,178 @@
+//! The knowledge requirement of a request: explicit ids, or retrieval over the
+//! synced catalog (BM25 in process; or cosine similarity of embeddings from an
+//! OpenAI-compatible `/v1/embeddings` endpoint, when one is configured).
+//!
+//! Block embeddings are computed by the sync task when the catalog changes, so a
+//! request only embeds its own query; if that call fails, retrieval falls back to
+//! BM25 instead of failing the request.
+
+use crate::config::KnowledgeSection;
+use crate::knowledge::Catalog;
+use cacheroute_filters::openai::{ApiError, CompletionBody};
+use cacheroute_filters::scheduler::{
+    query_text, resolve_explicit, retrieve, Extensions, KnowledgeRequirement, RetrievedBlock,
+    SchedulerConfig,
+};
+use serde::Deserialize;
+use std::time::Duration;
+
+/// Blocks embedded per call to the endpoint.
+const EMBED_BATCH: usize = 64;
+/// The request-path embedding call gets this long before BM25 takes over.
+const QUERY_EMBED_TIMEOUT: Duration = Duration::from_secs(2);
+
+#[derive(Deserialize)]
+struct EmbeddingList {
+    data: Vec<Embedding>,
+}
+
+#[derive(Deserialize)]
+struct Embedding {
+    index: usize,
+    embedding: Vec<f32>,
+}
+
+fn normalised(mut v: Vec<f32>) -> Vec<f32> {
+    let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+    if norm > 0.0 {
+        v.iter_mut().for_each(|x| *x /= norm);
+    }
+    v
+}
+
+async fn embed(
+    client: &reqwest::Client,
+    cfg: &KnowledgeSection,
+    inputs: &[String],
+    timeout: Duration,
+) -> Result<Vec<Vec<f32>>, String> {
+    let url = format!("{}/v1/embeddings", cfg.embeddings_url.trim_end_matches('/'));
+    let body = serde_json::json!({"model": cfg.embeddings_model, "input": inputs});
+    let resp = client
+        .post(&url)
+        .json(&body)
+        .timeout(timeout)
+        .send()
+        .await
+        .map_err(|e| format!("{url}: {e}"))?;
+    if !resp.status().is_success() {
+        return Err(format!("{url}: HTTP {}", resp.status()));
+    }
+    let mut list: EmbeddingList = resp.json().await.map_err(|e| format!("{url}: {e}"))?;
+    if list.data.len() != inputs.len() {
+        return Err(format!(
+            "{url}: {} embeddings for {} inputs",
+            list.data.len(),
+            inputs.len()
+        ));
+    }
+    list.data.sort_by_key(|e| e.index);
+    Ok(list
+        .data
+        .into_iter()
+        .map(|e| normalised(e.embedding))
+        .collect())
+}
+
+/// Embed the blocks of `catalog` that have no embedding yet (no-op without an
+/// endpoint). Failures leave blocks unembedded; they are retried on the next change.
+pub async fn embed_catalog(
+    client: &reqwest::Client,
+    cfg: &KnowledgeSection,
+    mut catalog: Catalog,
+) -> Catalog {
+    if cfg.embeddings_url.is_empty() {
+        return catalog;
+    }
+    let mut missing: Vec<String> = catalog
+        .blocks
+        .keys()
+        .filter(|id| !catalog.embeddings.contains_key(*id))
+        .cloned()
+        .collect();
+    missing.sort();
+    for batch in missing.chunks(EMBED_BATCH) {
+        let texts: Vec<String> = batch
+            .iter()
+            .map(|id| catalog.blocks[id].block.index_text())
+            .collect();
+        match embed(client, cfg, &texts, Duration::from_secs(30)).await {
+            Ok(vectors) => {
+                for (id, v) in batch.iter().zip(vectors) {
+                    catalog.embeddings.insert(id.clone(), v);
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "embedding knowledge blocks; BM25 serves meanwhile");
+                break;
+            }
+        }
+    }
+    catalog
+}
+
+/// The best `top_k` blocks by cosine similarity to `query` (both normalised).
+pub fn rank_by_embedding(
+    catalog: &Catalog,
+    query: &[f32],
+    top_k: usize,
+    min_score: f64,
+) -> Vec<RetrievedBlock> {
+    let mut scored: Vec<RetrievedBlock> = catalog
+        .embeddings
+        .iter()
+        .filter(|(_, v)| v.len() == query.len())
+        .map(|(id, v)| RetrievedBlock {
+            id: id.clone(),
+            score: v.iter().zip(query).map(|(a, b)| a * b).sum::<f32>() as f64,
+        })
+        .filter(|h| h.score >= min_score && h.score > 0.0)
+        .collect();
+    scored.sort_by(|a, b| b.score.total_cmp(&a.score).then_with(|| a.id.cmp(&b.id)));
+    scored.truncate(top_k);
+    scored
+}
+
+/// The requirement step: explicit ids (checked against the catalog) win; otherwise
+/// retrieval when RAG is on (the request's `RAG`, `scheduler.rag_always`, or
+/// `rag_always` on a pool serving the model).
+pub async fn requirement(
+    client: &reqwest::Client,
+    knowledge: &KnowledgeSection,
+    cfg: &SchedulerConfig,
+    rag_always: bool,
+    ext: &Extensions,
+    catalog: &Catalog,
+    body: &CompletionBody,
+) -> Result<KnowledgeRequirement, ApiError> {
+    if let Some(ids) = &ext.knowledge_ids {
+        return resolve_explicit(ids, |id| catalog.contains(id));
+    }
+    if !ext.rag.unwrap_or(cfg.rag_always || rag_always) {
+        return Ok(KnowledgeRequirement::None);
+    }
+    let query = query_text(body);
+    if !knowledge.embeddings_url.is_empty() && !catalog.embeddings.is_empty() {
+        match embed(
+            client,
+            knowledge,
+            std::slice::from_ref(&query),
+            QUERY_EMBED_TIMEOUT,
+        )
+        .await
+        {
+            Ok(mut v) => {
+                let q = v.pop().unwrap_or_default();
+                let hits =
+                    rank_by_embedding(catalog, &q, cfg.retrieval_top_k, cfg.retrieval_min_score);
+                return Ok(if hits.is_empty() {
+                    KnowledgeRequirement::None
+                } else {
+                    KnowledgeRequirement::Retrieved { query, hits }
+                });
+            }
+            Err(e) => tracing::warn!(error = %e, "query embedding failed; using BM25"),
+        }
+    }
+    Ok(retrieve(cfg, &catalog.index, &query))
+}
