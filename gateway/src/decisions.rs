@@ -34,7 +34,7 @@ pub struct DecisionRecord {
     pub role: &'static str,
     /// Gateway hops before this one.
     pub hops: u32,
-    pub scheduling: SchedulingDecision,
+    pub scheduling: std::sync::Arc<SchedulingDecision>,
     pub injection: Option<InjectionDecision>,
     pub outcome: Outcome,
 }

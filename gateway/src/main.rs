@@ -55,6 +55,9 @@ enum Command {
     Demo(demo::DemoArgs),
     /// KDN: knowledge registry, warm-up and KV injection (default 127.0.0.1:9101).
     Kdn(cacheroute_kdn::KdnArgs),
+    /// Instance agent: beside a vLLM, reports its load and resident knowledge to gateways
+    /// (default 127.0.0.1:9001).
+    Agent(cacheroute_agent::AgentArgs),
     /// Client of a KDN: register, list, show, delete, search, inject.
     Knowledge(cacheroute_kdn::client_cli::KnowledgeArgs),
     /// The TTFT cost model: fit it to a GPU profile and report its error.
@@ -125,6 +128,9 @@ fn run() -> Result<()> {
         Command::Calibrate { command } => calibrate::run(command),
         Command::Kdn(args) => {
             tokio::runtime::Runtime::new()?.block_on(cacheroute_kdn::run_kdn(args))
+        }
+        Command::Agent(args) => {
+            tokio::runtime::Runtime::new()?.block_on(cacheroute_agent::run(args))
         }
         Command::Knowledge(args) => tokio::runtime::Runtime::new()?
             .block_on(cacheroute_kdn::client_cli::run_knowledge(args)),

@@ -77,7 +77,7 @@ pub struct Plan {
     pub pool_order: Vec<usize>,
     /// Required knowledge ids, the leading (prefix) block first.
     pub ids: Vec<String>,
-    pub decision: SchedulingDecision,
+    pub decision: Arc<SchedulingDecision>,
     /// Headers added to the upstream request.
     pub request_headers: Vec<(&'static str, String)>,
     /// The leading block's registered prefix leads the prompt (KV can serve it).
@@ -382,6 +382,7 @@ impl ServicePlane {
         let mut notes = Vec::new();
         let mut request_headers = vec![(headers::HOPS, (hops + 1).to_string())];
         let mut knowledge_tokens = 0;
+        let mut knowledge_bytes = 0;
         if role == Role::Scheduler {
             // The proxy behind lays the knowledge out; it learns it from the headers.
             request_headers.push((
@@ -420,6 +421,7 @@ impl ServicePlane {
             match layout::apply_knowledge(&mut body, template, &leading.content, &rest_refs) {
                 Applied::Prefix => {
                     knowledge_tokens = leading.tokens;
+                    knowledge_bytes = leading.content.len();
                     leading_applied = leading.registered;
                 }
                 Applied::Nothing => {}
@@ -434,8 +436,8 @@ impl ServicePlane {
         } else {
             raw
         };
-        // Tokens of the request without its knowledge (≈ 4 bytes per token).
-        let prompt_tokens = (body_bytes.len() as u64 / 4).saturating_sub(knowledge_tokens);
+        // Tokens of the request without its leading block (≈ 4 bytes per token).
+        let prompt_tokens = (body_bytes.len().saturating_sub(knowledge_bytes) / 4) as u64;
         let keep_body = fleet.config.proxy.kv_transfer_params && leading_applied;
         Ok(Plan {
             id: self.state.next_request_id.fetch_add(1, Ordering::Relaxed),
@@ -446,7 +448,7 @@ impl ServicePlane {
             parsed: keep_body.then_some(body),
             pool_order,
             ids,
-            decision,
+            decision: Arc::new(decision),
             request_headers,
             leading_applied,
             knowledge_tokens,

@@ -59,6 +59,32 @@ pub struct KdnSection {
     pub job_history: usize,
     /// JSONL files registered at start-up (blocks already registered are skipped).
     pub preload: Vec<PathBuf>,
+    /// This KDN's id in gateways and `/v1/knowledge/snapshot` (none: `kdn@<listen>`).
+    pub id: Option<String>,
+    /// Control-plane base URLs of the CacheRoute gateways to register with.
+    pub gateways: Vec<String>,
+    /// Bearer token sent to the gateways (empty: none).
+    pub gateway_token: String,
+    /// The URL gateways use to reach this KDN (none: `http://<listen>`).
+    pub advertise_url: Option<String>,
+    /// Seconds between two registrations with each gateway (the entry lives 3×).
+    pub heartbeat_s: f64,
+}
+
+impl KdnSection {
+    /// The configured id, or `kdn@<listen>`.
+    pub fn id_or_default(&self) -> String {
+        self.id
+            .clone()
+            .unwrap_or_else(|| format!("kdn@{}", self.listen))
+    }
+
+    /// The configured advertised URL, or `http://<listen>`.
+    pub fn advertise_url_or_default(&self) -> String {
+        self.advertise_url
+            .clone()
+            .unwrap_or_else(|| format!("http://{}", self.listen))
+    }
 }
 
 impl Default for KdnSection {
@@ -78,6 +104,11 @@ impl Default for KdnSection {
             warmup_verify_s: 10.0,
             job_history: 1000,
             preload: Vec::new(),
+            id: None,
+            gateways: Vec::new(),
+            gateway_token: String::new(),
+            advertise_url: None,
+            heartbeat_s: 2.0,
         }
     }
 }
@@ -261,6 +292,26 @@ impl KdnConfig {
         if !(k.warmup_timeout_s > 0.0 && k.warmup_verify_s >= 0.0) {
             bail!("[kdn] warmup_timeout_s must be positive and warmup_verify_s not negative");
         }
+        if let Some(id) = &k.id {
+            // it travels in URL paths and headers
+            if id.is_empty() || id.len() > 200 || id.chars().any(|c| c.is_control() || c == '/') {
+                bail!("[kdn] id {id:?}: must be 1-200 characters, without '/' or controls");
+            }
+        }
+        let is_http = |u: &str| u.starts_with("http://") || u.starts_with("https://");
+        for g in &k.gateways {
+            if !is_http(g) {
+                bail!("[kdn] gateways: {g:?} must be an http:// or https:// URL");
+            }
+        }
+        if let Some(u) = &k.advertise_url {
+            if !is_http(u) {
+                bail!("[kdn] advertise_url {u:?} must be an http:// or https:// URL");
+            }
+        }
+        if !(k.heartbeat_s.is_finite() && k.heartbeat_s > 0.0) {
+            bail!("[kdn] heartbeat_s must be a positive number of seconds");
+        }
         let mut names = HashSet::new();
         for m in &self.models {
             if m.name.is_empty() {
@@ -333,6 +384,10 @@ mod tests {
         let cfg = KdnConfig::from_toml("").unwrap();
         assert_eq!(cfg.kdn.max_text_bytes, 1 << 20);
         assert!(cfg.models.is_empty());
+        assert_eq!(cfg.kdn.id_or_default(), "kdn@127.0.0.1:9101");
+        assert_eq!(cfg.kdn.advertise_url_or_default(), "http://127.0.0.1:9101");
+        assert!(cfg.kdn.gateways.is_empty());
+        assert_eq!(cfg.kdn.heartbeat_s, 2.0);
         let model = r#"
 [[models]]
 name = "m"
@@ -353,6 +408,10 @@ kv_bytes_per_token = 131072
             format!("{model}\n[[targets]]\nname = \"t\"\nstore = \"memory://t\"\nlink_gbps = 0\n"),
             "[kdn]\nstore = \"s3://x\"\n".to_string(),
             "[kdn]\nbogus = 1\n".to_string(),
+            "[kdn]\ngateways = [\"127.0.0.1:9090\"]\n".to_string(),
+            "[kdn]\nadvertise_url = \"kdn:9101\"\n".to_string(),
+            "[kdn]\nheartbeat_s = 0\n".to_string(),
+            "[kdn]\nid = \"a/b\"\n".to_string(),
         ] {
             assert!(KdnConfig::from_toml(&bad).is_err(), "{bad}");
         }

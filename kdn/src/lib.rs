@@ -8,6 +8,7 @@
 //! * [`registry`]: knowledge records, persisted in Redis; [`bm25`]: search.
 //! * [`inject`]: injection jobs (dedup, bounded workers, queue, link shaping).
 //! * [`service`], [`server`]: the KDN (`cacheroute kdn`), [`server::spawn_kdn`].
+//! * [`membership`]: registration with CacheRoute gateways (heartbeats).
 //! * [`config`]: the configuration (`conf/kdn.example.toml`).
 //! * [`cli`]: `cacheroute kv ...`; [`client_cli`]: `cacheroute knowledge ...`.
 
@@ -20,6 +21,7 @@ pub mod inject;
 pub mod keys;
 pub mod layout;
 pub mod local_redis;
+pub mod membership;
 pub mod metrics;
 pub mod registry;
 pub mod server;

@@ -6,6 +6,8 @@
 //! entirely or not at all.
 
 use std::collections::{BTreeMap, HashMap};
+use std::hash::{BuildHasher, Hasher};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -418,11 +420,33 @@ pub enum RegisterError {
     Backend(#[from] RegistryError),
 }
 
+/// A random 8-hex-digit tag, different for every registry opened (also within one
+/// process), so that a version seen before a restart never matches one after it.
+fn random_epoch() -> String {
+    static OPENED: AtomicU64 = AtomicU64::new(0);
+    // RandomState is seeded from the OS; time, pid and a counter separate the rest
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0),
+    );
+    h.write_u32(std::process::id());
+    h.write_u64(OPENED.fetch_add(1, Ordering::Relaxed));
+    format!("{:08x}", h.finish() as u32)
+}
+
 /// The registry: an in-memory copy of every record (the source for reads), written
 /// through to the backend.
 pub struct Registry {
     backend: Arc<dyn RegistryBackend>,
     records: RwLock<BTreeMap<String, KnowledgeRecord>>,
+    /// Tag of this registry instance (see [`Registry::version`]).
+    epoch: String,
+    /// Bumped on every change of `records`, while its write lock is held, so that a
+    /// reader holding the read lock sees a version matching the records.
+    counter: AtomicU64,
     index: RwLock<Bm25Index>,
     /// Serialises writes so that the backend sees them in memory order.
     write: tokio::sync::Mutex<()>,
@@ -448,9 +472,28 @@ impl Registry {
         Ok(Registry {
             backend,
             records: RwLock::new(records),
+            epoch: random_epoch(),
+            counter: AtomicU64::new(0),
             index: RwLock::new(index),
             write: tokio::sync::Mutex::new(()),
         })
+    }
+
+    /// The current version, `<epoch>-<counter>`: changes with every registered, updated
+    /// or removed record, and never repeats across registry instances.
+    pub fn version(&self) -> String {
+        format!("{}-{}", self.epoch, self.counter.load(Ordering::Acquire))
+    }
+
+    /// Every record (as [`list`](Self::list) orders them) with the version they are at.
+    pub fn snapshot(&self) -> (String, Vec<KnowledgeRecord>) {
+        let (version, mut v) = {
+            let records = self.records();
+            let version = self.version();
+            (version, records.values().cloned().collect::<Vec<_>>())
+        };
+        sort_records(&mut v);
+        (version, v)
     }
 
     /// The backend's URL (no password).
@@ -467,10 +510,9 @@ impl Registry {
             .write()
             .unwrap_or_else(|p| p.into_inner())
             .insert(&r.id, &r.index_text());
-        self.records
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(r.id.clone(), r);
+        let mut records = self.records.write().unwrap_or_else(|p| p.into_inner());
+        records.insert(r.id.clone(), r);
+        self.counter.fetch_add(1, Ordering::AcqRel);
     }
 
     pub fn len(&self) -> usize {
@@ -492,11 +534,7 @@ impl Registry {
     /// Every record, oldest first (ties by id).
     pub fn list(&self) -> Vec<KnowledgeRecord> {
         let mut v: Vec<KnowledgeRecord> = self.records().values().cloned().collect();
-        v.sort_by(|a, b| {
-            a.created_at
-                .total_cmp(&b.created_at)
-                .then_with(|| a.id.cmp(&b.id))
-        });
+        sort_records(&mut v);
         v
     }
 
@@ -585,8 +623,12 @@ impl Registry {
         let Some(mut r) = self.get(id) else {
             return Ok(None);
         };
+        let before = r.clone();
         f(&mut r);
-        self.publish(r.clone());
+        // a no-op update keeps the version (snapshot readers would refetch for nothing)
+        if r != before {
+            self.publish(r.clone());
+        }
         self.backend.put(&[&r]).await?;
         Ok(Some(r))
     }
@@ -602,12 +644,20 @@ impl Registry {
             .write()
             .unwrap_or_else(|p| p.into_inner())
             .remove(id);
-        Ok(self
-            .records
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(id))
+        let mut records = self.records.write().unwrap_or_else(|p| p.into_inner());
+        let removed = records.remove(id);
+        self.counter.fetch_add(1, Ordering::AcqRel);
+        Ok(removed)
     }
+}
+
+/// Oldest first, ties by id.
+fn sort_records(v: &mut [KnowledgeRecord]) {
+    v.sort_by(|a, b| {
+        a.created_at
+            .total_cmp(&b.created_at)
+            .then_with(|| a.id.cmp(&b.id))
+    });
 }
 
 #[cfg(test)]
@@ -712,6 +762,45 @@ mod tests {
         assert!(again.remove("a").await.unwrap().is_none());
         assert!(again.search("france", 5).is_empty());
         assert_eq!(Registry::open(url, "x:").await.unwrap().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn version_follows_changes() {
+        let url = "memory://registry-version-test";
+        let reg = Registry::open(url, "x:").await.unwrap();
+        let v0 = reg.version();
+        let (epoch, counter) = v0.split_once('-').unwrap();
+        assert_eq!(epoch.len(), 8);
+        assert!(epoch.chars().all(|c| c.is_ascii_hexdigit()));
+        assert_eq!(counter, "0");
+        reg.register(vec![record("a", "alpha", BlockStatus::Registered)])
+            .await
+            .unwrap();
+        let v1 = reg.version();
+        assert_ne!(v1, v0);
+        // the same registration again and an update that changes nothing: same version
+        reg.register(vec![record("a", "alpha", BlockStatus::Registered)])
+            .await
+            .unwrap();
+        reg.update("a", |_| {}).await.unwrap().unwrap();
+        assert_eq!(reg.version(), v1);
+        reg.update("a", |r| {
+            r.models.get_mut("m").unwrap().resident.push("t".into())
+        })
+        .await
+        .unwrap()
+        .unwrap();
+        let v2 = reg.version();
+        assert_ne!(v2, v1);
+        let (sv, records) = reg.snapshot();
+        assert_eq!(sv, v2);
+        assert_eq!(records[0].models["m"].resident, ["t"]);
+        reg.remove("a").await.unwrap().unwrap();
+        assert_ne!(reg.version(), v2);
+        assert!(reg.remove("a").await.unwrap().is_none());
+        // another instance on the same data starts another epoch
+        let again = Registry::open(url, "x:").await.unwrap();
+        assert_ne!(again.version().split_once('-').unwrap().0, epoch);
     }
 
     #[test]

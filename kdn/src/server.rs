@@ -4,14 +4,15 @@
 //! |---|---|
 //! | `POST /v1/knowledge[?wait=true]` | register one block (`{"text", "id"?, "title"?, "tags"?, "models"?, "meta"?, "wait"?}`) |
 //! | `POST /v1/knowledge/bulk[?wait=true]` | register JSONL, one registration per line, all or none |
-//! | `GET /v1/knowledge[?content=true&text=false]` | `{"object":"list","data":[record…]}` |
+//! | `GET /v1/knowledge[?content=true&text=false&keys=true]` | `{"object":"list","data":[record…]}` |
+//! | `GET /v1/knowledge/snapshot` | every record with its content, versioned: `ETag`, `If-None-Match` → 304 |
 //! | `GET /v1/knowledge/search?q=…[&k=5]` | BM25 over title, tags, text |
 //! | `GET /v1/knowledge/{id}[?keys=true]` | one record, with each model's padded `content` |
 //! | `DELETE /v1/knowledge/{id}[?keep_kv=true]` | delete (and drop its KDN-store chunks) |
 //! | `POST /v1/knowledge/{id}/warm[?wait=true]` | warm up again (retries failed models) |
 //! | `POST /v1/inject` | `{"knowledge_ids", "model", "target", "wait"?, "timeout_ms"?}` → job |
 //! | `GET /v1/inject/{job}[?wait_ms=N]` | a job (long-poll with `wait_ms`) |
-//! | `GET /v1/load` | pending/active jobs and transfers, queue wait, recent bytes/s |
+//! | `GET /v1/load` | `kdn_id`, pending/active jobs and transfers, queue wait, recent bytes/s |
 //! | `GET /v1/models` | configured models |
 //! | `GET /health`, `GET /metrics` | liveness, Prometheus text |
 
@@ -25,7 +26,7 @@ use anyhow::Context;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, Path, Query, State};
-use axum::http::{header, StatusCode};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -35,6 +36,7 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 use crate::config::KdnConfig;
+use crate::membership::{MemberInfo, Membership};
 use crate::registry::Detail;
 use crate::service::{InjectRequest, Kdn, KdnError, RegisterRequest};
 
@@ -138,7 +140,7 @@ async fn register_bulk(
 async fn list(State(kdn): State<Arc<Kdn>>, q: Q) -> Json<Value> {
     let detail = Detail {
         content: flag(&q, "content", false),
-        keys: false,
+        keys: flag(&q, "keys", false),
         omit_text: !flag(&q, "text", true),
     };
     let model = q.get("model");
@@ -150,6 +152,46 @@ async fn list(State(kdn): State<Arc<Kdn>>, q: Q) -> Json<Value> {
         .map(|r| r.to_json(detail))
         .collect();
     Json(json!({"object": "list", "data": data}))
+}
+
+/// Whether an `If-None-Match` value names `etag` (a list, weak tags and `*` included).
+fn etag_matches(if_none_match: &HeaderValue, etag: &str) -> bool {
+    let Ok(v) = if_none_match.to_str() else {
+        return false;
+    };
+    v.split(',')
+        .map(str::trim)
+        .any(|t| t == "*" || t.strip_prefix("W/").unwrap_or(t) == etag)
+}
+
+/// `GET /v1/knowledge/snapshot`: what a gateway syncs from. The version is checked
+/// before anything is copied, so polling an unchanged registry costs next to nothing.
+async fn snapshot(State(kdn): State<Arc<Kdn>>, headers: HeaderMap) -> Response {
+    let etag = format!("\"{}\"", kdn.registry.version());
+    if let Some(inm) = headers.get(header::IF_NONE_MATCH) {
+        if etag_matches(inm, &etag) {
+            return (StatusCode::NOT_MODIFIED, [(header::ETAG, etag)]).into_response();
+        }
+    }
+    // records and version read together: the tag always describes this body
+    let (version, records) = kdn.registry.snapshot();
+    let detail = Detail {
+        content: true,
+        keys: false,
+        omit_text: false,
+    };
+    let blocks: Vec<Value> = records.iter().map(|r| r.to_json(detail)).collect();
+    (
+        StatusCode::OK,
+        [(header::ETAG, format!("\"{version}\""))],
+        Json(json!({
+            "object": "knowledge.snapshot",
+            "kdn_id": kdn.id,
+            "version": version,
+            "blocks": blocks,
+        })),
+    )
+        .into_response()
 }
 
 async fn search(State(kdn): State<Arc<Kdn>>, q: Q) -> Result<Json<Value>, KdnError> {
@@ -300,6 +342,7 @@ pub fn router(kdn: Arc<Kdn>) -> Router {
             post(register_bulk).layer(DefaultBodyLimit::max(bulk_limit)),
         )
         .route("/v1/knowledge/search", get(search))
+        .route("/v1/knowledge/snapshot", get(snapshot))
         .route("/v1/knowledge/{id}", get(show).delete(delete))
         .route("/v1/knowledge/{id}/warm", post(warm))
         .route(
@@ -322,6 +365,7 @@ pub struct KdnHandle {
     pub kdn: Arc<Kdn>,
     shutdown: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<()>>,
+    membership: Option<Membership>,
 }
 
 impl KdnHandle {
@@ -330,9 +374,14 @@ impl KdnHandle {
         format!("http://{}", self.addr)
     }
 
-    /// Stop serving (waits up to 2 s for open requests). Background warm-ups and
-    /// transfers already started run to their end.
+    /// Deregister from the gateways (best effort, about 1 s at most), then stop serving
+    /// (waits up to 2 s for open requests). Background warm-ups and transfers already
+    /// started run to their end.
     pub async fn stop(mut self) {
+        // first, so that gateways stop sending work to a KDN about to go away
+        if let Some(m) = self.membership.take() {
+            m.stop().await;
+        }
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
         }
@@ -366,12 +415,14 @@ impl Drop for KdnHandle {
 
 /// Start a KDN from `config` on the current tokio runtime and serve in the background;
 /// returns once it listens on `config.kdn.listen` (port 0: any free port).
-pub async fn spawn_kdn(config: KdnConfig) -> anyhow::Result<KdnHandle> {
+pub async fn spawn_kdn(mut config: KdnConfig) -> anyhow::Result<KdnHandle> {
     let listen = config.kdn.listen;
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("binding {listen}"))?;
     let addr = listener.local_addr()?;
+    // the real port, so that the default id and advertised URL are usable with port 0
+    config.kdn.listen = addr;
     let kdn = Kdn::start(config).await?;
     let app = router(kdn.clone());
     let (tx, rx) = oneshot::channel::<()>();
@@ -383,11 +434,22 @@ pub async fn spawn_kdn(config: KdnConfig) -> anyhow::Result<KdnHandle> {
             tracing::error!("KDN server on {addr}: {e}");
         }
     });
+    let k = &kdn.config.kdn;
+    let membership = (!k.gateways.is_empty()).then(|| {
+        Membership::start(MemberInfo {
+            id: kdn.id.clone(),
+            url: k.advertise_url_or_default(),
+            gateways: k.gateways.clone(),
+            token: k.gateway_token.clone(),
+            heartbeat: Duration::from_secs_f64(k.heartbeat_s),
+        })
+    });
     Ok(KdnHandle {
         addr,
         kdn,
         shutdown: Some(tx),
         task: Some(task),
+        membership,
     })
 }
 
@@ -406,6 +468,17 @@ pub struct KdnArgs {
     /// The KDN's KV store URL (overrides [kdn] store).
     #[arg(long)]
     pub store: Option<String>,
+    /// This KDN's id (overrides [kdn] id; default kdn@<listen>).
+    #[arg(long)]
+    pub id: Option<String>,
+    /// A gateway control-plane base URL to register with, e.g. http://127.0.0.1:9090
+    /// (repeatable; added to [kdn] gateways).
+    #[arg(long = "gateway", value_name = "URL")]
+    pub gateways: Vec<String>,
+    /// The URL gateways reach this KDN at (overrides [kdn] advertise_url; default
+    /// http://<listen>).
+    #[arg(long)]
+    pub advertise_url: Option<String>,
 }
 
 impl KdnArgs {
@@ -424,6 +497,13 @@ impl KdnArgs {
         if let Some(s) = &self.store {
             cfg.kdn.store = s.clone();
         }
+        if let Some(id) = &self.id {
+            cfg.kdn.id = Some(id.clone());
+        }
+        cfg.kdn.gateways.extend(self.gateways.iter().cloned());
+        if let Some(u) = &self.advertise_url {
+            cfg.kdn.advertise_url = Some(u.clone());
+        }
         cfg.validate()?;
         Ok(cfg)
     }
@@ -438,6 +518,8 @@ pub async fn run_kdn(args: KdnArgs) -> anyhow::Result<()> {
     let handle = spawn_kdn(cfg).await?;
     tracing::info!(
         addr = %handle.addr,
+        id = %handle.kdn.id,
+        gateways = handle.kdn.config.kdn.gateways.len(),
         registry = %handle.kdn.registry.describe(),
         blocks = handle.kdn.registry.len(),
         "cacheroute kdn listening"
@@ -449,5 +531,54 @@ pub async fn run_kdn(args: KdnArgs) -> anyhow::Result<()> {
             Ok(())
         }
         Err(_) => handle.wait().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        kdn: KdnArgs,
+    }
+
+    #[test]
+    fn membership_flags() {
+        let cli = Cli::try_parse_from([
+            "kdn",
+            "--id",
+            "kdn-a",
+            "--gateway",
+            "http://g1:9090",
+            "--gateway",
+            "http://g2:9090",
+            "--advertise-url",
+            "http://10.0.0.5:9101",
+        ])
+        .unwrap();
+        let cfg = cli.kdn.load_config().unwrap();
+        assert_eq!(cfg.kdn.id_or_default(), "kdn-a");
+        assert_eq!(cfg.kdn.gateways, ["http://g1:9090", "http://g2:9090"]);
+        assert_eq!(cfg.kdn.advertise_url_or_default(), "http://10.0.0.5:9101");
+        let cli = Cli::try_parse_from(["kdn", "--gateway", "g1:9090"]).unwrap();
+        assert!(cli.kdn.load_config().is_err());
+    }
+
+    #[test]
+    fn if_none_match_forms() {
+        let tag = "\"abcd1234-7\"";
+        for (v, m) in [
+            ("\"abcd1234-7\"", true),
+            ("W/\"abcd1234-7\"", true),
+            ("\"x-1\", \"abcd1234-7\"", true),
+            ("*", true),
+            ("\"abcd1234-6\"", false),
+            ("abcd1234-7", false),
+        ] {
+            assert_eq!(etag_matches(&HeaderValue::from_static(v), tag), m, "{v}");
+        }
     }
 }

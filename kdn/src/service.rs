@@ -236,8 +236,12 @@ impl ModelRuntime {
     }
 }
 
+/// Ids that name endpoints under `/v1/knowledge/`: such a block could not be read back.
+const RESERVED_IDS: [&str; 3] = ["bulk", "search", "snapshot"];
+
 fn valid_id(id: &str) -> bool {
-    !id.is_empty()
+    !RESERVED_IDS.contains(&id)
+        && !id.is_empty()
         && id.len() <= 128
         && id
             .chars()
@@ -255,6 +259,8 @@ type WarmKey = (String, String);
 /// The KDN.
 pub struct Kdn {
     pub config: KdnConfig,
+    /// `[kdn] id`, or `kdn@<listen>`.
+    pub id: String,
     models: BTreeMap<String, Arc<ModelRuntime>>,
     pub registry: Arc<Registry>,
     pub store: Arc<dyn KvStore>,
@@ -309,6 +315,7 @@ impl Kdn {
             })
             .collect();
         let kdn = Arc::new(Kdn {
+            id: config.kdn.id_or_default(),
             warm_sem: Arc::new(Semaphore::new(config.kdn.max_concurrent_warmups.max(1))),
             config,
             models,
@@ -403,7 +410,11 @@ impl Kdn {
             Some(id) if !valid_id(id) => {
                 return Err(KdnError::bad_request(
                     "invalid_id",
-                    format!("id {id:?}: use 1-128 characters among A-Z a-z 0-9 - _ . :"),
+                    format!(
+                        "id {id:?}: use 1-128 characters among A-Z a-z 0-9 - _ . :, \
+                         other than {}",
+                        RESERVED_IDS.join(", ")
+                    ),
                 ))
             }
             Some(id) => id.clone(),
@@ -944,6 +955,7 @@ impl Kdn {
         let snap = self.injector.load(&self.targets);
         let mut v = serde_json::to_value(snap).expect("serialisable");
         v["knowledge_blocks"] = json!(self.registry.len());
+        v["kdn_id"] = json!(self.id);
         v
     }
 

@@ -6,6 +6,8 @@ use std::time::Duration;
 use cacheroute_kdn::config::{KdnConfig, ModelConfig, TargetConfig};
 use serde_json::Value;
 
+// not every test file starts a Redis
+#[allow(unused_imports)]
 pub use cacheroute_kdn::local_redis::LocalRedis as RedisServer;
 
 pub const LMCACHE_MODEL: &str = "meta-llama/Meta-Llama-3-8B-Instruct";
