@@ -54,7 +54,7 @@ def kdn_config(kid: str, port: int, redis: str, targets: dict[str, tuple[str, fl
     }
     if gateways:
         cfg["kdn"]["gateways"] = gateways
-        cfg["kdn"]["heartbeat_s"] = 0.3
+        cfg["kdn"]["heartbeat_s"] = 1.0
     return to_toml(cfg)
 
 

@@ -27,7 +27,9 @@ def fleet(procs, cr_bin, sim, gateway, redis_server, tmp_path):
     def start(kdns: int = 1, links: dict | None = None, scheduler: dict | None = None,
               pool_kw: dict | None = None, time_scale: float | None = None, kdn_kw: dict | None = None,
               gateway_kw: dict | None = None, proxy: dict | None = None, sync_ms: int = 200,
-              static_kdns: bool = True, slow_target: bool = False) -> Fleet:
+              static_kdns: bool = True, slow_target: bool = False,
+              gateway_extra: list[str] | None = None, knowledge: dict | None = None,
+              embeddings: bool = False) -> Fleet:
         f = Fleet()
         f.redis = redis_server
         f.producer = sim(extra=sim_args(f"{redis_server}/0"))
@@ -44,7 +46,8 @@ def fleet(procs, cr_bin, sim, gateway, redis_server, tmp_path):
                             f.producer.url, **(kdn_kw or {})) for i in range(kdns)]
         f.config = {
             "gateway": dict(gateway_kw or {}),
-            "knowledge": {"sync_interval_ms": sync_ms},
+            "knowledge": dict({"sync_interval_ms": sync_ms}, **(knowledge or {}),
+                              **({"embeddings_url": f.producer.url} if embeddings else {})),
             "scheduler": dict(scheduler or {}),
             "proxy": dict(proxy or {}),
             "pools": [dict({"name": n, "models": [MODEL],
@@ -53,7 +56,7 @@ def fleet(procs, cr_bin, sim, gateway, redis_server, tmp_path):
         }
         if static_kdns:
             f.config["kdns"] = [{"url": k.url} for k in f.kdns]
-        f.gw = gateway(config=f.config)
+        f.gw = gateway(config=f.config, extra=gateway_extra)
         return f
 
     return start
@@ -322,7 +325,7 @@ def test_multi_tier_scheduler_forwards_its_decision_to_a_proxy(fleet, gateway):
 
 def test_debug_strategy_and_decision_log(fleet, tmp_path):
     log = tmp_path / "decisions.jsonl"
-    f = fleet(gateway_kw={"log_decisions": str(log)})
+    f = fleet(gateway_extra=["--log-decisions", str(log)])
     k = f.kdns[0]
     k.register("lichen")
     wait_synced(f.gw, [k.id], blocks=1)
@@ -338,3 +341,21 @@ def test_debug_strategy_and_decision_log(fleet, tmp_path):
     lines = wait_until(lambda: [json.loads(x) for x in log.read_text().splitlines()] if log.exists() else None,
                        timeout=5, what="decision log written")
     assert any(x["id"] == d["id"] for x in lines)
+
+
+def test_retrieval_by_embeddings(fleet):
+    # The producer sim serves /v1/embeddings (a hashed bag of words).
+    f = fleet(knowledge={"embeddings_model": MODEL}, embeddings=True)
+    k = f.kdns[0]
+    for bid in BLOCKS:
+        k.register(bid, wait=False)
+
+    def embedded():
+        s = knowledge_status(f.gw)
+        return s if s["blocks"] == len(BLOCKS) and s["embedded"] == len(BLOCKS) else None
+    wait_until(embedded, timeout=20, what="every block embedded")
+    for bid in BLOCKS:
+        r = ask(f.gw, bid, injection="text")
+        assert r.status_code == 200 and r.headers["x-cacheroute-knowledge"] == bid
+        hits = decision(f.gw, r)["scheduling"]["knowledge"]["hits"]
+        assert 0.0 < hits[0]["score"] <= 1.0 + 1e-6, hits

@@ -5,5 +5,6 @@ pub mod cost_model;
 pub mod injection;
 pub mod layout;
 pub mod openai;
+pub mod prefix_tree;
 pub mod prompt;
 pub mod scheduler;

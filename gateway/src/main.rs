@@ -15,6 +15,7 @@ mod knowledge;
 mod kv_inject;
 mod members;
 mod metrics;
+mod prefix;
 mod proxy;
 mod reload;
 mod retrieval;
@@ -90,6 +91,9 @@ struct GatewayArgs {
     /// Worker threads of the service plane (overrides the file).
     #[arg(long)]
     threads: Option<usize>,
+    /// Write one JSON line per routing decision to this file ("-": stdout).
+    #[arg(long, value_name = "PATH")]
+    log_decisions: Option<String>,
 }
 
 fn main() -> std::process::ExitCode {
@@ -119,6 +123,7 @@ fn run() -> Result<()> {
                 listen: args.listen,
                 control: args.control,
                 threads: args.threads,
+                log_decisions: args.log_decisions,
             };
             server::run(source, overrides)
         }

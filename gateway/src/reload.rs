@@ -30,6 +30,7 @@ pub struct Overrides {
     pub listen: Option<SocketAddr>,
     pub control: Option<SocketAddr>,
     pub threads: Option<usize>,
+    pub log_decisions: Option<String>,
 }
 
 impl ConfigSource {
@@ -53,6 +54,9 @@ impl ConfigSource {
         }
         if let Some(t) = overrides.threads {
             config.gateway.threads = t;
+        }
+        if let Some(p) = &overrides.log_decisions {
+            config.gateway.log_decisions = p.clone();
         }
         Ok((config, text))
     }
@@ -155,6 +159,13 @@ impl Reloader {
             .build(config, version, &discovered, &self.state.metrics)
             .await?;
         memo.discovered = discovered;
+        if let Err(e) = self
+            .state
+            .decisions
+            .set_sink(&fleet.config.gateway.log_decisions)
+        {
+            tracing::warn!(error = %e, "decision log unchanged");
+        }
         self.state.fleet.store(Arc::new(fleet));
         self.state.metrics.config_version.set(version as i64);
         self.state.publish_health();

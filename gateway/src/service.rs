@@ -87,6 +87,8 @@ pub struct Plan {
     /// Estimated tokens of the rest of the prompt.
     pub prompt_tokens: u64,
     pub client_injection: InjectionPreference,
+    /// The prompt's text, for `prefix_affinity` (requests without knowledge).
+    pub prefix_text: Option<String>,
     pub notes: Vec<String>,
 }
 
@@ -439,6 +441,11 @@ impl ServicePlane {
         // Tokens of the request without its leading block (≈ 4 bytes per token).
         let prompt_tokens = (body_bytes.len().saturating_sub(knowledge_bytes) / 4) as u64;
         let keep_body = fleet.config.proxy.kv_transfer_params && leading_applied;
+        let prefix_text = (ids.is_empty()
+            && pool_order
+                .iter()
+                .any(|&p| fleet.pools[p].settings.policy == BalancePolicy::PrefixAffinity))
+        .then(|| prefix_text(&body));
         Ok(Plan {
             id: self.state.next_request_id.fetch_add(1, Ordering::Relaxed),
             role,
@@ -454,6 +461,7 @@ impl ServicePlane {
             knowledge_tokens,
             prompt_tokens,
             client_injection: ext.injection,
+            prefix_text,
             notes,
         })
     }
@@ -1013,6 +1021,20 @@ fn choose(
                     .get(&pool.instances[i].url.base)
                     .is_some_and(|a| a.up && a.load.resident.iter().any(|r| r == id))
         };
+        if let (BalancePolicy::PrefixAffinity, Some(text)) = (policy, &plan.prefix_text) {
+            let loads: Vec<u64> = pool
+                .instances
+                .iter()
+                .map(|inst| (inst.state.inflight() + inst.state.queued()).max(agent_load(inst)))
+                .collect();
+            let eligible: Vec<bool> = (0..pool.instances.len())
+                .map(|i| !tried.contains(&(p, i)) && pool.is_healthy(&pool.instances[i]))
+                .collect();
+            return state
+                .prefix
+                .choose(pool, text, &loads, &eligible)
+                .map(|i| (p, i));
+        }
         let affinity = |i: usize| match policy {
             BalancePolicy::KnowledgeAffinity | BalancePolicy::PrefixAffinity => holds_kv(i),
             _ => false,
@@ -1020,6 +1042,23 @@ fn choose(
         pool.choose(|i| tried.contains(&(p, i)), affinity, agent_load)
             .map(|i| (p, i))
     })
+}
+
+/// The text a prompt's prefix tree sees: the chat's messages in order, or the prompt.
+fn prefix_text(body: &CompletionBody) -> String {
+    match body {
+        CompletionBody::Chat(c) => {
+            let mut s = String::new();
+            for m in &c.messages {
+                s.push_str(&m.role);
+                s.push('\n');
+                s.push_str(&m.text());
+                s.push('\n');
+            }
+            s
+        }
+        CompletionBody::Completions(_) => scheduler::query_text(body),
+    }
 }
 
 /// Wait for a KV injection up to `deadline`, giving up if the client goes away.

@@ -39,6 +39,8 @@ pub struct GatewayState {
     pub corrections: std::sync::Mutex<Corrections>,
     /// Prefix token checks, cached per block.
     pub prefix_checks: PrefixChecks,
+    /// Prompt prefix trees of the `prefix_affinity` pools.
+    pub prefix: crate::prefix::PrefixTrees,
 }
 
 impl GatewayState {
@@ -65,6 +67,7 @@ impl GatewayState {
             injections: Arc::new(KvInjections::default()),
             corrections: std::sync::Mutex::new(Corrections::new()),
             prefix_checks: PrefixChecks::default(),
+            prefix: crate::prefix::PrefixTrees::default(),
         })
     }
 

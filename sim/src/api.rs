@@ -37,11 +37,127 @@ pub struct CompletionRequest {
 impl CompletionRequest {
     /// LMCache's per-request `lmcache.skip_save` (via `kv_transfer_params`): do not store
     /// this request's KV.
+    /// The KV handle in `kv_transfer_params.cacheroute_kv_handle`, parsed (None: absent).
+    pub fn body_kv_handle(&self) -> Option<Result<KvHandle, String>> {
+        self.kv_transfer_params
+            .as_ref()
+            .and_then(|p| p.get("cacheroute_kv_handle"))
+            .filter(|v| !v.is_null())
+            .map(KvHandle::from_json)
+    }
+
     pub fn lmcache_skip_save(&self) -> bool {
         self.kv_transfer_params
             .as_ref()
             .and_then(|p| p.get("lmcache.skip_save"))
             .is_some_and(|v| v.as_bool() == Some(true))
+    }
+}
+
+/// A CacheRoute KV handle: the gateway's claim that the KDN made the first `chunks`
+/// LMCache chunks of this prompt resident in the instance's store (`tokens` = `chunks` ×
+/// chunk size). Header `x-cacheroute-kv-handle: job=<id>;chunks=<n>;tokens=<t>`, or
+/// `kv_transfer_params.cacheroute_kv_handle: {"job", "chunks", "tokens"}`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KvHandle {
+    pub job: String,
+    pub chunks: u64,
+    pub tokens: u64,
+}
+
+impl KvHandle {
+    /// Parse the header form. Unknown `key=value` parts are ignored (room for later
+    /// fields); each known key must appear once.
+    pub fn parse_header(value: &str) -> Result<KvHandle, String> {
+        let (mut job, mut chunks, mut tokens) = (None, None, None);
+        for part in value.split(';').map(str::trim).filter(|p| !p.is_empty()) {
+            let (k, v) = part
+                .split_once('=')
+                .ok_or_else(|| format!("{part:?} is not key=value"))?;
+            let (k, v) = (k.trim(), v.trim());
+            let num = || {
+                v.parse::<u64>()
+                    .map_err(|_| format!("{k}={v:?} is not a non-negative integer"))
+            };
+            let slot_taken = match k {
+                "job" => job.replace(v.to_string()).is_some(),
+                "chunks" => chunks.replace(num()?).is_some(),
+                "tokens" => tokens.replace(num()?).is_some(),
+                _ => false,
+            };
+            if slot_taken {
+                return Err(format!("{k} given twice"));
+            }
+        }
+        Self::complete(job, chunks, tokens)
+    }
+
+    /// Parse the `kv_transfer_params.cacheroute_kv_handle` form.
+    pub fn from_json(v: &Value) -> Result<KvHandle, String> {
+        let obj = v
+            .as_object()
+            .ok_or_else(|| "cacheroute_kv_handle is not an object".to_string())?;
+        let num = |k: &str| match obj.get(k) {
+            None | Some(Value::Null) => Ok(None),
+            Some(x) => x
+                .as_u64()
+                .map(Some)
+                .ok_or_else(|| format!("{k} is not a non-negative integer")),
+        };
+        let job = match obj.get("job") {
+            None | Some(Value::Null) => None,
+            Some(Value::String(s)) => Some(s.clone()),
+            Some(_) => return Err("job is not a string".into()),
+        };
+        Self::complete(job, num("chunks")?, num("tokens")?)
+    }
+
+    fn complete(
+        job: Option<String>,
+        chunks: Option<u64>,
+        tokens: Option<u64>,
+    ) -> Result<KvHandle, String> {
+        let job = job.filter(|j| !j.is_empty()).ok_or("no job")?;
+        Ok(KvHandle {
+            job,
+            chunks: chunks.ok_or("no chunks")?,
+            tokens: tokens.ok_or("no tokens")?,
+        })
+    }
+}
+
+/// The outcome of checking a KV handle against the sim's store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KvHandleCheck {
+    /// The first `chunks` chunks of the prompt are in the store, `tokens` agrees.
+    Ok,
+    /// Fewer than `chunks` leading chunks of the prompt are in the store.
+    Missing,
+    /// `tokens` is not `chunks` × chunk size.
+    Mismatch,
+    /// The handle could not be parsed.
+    Malformed,
+    /// The sim has no LMCache store (`--kv-store`) to check against.
+    NoStore,
+}
+
+impl KvHandleCheck {
+    pub const ALL: [KvHandleCheck; 5] = [
+        KvHandleCheck::Ok,
+        KvHandleCheck::Missing,
+        KvHandleCheck::Mismatch,
+        KvHandleCheck::Malformed,
+        KvHandleCheck::NoStore,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KvHandleCheck::Ok => "ok",
+            KvHandleCheck::Missing => "missing",
+            KvHandleCheck::Mismatch => "mismatch",
+            KvHandleCheck::Malformed => "malformed",
+            KvHandleCheck::NoStore => "no_store",
+        }
     }
 }
 
@@ -436,6 +552,62 @@ mod tests {
         )
         .unwrap();
         assert_eq!(r.kv_transfer_params, None);
+    }
+
+    #[test]
+    fn kv_handles_parse() {
+        let h = KvHandle::parse_header("job=j-1;chunks=3;tokens=768").unwrap();
+        assert_eq!(
+            h,
+            KvHandle {
+                job: "j-1".into(),
+                chunks: 3,
+                tokens: 768
+            }
+        );
+        // order, spaces, a trailing ';' and unknown keys are fine
+        let h2 = KvHandle::parse_header(" tokens = 768 ; job=j-1; chunks=3; future=x;").unwrap();
+        assert_eq!(h2, h);
+        for bad in [
+            "",
+            "kh-1",
+            "job=j;chunks=3",
+            "job=;chunks=1;tokens=256",
+            "job=j;chunks=-1;tokens=0",
+            "job=j;chunks=1.5;tokens=384",
+            "job=j;chunks=1;tokens=256;chunks=2",
+            "job=j;chunks=x;tokens=256",
+        ] {
+            assert!(KvHandle::parse_header(bad).is_err(), "{bad:?}");
+        }
+        let j = KvHandle::from_json(&json!({"job": "j-1", "chunks": 3, "tokens": 768})).unwrap();
+        assert_eq!(j, h);
+        for bad in [
+            json!("job=j-1;chunks=3;tokens=768"),
+            json!({"job": "j", "chunks": 3}),
+            json!({"job": 5, "chunks": 3, "tokens": 768}),
+            json!({"job": "j", "chunks": -3, "tokens": 768}),
+            json!({"job": "j", "chunks": 3.0, "tokens": 768}),
+        ] {
+            assert!(KvHandle::from_json(&bad).is_err(), "{bad}");
+        }
+        let r = parse_request(
+            Endpoint::Completions,
+            &json!({"prompt": "x", "kv_transfer_params": {"cacheroute_kv_handle":
+                {"job": "resident", "chunks": 0, "tokens": 0}}}),
+        )
+        .unwrap();
+        assert_eq!(r.body_kv_handle().unwrap().unwrap().job, "resident");
+        let r = parse_request(
+            Endpoint::Completions,
+            &json!({"prompt": "x", "kv_transfer_params": {"other": 1}}),
+        )
+        .unwrap();
+        assert!(r.body_kv_handle().is_none());
+        assert_eq!(
+            KvHandleCheck::ALL.map(KvHandleCheck::as_str),
+            ["ok", "missing", "mismatch", "malformed", "no_store"]
+        );
     }
 
     #[test]

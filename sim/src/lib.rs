@@ -1,11 +1,12 @@
 //! sim: the stand-in for vLLM + LMCache on machines without a GPU.
 //!
 //! An OpenAI-compatible server shaped like vLLM's (`/v1/chat/completions`,
-//! `/v1/completions`, `/v1/models`, `/health`, `/metrics`), whose engine is a
+//! `/v1/completions`, `/v1/embeddings`, `/v1/models`, `/health`, `/metrics`), whose engine is a
 //! continuous-batching scheduler ([`engine::Scheduler`]) timed by a cost model fitted from a
 //! GPU calibration profile ([`cacheroute_filters::cost_model`]). See `sim/README.md`.
 
 pub mod api;
+pub mod embeddings;
 pub mod engine;
 pub mod filler;
 pub mod lmcache;
@@ -308,7 +309,7 @@ async fn build_state(
         time_scale: args.time_scale,
         prefix_cache: prefix_cache.unwrap_or_else(|| Arc::new(NoPrefixCache)),
         lmcache,
-        last_request: Mutex::new(serde_json::Value::Null),
+        last_request: Mutex::new((0, serde_json::Value::Null)),
         counter: AtomicU64::new(0),
         started: server::unix_now(),
     })

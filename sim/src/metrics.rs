@@ -47,6 +47,9 @@ pub struct SimMetrics {
     pub kv_handle_requests: IntCounter,
     /// `sim_kv_transfer_params_requests_total`: requests with a `kv_transfer_params` object.
     pub kv_transfer_params_requests: IntCounter,
+    /// `sim:kv_handle_checks_total{result}`: KV handles checked, by outcome
+    /// ([`crate::api::KvHandleCheck`]).
+    pub kv_handle_checks: IntCounterVec,
 }
 
 impl SimMetrics {
@@ -142,6 +145,14 @@ impl SimMetrics {
                 "sim_kv_transfer_params_requests_total",
                 "Completion requests carrying a kv_transfer_params object.",
             ))?,
+            kv_handle_checks: IntCounterVec::new(
+                opts(
+                    "sim:kv_handle_checks_total",
+                    "KV handles (x-cacheroute-kv-handle or kv_transfer_params) checked against \
+                     the LMCache store, by result.",
+                ),
+                &["result"],
+            )?,
             registry,
         };
         let r = &m.registry;
@@ -156,6 +167,7 @@ impl SimMetrics {
         r.register(Box::new(m.prefix_cache_queries.clone()))?;
         r.register(Box::new(m.prefix_cache_hits.clone()))?;
         r.register(Box::new(m.request_success.clone()))?;
+        r.register(Box::new(m.kv_handle_checks.clone()))?;
         for c in [
             &m.external_prefix_cache_queries,
             &m.external_prefix_cache_hits,
@@ -171,6 +183,9 @@ impl SimMetrics {
         // show both outcomes from the start, as vLLM does
         m.request_success.with_label_values(&["stop"]);
         m.request_success.with_label_values(&["length"]);
+        for c in crate::api::KvHandleCheck::ALL {
+            m.kv_handle_checks.with_label_values(&[c.as_str()]);
+        }
         Ok(m)
     }
 

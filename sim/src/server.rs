@@ -1,6 +1,9 @@
 //! The HTTP surface: vLLM's OpenAI server routes over the simulated engine.
 
-use crate::api::{self, ApiError, CompletionRequest, Endpoint, Prompt, RespMeta};
+use crate::api::{
+    self, ApiError, CompletionRequest, Endpoint, KvHandle, KvHandleCheck, Prompt, RespMeta,
+};
+use crate::embeddings::{self, EmbeddingResponse};
 use crate::engine::{EngineHandle, SchedulerConfig, SeqEvent, Submit};
 use crate::filler;
 use crate::lmcache::{LmCache, Lookup};
@@ -27,8 +30,11 @@ pub const MAX_BODY_BYTES: usize = 256 << 20;
 /// Default `max_tokens` when a request has none.
 pub const DEFAULT_MAX_TOKENS: u64 = 16;
 
-/// Header with which the gateway attaches a KV handle (counted, not yet validated).
+/// Header with which the gateway attaches a KV handle (`job=<id>;chunks=<n>;tokens=<t>`).
 pub const KV_HANDLE_HEADER: &str = "x-cacheroute-kv-handle";
+
+/// Response header with the result of checking the request's KV handle.
+pub const KV_HANDLE_RESULT_HEADER: &str = "x-sim-kv-handle";
 
 /// Everything a sim server shares between requests.
 pub struct AppState {
@@ -45,7 +51,9 @@ pub struct AppState {
     pub prefix_cache: Arc<dyn PrefixCache>,
     /// `--kv-store`: lookups and writes of LMCache chunks (replaces `prefix_cache`).
     pub lmcache: Option<Arc<LmCache>>,
-    pub last_request: Mutex<Value>,
+    /// The last completion request, and a sequence number so that a request only adds its
+    /// KV-handle result to its own record.
+    pub last_request: Mutex<(u64, Value)>,
     pub counter: AtomicU64,
     pub started: u64,
 }
@@ -61,6 +69,7 @@ pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/v1/chat/completions", post(chat))
         .route("/v1/completions", post(completions))
+        .route("/v1/embeddings", post(embeddings_route))
         .route("/v1/models", get(models))
         .route("/health", get(health))
         .route("/metrics", get(metrics))
@@ -111,7 +120,7 @@ async fn metrics(State(st): State<Arc<AppState>>) -> Response {
 }
 
 async fn last_request(State(st): State<Arc<AppState>>) -> Json<Value> {
-    Json(st.last_request.lock().expect("last_request lock").clone())
+    Json(st.last_request.lock().expect("last_request lock").1.clone())
 }
 
 async fn engine_debug(State(st): State<Arc<AppState>>) -> Json<Value> {
@@ -143,6 +152,147 @@ async fn completions(State(st): State<Arc<AppState>>, headers: HeaderMap, body: 
         .unwrap_or_else(IntoResponse::into_response)
 }
 
+/// `/v1/embeddings`: answered at once (no engine time), see [`embeddings`].
+async fn embeddings_route(State(st): State<Arc<AppState>>, body: Bytes) -> Response {
+    embed(st, body)
+        .await
+        .unwrap_or_else(IntoResponse::into_response)
+}
+
+async fn embed(st: Arc<AppState>, body: Bytes) -> Result<Response, ApiError> {
+    let value: Value = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::bad_request(format!("Invalid JSON body: {e}")))?;
+    let req = embeddings::parse_request(&value)?;
+    if let Some(m) = &req.model {
+        if *m != st.model {
+            return Err(ApiError::not_found(format!(
+                "The model `{m}` does not exist."
+            )));
+        }
+    }
+    let tok = st.tokenizer.clone();
+    let inputs = req.inputs.clone();
+    let count = move || -> Vec<u64> { inputs.iter().map(|t| tok.encode(t).len() as u64).collect() };
+    // small inputs inline (cheap); large ones off the async threads
+    let counts = if req.inputs.iter().map(String::len).sum::<usize>() < 16 << 10 {
+        count()
+    } else {
+        tokio::task::spawn_blocking(count)
+            .await
+            .map_err(|e| ApiError::internal(format!("tokenizer task failed: {e}")))?
+    };
+    if let Some(n) = counts.iter().find(|n| **n > st.max_model_len) {
+        return Err(ApiError::bad_request(format!(
+            "This model's maximum context length is {} tokens. However, you requested {n} \
+             tokens in the input for embedding generation. Please reduce the length of the \
+             input.",
+            st.max_model_len
+        )));
+    }
+    let n = st.counter.fetch_add(1, Ordering::Relaxed);
+    let id = format!(
+        "embd-{:016x}",
+        filler::splitmix64(st.seed ^ n.rotate_left(32))
+    );
+    let resp =
+        EmbeddingResponse::build(&req, id, unix_now(), st.model.clone(), counts.iter().sum());
+    let bytes = serde_json::to_vec(&resp)
+        .map_err(|e| ApiError::internal(format!("encoding the response: {e}")))?;
+    Ok((
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        )],
+        bytes,
+    )
+        .into_response())
+}
+
+/// A KV handle as received: where it came from, its raw form, and its parse.
+struct KvHandleIn {
+    source: &'static str,
+    raw: Value,
+    parsed: Result<KvHandle, String>,
+}
+
+/// The request's KV handle: the header, else `kv_transfer_params.cacheroute_kv_handle`.
+fn kv_handle_in(headers: &HeaderMap, req: &CompletionRequest) -> Option<KvHandleIn> {
+    if let Some(v) = headers.get(KV_HANDLE_HEADER) {
+        return Some(match v.to_str() {
+            Ok(s) => KvHandleIn {
+                source: "header",
+                raw: Value::String(s.to_string()),
+                parsed: KvHandle::parse_header(s),
+            },
+            Err(_) => KvHandleIn {
+                source: "header",
+                raw: Value::String(String::from_utf8_lossy(v.as_bytes()).into_owned()),
+                parsed: Err("the header is not visible ASCII".into()),
+            },
+        });
+    }
+    let parsed = req.body_kv_handle()?;
+    let raw = req
+        .kv_transfer_params
+        .as_ref()
+        .and_then(|p| p.get("cacheroute_kv_handle"))
+        .cloned()
+        .unwrap_or(Value::Null);
+    Some(KvHandleIn {
+        source: "kv_transfer_params",
+        raw,
+        parsed,
+    })
+}
+
+/// Check a handle against this request's store lookup (`store`: the lookup and the chunk
+/// size; None without `--kv-store`). Returns the result and a report for
+/// `/debug/last_request`.
+fn check_kv_handle(h: &KvHandleIn, store: Option<(&Lookup, usize)>) -> (KvHandleCheck, Value) {
+    let mut report = json!({"source": h.source, "value": h.raw});
+    let result = match &h.parsed {
+        Err(e) => {
+            report["error"] = json!(e);
+            KvHandleCheck::Malformed
+        }
+        Ok(k) => {
+            report["job"] = json!(k.job);
+            report["chunks"] = json!(k.chunks);
+            report["tokens"] = json!(k.tokens);
+            match store {
+                None => KvHandleCheck::NoStore,
+                Some((lookup, chunk_size)) => {
+                    report["chunk_size"] = json!(chunk_size);
+                    report["prompt_chunks"] = json!(lookup.chunks.len());
+                    report["present_chunks"] = json!(lookup.hit_chunks);
+                    report["store_failed"] = json!(lookup.failed);
+                    if k.chunks.checked_mul(chunk_size as u64) != Some(k.tokens) {
+                        KvHandleCheck::Mismatch
+                    } else if (lookup.hit_chunks as u64) < k.chunks {
+                        // also when the prompt has fewer than `chunks` chunks at all
+                        KvHandleCheck::Missing
+                    } else {
+                        KvHandleCheck::Ok
+                    }
+                }
+            }
+        }
+    };
+    report["result"] = json!(result.as_str());
+    (result, report)
+}
+
+/// Tag a response with its KV-handle result.
+fn with_kv_result(mut r: Response, check: Option<KvHandleCheck>) -> Response {
+    if let Some(c) = check {
+        r.headers_mut().insert(
+            KV_HANDLE_RESULT_HEADER,
+            HeaderValue::from_static(c.as_str()),
+        );
+    }
+    r
+}
+
 /// A request that passed validation, with its token accounting.
 struct Accepted {
     req: CompletionRequest,
@@ -154,6 +304,8 @@ struct Accepted {
     seed: u64,
     /// Chunks to write to the LMCache store once the prefill is done.
     kv_save: Option<(Arc<LmCache>, Lookup)>,
+    /// The KV handle's check, with its debug report (None: no handle).
+    kv_check: Option<(KvHandleCheck, Value)>,
 }
 
 impl Accepted {
@@ -180,12 +332,18 @@ async fn handle(
         st.metrics.kv_handle_requests.inc();
     }
     let parsed: Result<Value, _> = serde_json::from_slice(&body);
-    *st.last_request.lock().expect("last_request lock") = json!({
-        "path": path,
-        "bytes": body.len(),
-        "sha256": hex::encode(Sha256::digest(&body)),
-        "body": parsed.as_ref().ok().cloned().unwrap_or(Value::Null),
-    });
+    let seq = {
+        let mut last = st.last_request.lock().expect("last_request lock");
+        last.0 += 1;
+        last.1 = json!({
+            "path": path,
+            "bytes": body.len(),
+            "sha256": hex::encode(Sha256::digest(&body)),
+            "body": parsed.as_ref().ok().cloned().unwrap_or(Value::Null),
+            "kv_handle": null,
+        });
+        last.0
+    };
     let value = parsed.map_err(|e| ApiError::bad_request(format!("Invalid JSON body: {e}")))?;
     let req = api::parse_request(endpoint, &value)?;
     if req.kv_transfer_params.is_some() {
@@ -198,10 +356,23 @@ async fn handle(
             )));
         }
     }
-    let mut acc = accept(&st, req).await?;
+    let handle = kv_handle_in(headers, &req);
+    let mut acc = accept(&st, req, handle.as_ref()).await?;
+    let check = acc.kv_check.take().map(|(check, report)| {
+        st.metrics
+            .kv_handle_checks
+            .with_label_values(&[check.as_str()])
+            .inc();
+        let mut last = st.last_request.lock().expect("last_request lock");
+        if last.0 == seq {
+            last.1["kv_handle"] = report;
+        }
+        check
+    });
+    // whatever the result the request is served: a real engine just recomputes
     if st.zero_latency {
         acc.prefill_done().await;
-        return Ok(respond_now(&st, &acc));
+        return Ok(with_kv_result(respond_now(&st, &acc), check));
     }
     let engine = st
         .engine
@@ -217,15 +388,20 @@ async fn handle(
     }) {
         return Err(ApiError::internal("engine stopped"));
     }
-    if acc.req.stream {
-        Ok(stream_response(acc, rx))
+    let r = if acc.req.stream {
+        stream_response(acc, rx)
     } else {
-        collect_response(acc, rx).await
-    }
+        collect_response(acc, rx).await?
+    };
+    Ok(with_kv_result(r, check))
 }
 
 /// Tokenize and check lengths, as vLLM does before scheduling.
-async fn accept(st: &Arc<AppState>, req: CompletionRequest) -> Result<Accepted, ApiError> {
+async fn accept(
+    st: &Arc<AppState>,
+    req: CompletionRequest,
+    handle: Option<&KvHandleIn>,
+) -> Result<Accepted, ApiError> {
     fn encode(tok: &Tokenizer, prompt: &Prompt) -> Vec<u32> {
         match prompt {
             Prompt::Chat(msgs) => tok.encode_chat(msgs),
@@ -285,12 +461,15 @@ async fn accept(st: &Arc<AppState>, req: CompletionRequest) -> Result<Accepted, 
             prompt_tokens + max_tokens
         )));
     }
-    let (cached_tokens, kv_save) = match &st.lmcache {
+    let (cached_tokens, kv_save, kv_check) = match &st.lmcache {
         Some(lm) => {
             let lookup = lm.query(&ids).await;
+            // the lookup that decides the hits also checks the handle: one store round trip
+            let check =
+                handle.map(|h| check_kv_handle(h, Some((&lookup, lm.config().params.chunk_size))));
             let cached = lookup.cached_tokens.min(prompt_tokens - 1);
             let save = (!req.lmcache_skip_save()).then(|| (lm.clone(), lookup));
-            (cached, save)
+            (cached, save, check)
         }
         None => (
             st.prefix_cache
@@ -298,6 +477,7 @@ async fn accept(st: &Arc<AppState>, req: CompletionRequest) -> Result<Accepted, 
                 .await
                 .min(prompt_tokens - 1),
             None,
+            handle.map(|h| check_kv_handle(h, None)),
         ),
     };
     st.metrics.prompt_tokens.inc_by(prompt_tokens);
@@ -327,6 +507,7 @@ async fn accept(st: &Arc<AppState>, req: CompletionRequest) -> Result<Accepted, 
         max_tokens,
         finish_reason,
         kv_save,
+        kv_check,
     })
 }
 

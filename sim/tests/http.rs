@@ -603,3 +603,125 @@ async fn bad_tokenizer_or_profile_fails_to_start() {
     };
     assert!(spawn(a).await.is_err());
 }
+
+#[tokio::test]
+async fn embeddings_openai_shape() {
+    let h = sim(args()).await;
+    let r = post(
+        &h,
+        "/v1/embeddings",
+        &json!({"model": "m", "input": ["The KV cache of a knowledge block",
+            "the kv cache of the knowledge block", "Bananas are yellow"],
+            "encoding_format": "float"}),
+    )
+    .await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["content-type"], "application/json");
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["object"], "list");
+    assert_eq!(v["model"], "m");
+    assert!(v["id"].as_str().unwrap().starts_with("embd-"));
+    let vecs: Vec<Vec<f64>> = v["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .enumerate()
+        .map(|(i, d)| {
+            assert_eq!(d["object"], "embedding");
+            assert_eq!(d["index"], i);
+            d["embedding"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_f64().unwrap())
+                .collect()
+        })
+        .collect();
+    assert_eq!(vecs.len(), 3);
+    let cos = |a: &[f64], b: &[f64]| a.iter().zip(b).map(|(x, y)| x * y).sum::<f64>();
+    for e in &vecs {
+        assert_eq!(e.len(), 256);
+        assert!((cos(e, e) - 1.0).abs() < 1e-5);
+    }
+    assert!(cos(&vecs[0], &vecs[1]) > 0.6);
+    assert!(cos(&vecs[0], &vecs[2]).abs() < 0.4);
+    // usage: the inputs' token counts, nothing generated
+    let u = &v["usage"];
+    let n = u["prompt_tokens"].as_u64().unwrap();
+    assert!(n > 12 && n < 40, "{u}");
+    assert_eq!(u["total_tokens"].as_u64(), Some(n));
+
+    // deterministic across calls; a single string works; base64 is the same floats
+    let one: Value = post(
+        &h,
+        "/v1/embeddings",
+        &json!({"input": "Bananas are yellow"}),
+    )
+    .await
+    .json()
+    .await
+    .unwrap();
+    let floats: Vec<f64> = one["data"][0]["embedding"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap())
+        .collect();
+    assert_eq!(floats, vecs[2]);
+    let b64: Value = post(
+        &h,
+        "/v1/embeddings",
+        &json!({"input": "Bananas are yellow", "encoding_format": "base64"}),
+    )
+    .await
+    .json()
+    .await
+    .unwrap();
+    let s = b64["data"][0]["embedding"].as_str().unwrap();
+    assert_eq!(s.len(), (256 * 4usize).div_ceil(3) * 4);
+    assert_eq!(
+        s,
+        cacheroute_sim::embeddings::base64_f32(
+            &floats.iter().map(|x| *x as f32).collect::<Vec<f32>>()
+        )
+    );
+
+    // errors, OpenAI-shaped
+    for (body, status) in [
+        (json!({"model": "m"}), 400),
+        (json!({"input": ""}), 400),
+        (json!({"input": []}), 400),
+        (json!({"input": ["ok", ""]}), 400),
+        (json!({"input": [1, 2, 3]}), 400),
+        (json!({"input": "x", "encoding_format": "int8"}), 400),
+        (json!({"model": "other", "input": "x"}), 404),
+    ] {
+        let r = post(&h, "/v1/embeddings", &body).await;
+        assert_eq!(r.status(), status, "{body}");
+        let e: Value = r.json().await.unwrap();
+        assert_eq!(e["error"]["code"], status, "{body}");
+        assert!(e["error"]["message"].as_str().unwrap().len() > 5);
+    }
+    let r = client()
+        .post(format!("{}/v1/embeddings", h.url()))
+        .body("{not json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    // longer than --max-model-len
+    let small = sim(SimArgs {
+        max_model_len: 16,
+        ..args()
+    })
+    .await;
+    let r = post(
+        &small,
+        "/v1/embeddings",
+        &json!({"input": "word ".repeat(100)}),
+    )
+    .await;
+    assert_eq!(r.status(), 400);
+    h.stop().await;
+    small.stop().await;
+}

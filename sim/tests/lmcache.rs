@@ -514,6 +514,178 @@ async fn kv_handles_and_skip_save() {
     h.stop().await;
 }
 
+/// The `sim:kv_handle_checks_total` sample of one result.
+fn checks(h: &SimHandle, result: &str) -> u64 {
+    let text = h.metrics_text();
+    let want = format!("result=\"{result}\"");
+    text.lines()
+        .filter(|l| l.starts_with("sim:kv_handle_checks_total{"))
+        .find(|l| l.contains(&want))
+        .unwrap_or_else(|| panic!("no {result} sample:\n{text}"))
+        .rsplit(' ')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+/// POST a completion with an optional KV-handle header; returns the `x-sim-kv-handle`
+/// result and the body (or the SSE text for streams).
+async fn with_handle(h: &SimHandle, header: Option<&str>, body: Value) -> (String, String) {
+    let mut rq = reqwest::Client::new()
+        .post(format!("{}/v1/completions", h.url()))
+        .json(&body);
+    if let Some(v) = header {
+        rq = rq.header("x-cacheroute-kv-handle", v);
+    }
+    let r = rq.send().await.unwrap();
+    assert_eq!(r.status(), 200, "served whatever the handle says");
+    let result = r
+        .headers()
+        .get("x-sim-kv-handle")
+        .map(|v| v.to_str().unwrap().to_string())
+        .unwrap_or_default();
+    (result, r.text().await.unwrap())
+}
+
+async fn last_handle(h: &SimHandle) -> Value {
+    let v: Value = reqwest::Client::new()
+        .get(format!("{}/debug/last_request", h.url()))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    v["kv_handle"].clone()
+}
+
+#[tokio::test]
+async fn kv_handles_are_checked_against_the_store() {
+    let store = unique_store("check");
+    let h = sim(args(&store)).await;
+    // 600 tokens: 2 full chunks of 256
+    let ids: Vec<u32> = (0..600).map(|i| (i * 7919 + 13) % 128000).collect();
+    let body = json!({"prompt": ids, "max_tokens": 1});
+    // nothing stored yet: the handle's chunks are missing (and the request is served)
+    let (r, _) = with_handle(&h, Some("job=j-1;chunks=2;tokens=512"), body.clone()).await;
+    assert_eq!(r, "missing");
+    let d = last_handle(&h).await;
+    assert_eq!(d["result"], "missing");
+    assert_eq!(d["source"], "header");
+    assert_eq!(d["value"], "job=j-1;chunks=2;tokens=512");
+    assert_eq!(
+        (d["present_chunks"].as_u64(), d["prompt_chunks"].as_u64()),
+        (Some(0), Some(2))
+    );
+    assert_eq!(d["chunk_size"], 256);
+    // that request stored both chunks, as a KDN injection would have
+    let (r, text) = with_handle(&h, Some("job=j-1;chunks=2;tokens=512"), body.clone()).await;
+    assert_eq!(r, "ok");
+    let v: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(v["usage"]["prompt_tokens_details"]["cached_tokens"], 512);
+    let d = last_handle(&h).await;
+    assert_eq!(
+        (d["result"].as_str(), d["job"].as_str()),
+        (Some("ok"), Some("j-1"))
+    );
+    assert_eq!(
+        (d["chunks"].as_u64(), d["tokens"].as_u64()),
+        (Some(2), Some(512))
+    );
+    // fewer chunks claimed than present is fine; more than the prompt has is not
+    let (r, _) = with_handle(&h, Some("job=j-1;chunks=1;tokens=256"), body.clone()).await;
+    assert_eq!(r, "ok");
+    let (r, _) = with_handle(&h, Some("job=j-1;chunks=3;tokens=768"), body.clone()).await;
+    assert_eq!(r, "missing");
+    // tokens not chunks × chunk size
+    let (r, _) = with_handle(&h, Some("job=j-1;chunks=2;tokens=500"), body.clone()).await;
+    assert_eq!(r, "mismatch");
+    // unparsable
+    let (r, _) = with_handle(&h, Some("kh-1"), body.clone()).await;
+    assert_eq!(r, "malformed");
+    let d = last_handle(&h).await;
+    assert_eq!(d["result"], "malformed");
+    assert!(d["error"].as_str().unwrap().contains("key=value"), "{d}");
+    // a prompt sharing only the first chunk: the second chunk of THIS prompt is missing
+    let mut fork = ids.clone();
+    fork[300] = (fork[300] + 1) % 128000;
+    let fork_body =
+        json!({"prompt": fork, "max_tokens": 1, "kv_transfer_params": {"lmcache.skip_save": true}});
+    let (r, _) = with_handle(&h, Some("job=j-2;chunks=2;tokens=512"), fork_body.clone()).await;
+    assert_eq!(r, "missing");
+    let (r, _) = with_handle(&h, Some("job=j-2;chunks=1;tokens=256"), fork_body).await;
+    assert_eq!(r, "ok");
+
+    // the body form, streamed too
+    let handle = json!({"job": "j-3", "chunks": 2, "tokens": 512});
+    let in_body = json!({"prompt": ids, "max_tokens": 2,
+        "kv_transfer_params": {"cacheroute_kv_handle": handle}});
+    let (r, _) = with_handle(&h, None, in_body.clone()).await;
+    assert_eq!(r, "ok");
+    let d = last_handle(&h).await;
+    assert_eq!(
+        (d["source"].as_str(), d["job"].as_str()),
+        (Some("kv_transfer_params"), Some("j-3"))
+    );
+    assert_eq!(d["value"], handle);
+    let mut streamed = in_body.clone();
+    streamed["stream"] = json!(true);
+    let (r, text) = with_handle(&h, None, streamed).await;
+    assert_eq!(r, "ok");
+    assert!(text.ends_with("data: [DONE]\n\n"));
+    // the header wins over the body, either way
+    let (r, _) = with_handle(&h, Some("job=j-4"), in_body.clone()).await;
+    assert_eq!(r, "malformed");
+    let bad_body = json!({"prompt": ids, "max_tokens": 1,
+        "kv_transfer_params": {"cacheroute_kv_handle": {"job": "j-5", "chunks": "2"}}});
+    let (r, _) = with_handle(&h, None, bad_body.clone()).await;
+    assert_eq!(r, "malformed");
+    let (r, _) = with_handle(&h, Some("job=j-5;chunks=2;tokens=512"), bad_body).await;
+    assert_eq!(r, "ok");
+    assert_eq!(last_handle(&h).await["source"], "header");
+    // no handle: no result header, no report, no count
+    let (r, _) = with_handle(&h, None, body.clone()).await;
+    assert_eq!(r, "");
+    assert_eq!(last_handle(&h).await, Value::Null);
+
+    assert_eq!(checks(&h, "ok"), 6);
+    assert_eq!(checks(&h, "missing"), 3);
+    assert_eq!(checks(&h, "mismatch"), 1);
+    assert_eq!(checks(&h, "malformed"), 3);
+    assert_eq!(checks(&h, "no_store"), 0);
+    // header-carrying requests are still counted apart
+    assert_eq!(metric(&h, "sim_kv_handle_requests_total"), 10);
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn kv_handles_without_a_store() {
+    for zero_latency in [false, true] {
+        let h = sim(SimArgs {
+            kv_store: None,
+            zero_latency,
+            ..args("unused")
+        })
+        .await;
+        let body = json!({"prompt": "hello there", "max_tokens": 1});
+        let (r, _) = with_handle(&h, Some("job=j;chunks=2;tokens=512"), body.clone()).await;
+        assert_eq!(r, "no_store");
+        let d = last_handle(&h).await;
+        assert_eq!(
+            (d["result"].as_str(), d["chunks"].as_u64()),
+            (Some("no_store"), Some(2))
+        );
+        // parsing comes first
+        let (r, _) = with_handle(&h, Some("job=j;chunks=two;tokens=512"), body).await;
+        assert_eq!(r, "malformed");
+        assert_eq!(checks(&h, "no_store"), 1);
+        assert_eq!(checks(&h, "malformed"), 1);
+        assert_eq!(checks(&h, "ok"), 0);
+        h.stop().await;
+    }
+}
+
 // ---------------------------------------------------------------------------
 // A real Redis
 
