@@ -50,6 +50,20 @@ def pfleet(procs, cr_bin, sim, gateway, redis_server, tmp_path):
     return start
 
 
+def occupy(gw, max_tokens: int) -> threading.Thread:
+    """Send a long generation in the background (it may be torn down under it)."""
+    def run():
+        try:
+            with client(timeout=120) as c:
+                c.post(gw.v1 + "/chat/completions", json={
+                    "model": MODEL, "max_tokens": max_tokens, "messages": [{"role": "user", "content": "x"}]})
+        except Exception:
+            pass
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t
+
+
 def usage(r) -> dict:
     return r.json()["usage"]
 
@@ -73,16 +87,8 @@ def test_fast_link_and_long_queue_adaptive_picks_kv_and_hits(pfleet):
     f = pfleet(link_gbps=400.0, time_scale=1.0, pool={"max_inflight": 1})
     # Fill the instance: one long request running, a few queued behind it.
 
-    def background():
-        try:
-            with client(timeout=120) as c:
-                c.post(f.gw.v1 + "/chat/completions", json={
-                    "model": MODEL, "max_tokens": 100, "messages": [{"role": "user", "content": "long " * 50}]})
-        except Exception:  # torn down under it
-            pass
-    threads = [threading.Thread(target=background, daemon=True) for _ in range(3)]
-    for t in threads:
-        t.start()
+    for _ in range(3):
+        occupy(f.gw, 100)
     wait_until(lambda: sum(i["queued"] for p in f.gw.status()["pools"] for i in p["instances"]) >= 2 or None,
                timeout=10, what="a queue on the instance")
     r = ask(f.gw, "basalt", timeout=120)
@@ -142,19 +148,8 @@ def test_text_bypass_late_kv_goes_as_text(pfleet):
 
 def test_full_queue_gets_429_with_retry_after(pfleet):
     f = pfleet(time_scale=1.0, pool={"max_inflight": 1, "queue_size": 1, "queue_timeout_ms": 60000})
-    threads = []
-
-    def hold():
-        try:
-            with client(timeout=120) as c:
-                c.post(f.gw.v1 + "/chat/completions", json={
-                    "model": MODEL, "max_tokens": 3000, "messages": [{"role": "user", "content": "x"}]})
-        except Exception:  # torn down under it
-            pass
     for _ in range(2):
-        t = threading.Thread(target=hold, daemon=True)
-        t.start()
-        threads.append(t)
+        occupy(f.gw, 3000)
     wait_until(lambda: [i["queued"] for p in f.gw.status()["pools"] for i in p["instances"]] == [1] or None,
                timeout=10, what="one running, one queued")
     with client() as c:
@@ -167,15 +162,7 @@ def test_full_queue_gets_429_with_retry_after(pfleet):
 
 def test_queue_timeout_gets_429(pfleet):
     f = pfleet(time_scale=1.0, pool={"max_inflight": 1, "queue_timeout_ms": 200})
-    def hold():
-        try:
-            with client(timeout=120) as c:
-                c.post(f.gw.v1 + "/chat/completions", json={
-                    "model": MODEL, "max_tokens": 3000, "messages": [{"role": "user", "content": "x"}]})
-        except Exception:  # torn down under it
-            pass
-    t = threading.Thread(target=hold, daemon=True)
-    t.start()
+    occupy(f.gw, 3000)
     wait_until(lambda: [i["inflight"] for p in f.gw.status()["pools"] for i in p["instances"]] == [1] or None,
                timeout=10, what="the slot taken")
     with client() as c:

@@ -4,7 +4,8 @@
 //! * with `--kdn` and `--kv-store`, tracks which knowledge blocks are fully resident in
 //!   the instance's LMCache store ([`residency`]);
 //! * serves both ([`server`]: `/v1/load`, `/v1/resident`, `/metrics`, `/health`);
-//! * registers with every gateway each heartbeat ([`register`]) and leaves on shutdown.
+//! * registers with every gateway each heartbeat (the KDN's membership module, as
+//!   `kind = "agent"`) and leaves on shutdown.
 //!
 //! Nothing here depends on the engine, the KDN, the store or a gateway being up:
 //! every failure is retried on the next tick.
@@ -12,15 +13,14 @@
 pub mod engine;
 pub mod metrics;
 pub mod prom;
-pub mod register;
 pub mod residency;
 pub mod server;
 
 use anyhow::Context;
+use cacheroute_kdn::membership::{MemberInfo, Membership};
 use clap::Args;
 use engine::EngineState;
 use metrics::AgentMetrics;
-use register::Identity;
 use residency::{ResidencyConfig, ResidentEntry};
 use server::Shared;
 use std::net::SocketAddr;
@@ -106,9 +106,9 @@ pub struct AgentHandle {
     /// The bound address (the real port when `--listen` asked for port 0).
     pub addr: SocketAddr,
     shared: Arc<Shared>,
-    identity: Arc<Identity>,
-    gateways: Vec<String>,
-    client: reqwest::Client,
+    id: String,
+    advertise: String,
+    membership: Option<Membership>,
     stop: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
     server: Option<JoinHandle<()>>,
@@ -122,12 +122,12 @@ impl AgentHandle {
 
     /// The id it registers under.
     pub fn id(&self) -> &str {
-        &self.identity.id
+        &self.id
     }
 
     /// The URL it advertises to gateways.
     pub fn advertise_url(&self) -> &str {
-        &self.identity.url
+        &self.advertise
     }
 
     /// The current `/v1/load` document.
@@ -142,7 +142,9 @@ impl AgentHandle {
             let _ = t.await;
         }
         // only after the heartbeats stopped, so none re-adds us after the DELETE
-        register::deregister_all(&self.client, &self.gateways, &self.identity).await;
+        if let Some(m) = self.membership.take() {
+            m.stop().await;
+        }
         if let Some(server) = self.server.take() {
             let abort = server.abort_handle();
             if tokio::time::timeout(Duration::from_secs(2), server)
@@ -236,13 +238,6 @@ pub async fn start(args: AgentArgs) -> anyhow::Result<AgentHandle> {
         resident: Arc::new(Mutex::new(Vec::<ResidentEntry>::new())),
         metrics: metrics.clone(),
     });
-    let identity = Arc::new(Identity {
-        id,
-        url: advertise,
-        instance: engine.clone(),
-        heartbeat: Duration::from_secs_f64(args.heartbeat_s),
-        token: args.gateway_token.clone().filter(|t| !t.is_empty()),
-    });
     let client = reqwest::Client::builder()
         .connect_timeout(Duration::from_secs(1))
         .build()
@@ -266,15 +261,25 @@ pub async fn start(args: AgentArgs) -> anyhow::Result<AgentHandle> {
             stop_rx.clone(),
         )));
     }
-    for g in &gateways {
-        tasks.push(tokio::spawn(register::register_loop(
-            client.clone(),
-            g.clone(),
-            identity.clone(),
-            metrics.clone(),
-            stop_rx.clone(),
-        )));
-    }
+    let on_attempt = {
+        let metrics = metrics.clone();
+        Arc::new(move |ok: bool| {
+            let label = if ok { "ok" } else { "error" };
+            metrics.registrations.with_label_values(&[label]).inc();
+        })
+    };
+    let membership = (!gateways.is_empty()).then(|| {
+        Membership::start(MemberInfo {
+            kind: "agent",
+            id: id.clone(),
+            url: advertise.clone(),
+            instance: Some(engine.clone()),
+            gateways: gateways.clone(),
+            token: args.gateway_token.clone().unwrap_or_default(),
+            heartbeat: Duration::from_secs_f64(args.heartbeat_s),
+            on_attempt: Some(on_attempt),
+        })
+    });
 
     let app = server::router(shared.clone());
     let mut server_stop = stop_rx;
@@ -290,9 +295,9 @@ pub async fn start(args: AgentArgs) -> anyhow::Result<AgentHandle> {
     Ok(AgentHandle {
         addr,
         shared,
-        identity,
-        gateways,
-        client,
+        id,
+        advertise,
+        membership,
         stop,
         tasks,
         server: Some(server),

@@ -1,11 +1,12 @@
-//! Membership: the KDN announces itself to CacheRoute gateways, so that gateways and KDNs
-//! can start in any order.
+//! Membership: a KDN or an instance agent announces itself to CacheRoute gateways, so
+//! that gateways and members can start in any order.
 //!
 //! Every `heartbeat` a task per gateway sends `POST {gateway}/v1/members` with
-//! `{"kind":"kdn","id","url","ttl_s"}`; failures are retried at the same pace forever
-//! (the gateway may be down, not yet started, or restarting). On shutdown each task sends
-//! a best-effort `DELETE {gateway}/v1/members/kdn/{id}`.
+//! `{"kind","id","url","ttl_s"}` (agents add `"instance"`); failures are retried at the
+//! same pace forever (the gateway may be down, not yet started, or restarting). On
+//! shutdown each task sends a best-effort `DELETE {gateway}/v1/members/{kind}/{id}`.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::{json, Value};
@@ -13,10 +14,15 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio::time::MissedTickBehavior;
 
-/// What the KDN tells the gateways.
-#[derive(Debug, Clone, PartialEq)]
+/// Called after every registration attempt with whether it succeeded (for metrics).
+pub type OnAttempt = Arc<dyn Fn(bool) + Send + Sync>;
+
+/// What a member tells the gateways.
+#[derive(Clone)]
 pub struct MemberInfo {
-    /// The KDN id.
+    /// `kdn` or `agent`.
+    pub kind: &'static str,
+    /// The member's id.
     pub id: String,
     /// The URL gateways reach the KDN at.
     pub url: String,
@@ -25,17 +31,24 @@ pub struct MemberInfo {
     /// Bearer token (empty: no `Authorization` header).
     pub token: String,
     pub heartbeat: Duration,
+    /// Agents: the engine's base URL.
+    pub instance: Option<String>,
+    pub on_attempt: Option<OnAttempt>,
 }
 
 impl MemberInfo {
     /// The registration body.
     pub fn body(&self) -> Value {
-        json!({
-            "kind": "kdn",
+        let mut v = json!({
+            "kind": self.kind,
             "id": self.id,
             "url": self.url,
             "ttl_s": 3.0 * self.heartbeat.as_secs_f64(),
-        })
+        });
+        if let Some(i) = &self.instance {
+            v["instance"] = json!(i);
+        }
+        v
     }
 }
 
@@ -143,7 +156,11 @@ fn path_segment(id: &str) -> String {
 }
 
 async fn deregister(client: &reqwest::Client, gateway: &str, info: &MemberInfo) {
-    let url = format!("{gateway}/v1/members/kdn/{}", path_segment(&info.id));
+    let url = format!(
+        "{gateway}/v1/members/{}/{}",
+        info.kind,
+        path_segment(&info.id)
+    );
     let req = authorized(client.delete(url), &info.token).timeout(DEREGISTER_TIMEOUT);
     match req.send().await {
         Ok(r) => tracing::debug!(%gateway, status = %r.status(), "deregistered from gateway"),
@@ -182,6 +199,9 @@ async fn heartbeat(
             r = register(&client, &gateway, &info, &body) => r,
             _ = shutdown.changed() => break,
         };
+        if let Some(f) = &info.on_attempt {
+            f(outcome.is_ok());
+        }
         match outcome {
             Ok(()) => {
                 match standing {
@@ -215,6 +235,9 @@ mod tests {
     #[test]
     fn body_and_path() {
         let info = MemberInfo {
+            kind: "kdn",
+            instance: None,
+            on_attempt: None,
             id: "kdn@127.0.0.1:9101".into(),
             url: "http://127.0.0.1:9101".into(),
             gateways: vec![],

@@ -437,6 +437,9 @@ pub async fn spawn_kdn(mut config: KdnConfig) -> anyhow::Result<KdnHandle> {
     let k = &kdn.config.kdn;
     let membership = (!k.gateways.is_empty()).then(|| {
         Membership::start(MemberInfo {
+            kind: "kdn",
+            instance: None,
+            on_attempt: None,
             id: kdn.id.clone(),
             url: k.advertise_url_or_default(),
             gateways: k.gateways.clone(),
