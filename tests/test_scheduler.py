@@ -104,8 +104,8 @@ def test_rag_request_gets_its_block_first_and_no_extension_reaches_the_engine(fl
     with client() as c:
         r = c.post(f.gw.v1 + "/chat/completions", json={
             "model": MODEL, "max_tokens": 2, "messages": [{"role": "user", "content": QUESTIONS["basalt"]}]})
-    assert r.status_code == 200 and r.headers["x-cacheroute-knowledge"] == ""
-    assert r.headers["x-cacheroute-injection"] == "none"
+    assert r.status_code == 200 and "x-cacheroute-knowledge" not in r.headers
+    assert "x-cacheroute-injection" not in r.headers and "x-cacheroute-decision" in r.headers
 
 
 def test_overloaded_kdn_is_avoided(fleet):
@@ -136,7 +136,8 @@ def test_overloaded_kdn_is_avoided(fleet):
 
 
 def test_pool_whose_stores_hold_the_knowledge_is_preferred(fleet):
-    f = fleet()
+    # Only the KDN's registry tells residency here (not what the engines computed).
+    f = fleet(proxy={"engine_stores_prefix": False})
     k = f.kdns[0]
     for bid in ("basalt", "tidal"):
         k.register(bid)
@@ -231,7 +232,7 @@ def test_new_block_is_retrievable_within_a_sync_period(fleet):
     k.register("basalt")
     wait_synced(f.gw, [k.id], blocks=1)
     r = ask(f.gw, "tidal")
-    assert r.headers["x-cacheroute-knowledge"] != "tidal"
+    assert r.headers.get("x-cacheroute-knowledge") != "tidal"
     t0 = time.monotonic()
     k.register("tidal", wait=False)
 

@@ -60,6 +60,9 @@ pub struct ProxySection {
     pub kv_transfer_params: bool,
     /// Round-trip time of a KDN → instance link, ms (for the predictions).
     pub link_rtt_ms: f64,
+    /// The engines' LMCache stores the KV of prefixes they compute (LMCache's
+    /// default): after a text-mode request the knowledge counts as resident there.
+    pub engine_stores_prefix: bool,
 }
 
 impl Default for ProxySection {
@@ -74,6 +77,7 @@ impl Default for ProxySection {
             tokenizer: String::new(),
             kv_transfer_params: false,
             link_rtt_ms: 0.5,
+            engine_stores_prefix: true,
         }
     }
 }

@@ -48,6 +48,8 @@ enum Sink {
 pub struct DecisionLog {
     ring: Mutex<VecDeque<std::sync::Arc<DecisionRecord>>>,
     sink: Mutex<Option<(String, Sink)>>,
+    /// Whether `sink` is set (checked without its lock on every request).
+    logging: std::sync::atomic::AtomicBool,
 }
 
 impl DecisionLog {
@@ -55,6 +57,7 @@ impl DecisionLog {
         DecisionLog {
             ring: Mutex::new(VecDeque::new()),
             sink: Mutex::new(None),
+            logging: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -76,12 +79,14 @@ impl DecisionLog {
                 Some((path.to_string(), Sink::File(f)))
             }
         };
+        self.logging
+            .store(g.is_some(), std::sync::atomic::Ordering::Relaxed);
         Ok(())
     }
 
     pub fn push(&self, record: DecisionRecord, keep: usize) {
         let record = std::sync::Arc::new(record);
-        {
+        if self.logging.load(std::sync::atomic::Ordering::Relaxed) {
             let mut g = self.sink.lock().unwrap_or_else(|p| p.into_inner());
             if let Some((_, sink)) = g.as_mut() {
                 if let Ok(mut line) = serde_json::to_vec(&*record) {

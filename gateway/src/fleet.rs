@@ -204,6 +204,9 @@ pub struct PoolProxy {
 pub struct Pool {
     pub name: String,
     pub proxy: PoolProxy,
+    /// `cacheroute_scheduling_decisions_total{pool}` by knowledge source (none,
+    /// explicit, retrieved) and whether a KDN supplies it (no, yes), resolved once.
+    pub scheduled: [[prometheus::IntCounter; 2]; 3],
     /// Retrieve for every request this pool may serve.
     pub rag_always: bool,
     /// KDN injection target of the instances' stores (default: the pool's name).
@@ -514,9 +517,17 @@ impl FleetBuilder {
             } else {
                 (pc.models.clone(), false)
             };
+            let scheduled = ["none", "explicit", "retrieved"].map(|source| {
+                ["no", "yes"].map(|kdn| {
+                    metrics
+                        .scheduling
+                        .with_label_values(&[&pc.name, source, kdn])
+                })
+            });
             pools.push(Pool {
                 name: pc.name.clone(),
                 proxy,
+                scheduled,
                 rag_always: pc.rag_always,
                 kv_target: pc.kv_target.clone(),
                 models,

@@ -72,10 +72,14 @@ pub async fn exchange(
             }
         };
         // A client that goes away during a long prefill aborts the upstream
-        // request (dropping the connection makes vLLM abort it).
+        // request (dropping the connection makes vLLM abort it). Watching costs
+        // a read per request, so only answers slower than CLIENT_WATCH_AFTER pay
+        // it. The client sends nothing until it has our answer, so the probe
+        // cannot take a byte of its next request.
         let sent = tokio::select! {
+            biased;
             r = send(stream, &peer, &request, inst.read_timeout) => r,
-            gone = session.read_body_or_idle(true) => return Err(client_gone(gone)),
+            gone = watch_client(session) => return Err(client_gone(gone)),
         };
         match sent {
             Ok(up) => break up,
@@ -104,11 +108,10 @@ pub async fn exchange(
 
     let mut ttft = None;
     loop {
-        let next = tokio::select! {
-            r = up.read_body_bytes() => r,
-            gone = session.read_body_or_idle(true) => return Err(client_gone(gone)),
-        };
-        match next {
+        // While the body streams, a client that went away is seen when the next
+        // chunk cannot be written (no probe read: once the body is done, the
+        // client may already be sending its next request).
+        match up.read_body_bytes().await {
             Ok(Some(chunk)) => {
                 if ttft.is_none() && !chunk.is_empty() {
                     ttft = Some(start.elapsed());
@@ -168,6 +171,19 @@ async fn send(
     up.read_timeout = Some(timeout);
     up.read_response().await?;
     Ok(up)
+}
+
+/// How long an exchange runs before the gateway starts watching for the client
+/// going away.
+const CLIENT_WATCH_AFTER: Duration = Duration::from_millis(20);
+
+/// Resolves when the client closes its connection (watching from
+/// CLIENT_WATCH_AFTER on).
+async fn watch_client(session: &mut Session) -> Result<Option<Bytes>> {
+    // Pingora's timer wheel: a tokio timer per request would wake the parked
+    // time driver's thread each time.
+    fast_timeout::fast_sleep(CLIENT_WATCH_AFTER).await;
+    session.read_body_or_idle(true).await
 }
 
 /// The downstream idle read ended: the client closed the connection.
@@ -238,7 +254,8 @@ fn downstream_response(
     // answer is the more precise one. Engines never send these headers.
     for (k, v) in extra {
         if upstream.headers.get(*k).is_none() {
-            resp.insert_header(*k, *v)?;
+            // A static name skips parsing and lowercasing it per response.
+            resp.insert_header(http::HeaderName::from_static(k), *v)?;
         }
     }
     Ok(resp)

@@ -277,6 +277,48 @@ pub struct KnowledgeState {
     pub agents: ArcSwap<HashMap<String, AgentLive>>,
 }
 
+/// Where the knowledge's KV in an instance's store is known from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Residency {
+    /// This gateway put it there (a KDN job, or the engine computed the prefix) recently.
+    Recent(String),
+    /// The instance's agent, which looks at the store itself, lists it.
+    Agent,
+    /// The KDN's registry says a job copied it (no agent to say otherwise).
+    Registry,
+}
+
+/// Whether block `id` (`block`, when in the catalog) is resident in instance `idx` of
+/// `pool` for `model`. The gateway's own recent knowledge comes first; then an up
+/// agent is authoritative (stores evict, and a registry never hears of it); without an
+/// agent, the KDN's registry.
+pub fn residency(
+    pool: &Pool,
+    idx: usize,
+    model: &str,
+    id: &str,
+    block: Option<&Block>,
+    agents: &HashMap<String, AgentLive>,
+    injections: &crate::kv_inject::KvInjections,
+) -> Option<Residency> {
+    let target = instance_target(pool, idx);
+    let key = (target.to_string(), model.to_string(), id.to_string());
+    if let Some(how) = injections.resident_job(&key) {
+        return Some(Residency::Recent(how));
+    }
+    match agents.get(&pool.instances[idx].url.base).filter(|a| a.up) {
+        Some(a) => a
+            .load
+            .resident
+            .iter()
+            .any(|r| r == id)
+            .then_some(Residency::Agent),
+        None => block
+            .is_some_and(|b| b.resident_in(model, &[target]))
+            .then_some(Residency::Registry),
+    }
+}
+
 /// The KDN injection target of an instance: its own, the pool's, or the pool's name.
 pub fn instance_target(pool: &Pool, inst: usize) -> &str {
     pool.instances[inst]
@@ -336,12 +378,12 @@ pub fn pool_view(
     pool: &Pool,
     catalog: &Catalog,
     agents: &HashMap<String, AgentLive>,
+    injections: &crate::kv_inject::KvInjections,
     ids: &[&str],
     model: &str,
 ) -> PoolView {
     let (mut inflight, mut queued, mut capacity) = (0u64, 0u64, 0u64);
-    let mut targets: Vec<&str> = Vec::with_capacity(pool.instances.len());
-    for (i, inst) in pool.instances.iter().enumerate() {
+    for inst in &pool.instances {
         let own_inflight = inst.state.inflight();
         let own_queued = inst.state.queued();
         let agent = agents.get(&inst.url.base).filter(|a| a.up);
@@ -349,24 +391,13 @@ pub fn pool_view(
         inflight += own_inflight.max(a_running);
         queued += own_queued.max(a_waiting);
         capacity += inst.max_inflight;
-        let t = instance_target(pool, i);
-        if !targets.contains(&t) {
-            targets.push(t);
-        }
     }
     let resident = ids
         .iter()
         .filter(|id| {
-            let by_kdn = catalog
-                .blocks
-                .get(**id)
-                .is_some_and(|b| b.resident_in(model, &targets));
-            by_kdn
-                || pool.instances.iter().any(|inst| {
-                    agents
-                        .get(&inst.url.base)
-                        .is_some_and(|a| a.up && a.load.resident.iter().any(|r| r == *id))
-                })
+            let block = catalog.blocks.get(**id);
+            (0..pool.instances.len())
+                .any(|i| residency(pool, i, model, id, block, agents, injections).is_some())
         })
         .map(|id| id.to_string())
         .collect();

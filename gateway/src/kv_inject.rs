@@ -49,6 +49,16 @@ impl KvInjections {
             .map(|(job, _)| job.clone())
     }
 
+    /// Remember that `key`'s KV reached its store another way (the engine computed the
+    /// prefix in text mode, and LMCache stores what it computes).
+    pub fn mark_resident(&self, key: InjectKey, how: &str) {
+        let mut done = self.done.lock().unwrap_or_else(|p| p.into_inner());
+        if done.len() > 100_000 {
+            done.retain(|_, (_, at)| at.elapsed() < RESIDENT_MEMORY);
+        }
+        done.insert(key, (how.to_string(), Instant::now()));
+    }
+
     /// Watch the injection of `key` from the KDN at `kdn_url`, starting it unless one
     /// is already running.
     pub fn ensure(

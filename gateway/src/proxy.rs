@@ -24,6 +24,8 @@ pub struct KvPlan {
     pub decision: InjectionDecision,
     /// Injection target of the instance's store.
     pub target: String,
+    /// (target, model, leading block).
+    pub key: InjectKey,
     /// The injection to wait for (KV mode, not resident yet).
     pub pending: Option<watch::Receiver<InjectState>>,
     /// KDN job (or `resident`) named in the KV handle.
@@ -128,10 +130,20 @@ pub fn plan_kv(
     let key: InjectKey = (target.clone(), plan.model.clone(), id.clone());
     let agents = state.knowledge.agents.load();
     let agent = agents.get(&inst.url.base).filter(|a| a.up);
-    let recent_job = state.injections.resident_job(&key);
-    let resident = block.resident_in(&plan.model, &[&target])
-        || recent_job.is_some()
-        || agent.is_some_and(|a| a.load.resident.iter().any(|r| r == id));
+    let found = knowledge::residency(
+        pool,
+        idx,
+        &plan.model,
+        id,
+        Some(block),
+        &agents,
+        &state.injections,
+    );
+    let resident = found.is_some();
+    let recent_job = match found {
+        Some(knowledge::Residency::Recent(job)) => Some(job),
+        _ => None,
+    };
     let kdns = state.knowledge.kdns.load();
     let kdn = plan
         .decision
@@ -195,7 +207,9 @@ pub fn plan_kv(
         (InjectionMode::Kv, false) => {
             let kdn = kdn?;
             let timeout = std::time::Duration::from_millis(fleet.config.proxy.inject_timeout_ms);
-            let rx = state.injections.ensure(&state.http, &kdn.url, key, timeout);
+            let rx = state
+                .injections
+                .ensure(&state.http, &kdn.url, key.clone(), timeout);
             (Some(rx), None)
         }
         (InjectionMode::Text, _) => (None, None),
@@ -203,6 +217,7 @@ pub fn plan_kv(
     Some(KvPlan {
         decision,
         target,
+        key,
         pending,
         job,
         chunks: m.chunks,

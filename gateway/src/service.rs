@@ -167,22 +167,21 @@ impl ServicePlane {
 
     /// Count and keep a completed request's decisions.
     fn record_decision(&self, ctx: &ReqCtx, plan: &Plan, status: u16) {
-        let m = &self.state.metrics;
         let d = &plan.decision;
         let source = match d.knowledge {
-            KnowledgeRequirement::None => "none",
-            KnowledgeRequirement::Explicit { .. } => "explicit",
-            KnowledgeRequirement::Retrieved { .. } => "retrieved",
+            KnowledgeRequirement::None => 0,
+            KnowledgeRequirement::Explicit { .. } => 1,
+            KnowledgeRequirement::Retrieved { .. } => 2,
         };
-        m.scheduling
-            .with_label_values(&[
-                d.pool.as_deref().unwrap_or(""),
-                source,
-                if d.kdn.is_some() { "yes" } else { "no" },
-            ])
-            .inc();
-        let gw = &self.state.fleet.load().config.gateway;
-        let keep = gw.decision_history;
+        let fleet = self.state.fleet.load();
+        if let Some(pool) = fleet
+            .pools
+            .iter()
+            .find(|p| Some(p.name.as_str()) == d.pool.as_deref())
+        {
+            pool.scheduled[source][usize::from(d.kdn.is_some())].inc();
+        }
+        let keep = fleet.config.gateway.decision_history;
         let record = DecisionRecord {
             id: plan.id,
             at: std::time::SystemTime::now()
@@ -321,7 +320,7 @@ impl ServicePlane {
         } else {
             None
         };
-        let catalog = self.state.knowledge.catalog.load_full();
+        let catalog = self.state.knowledge.catalog.load();
         let pool_refs: Vec<&Pool> = pools.iter().map(|&p| &fleet.pools[p]).collect();
         let requirement = match &upstream {
             Some(u) => {
@@ -348,20 +347,36 @@ impl ServicePlane {
             }
         };
         let ids = requirement.ids();
-        let kdns = self.state.knowledge.kdns.load();
-        let agents = self.state.knowledge.agents.load();
-        let kdn_views = knowledge::kdn_views(&kdns, &catalog, &ids, &model, &pool_refs);
-        let pool_views: Vec<_> = pool_refs
-            .iter()
-            .map(|p| knowledge::pool_view(p, &catalog, &agents, &ids, &model))
-            .collect();
-        let mut decision = scheduler::decide(
-            &fleet.config.scheduler,
-            &requirement,
-            &model,
-            &kdn_views,
-            &pool_views,
-        );
+        let mut decision = if ids.is_empty() && pool_refs.len() == 1 {
+            // Nothing to weigh: the plain-proxy path stays cheap.
+            SchedulingDecision {
+                model: model.clone(),
+                knowledge: requirement.clone(),
+                pool: Some(pool_refs[0].name.clone()),
+                kdn: None,
+                reason: "the only pool serving the model; no knowledge required".into(),
+                window_overridden: false,
+                kdn_candidates: Vec::new(),
+                pool_candidates: Vec::new(),
+            }
+        } else {
+            let kdns = self.state.knowledge.kdns.load();
+            let agents = self.state.knowledge.agents.load();
+            let kdn_views = knowledge::kdn_views(&kdns, &catalog, &ids, &model, &pool_refs);
+            let pool_views: Vec<_> = pool_refs
+                .iter()
+                .map(|p| {
+                    knowledge::pool_view(p, &catalog, &agents, &self.state.injections, &ids, &model)
+                })
+                .collect();
+            scheduler::decide(
+                &fleet.config.scheduler,
+                &requirement,
+                &model,
+                &kdn_views,
+                &pool_views,
+            )
+        };
         if let Some(pool) = upstream.as_ref().and_then(|u| u.pool.as_deref()) {
             if pool_refs.iter().any(|p| p.name == pool) {
                 decision.pool = Some(pool.to_string());
@@ -485,7 +500,7 @@ impl ServicePlane {
         let owned_headers = plan.request_headers.clone();
         let body = plan.body.clone();
         let role = plan.role;
-        let catalog = self.state.knowledge.catalog.load_full();
+        let catalog = self.state.knowledge.catalog.load();
         let mut tried: Vec<(usize, usize)> = Vec::new();
         let mut connect_errors: Vec<String> = Vec::new();
         while tried.len() <= max_retries {
@@ -594,14 +609,21 @@ impl ServicePlane {
                 }
                 _ => body.clone(),
             };
-            let headers = [
+            let all = [
                 (headers::INSTANCE, inst.url.base.as_str()),
                 (headers::POOL, pool_ref.name.as_str()),
+                (headers::DECISION, decision_id.as_str()),
                 (headers::KNOWLEDGE, knowledge_header.as_str()),
                 (headers::KDN, kdn_header.as_str()),
                 (headers::INJECTION, injection),
-                (headers::DECISION, decision_id.as_str()),
             ];
+            // The knowledge headers only when the request carried knowledge (or a
+            // scheduler in front said so): plain requests stay lean.
+            let headers = if plan.ids.is_empty() && plan.hops == 0 {
+                &all[..3]
+            } else {
+                &all[..]
+            };
             ctx.served_by = Some(inst.metrics.clone());
             if let Some(k) = kv.as_ref() {
                 ctx.injection = Some(k.decision.clone());
@@ -616,7 +638,7 @@ impl ServicePlane {
                 inst,
                 attempt_body,
                 &request_headers,
-                &headers,
+                headers,
                 ctx.start,
             )
             .await
@@ -751,7 +773,18 @@ impl ServicePlane {
         if d.mode == InjectionMode::Kv {
             m.knowledge_cached_tokens.inc_by(kv.chunks * kv.chunk_size);
         }
-        let (Some(ttft), true) = (ctx.ttft, ctx.status == 200) else {
+        if ctx.status != 200 {
+            return;
+        }
+        if d.mode == InjectionMode::Text
+            && self.state.fleet.load().config.proxy.engine_stores_prefix
+        {
+            // LMCache keeps what the engine computed: the next request finds it.
+            self.state
+                .injections
+                .mark_resident(kv.key.clone(), "prefill");
+        }
+        let Some(ttft) = ctx.ttft else {
             return;
         };
         let measured = ttft.as_secs_f64() * 1e3;
@@ -1008,18 +1041,10 @@ fn choose(
                 .map_or(0, |a| a.load.running + a.load.waiting)
         };
         let holds_kv = |i: usize| {
-            let (Some(b), Some(id)) = (leading, plan.ids.first()) else {
-                return false;
-            };
-            let target = knowledge::instance_target(pool, i);
-            b.resident_in(&plan.model, &[target])
-                || state
-                    .injections
-                    .resident_job(&(target.to_string(), plan.model.clone(), id.clone()))
+            plan.ids.first().is_some_and(|id| {
+                knowledge::residency(pool, i, &plan.model, id, leading, agents, &state.injections)
                     .is_some()
-                || agents
-                    .get(&pool.instances[i].url.base)
-                    .is_some_and(|a| a.up && a.load.resident.iter().any(|r| r == id))
+            })
         };
         if let (BalancePolicy::PrefixAffinity, Some(text)) = (policy, &plan.prefix_text) {
             let loads: Vec<u64> = pool
