@@ -53,6 +53,8 @@ pub struct ProxySection {
     /// Chat template family of the served models; a block registered for another
     /// template goes as text (counted as a prefix mismatch).
     pub template: ChatTemplate,
+    /// Per served model name, a template other than `template`.
+    pub templates: std::collections::BTreeMap<String, ChatTemplate>,
     /// The models' tokenizer.json, to check that a rendered prefix has the registered
     /// token count; "" = the deterministic approximation the KDN and sim use.
     pub tokenizer: String,
@@ -65,6 +67,13 @@ pub struct ProxySection {
     pub engine_stores_prefix: bool,
 }
 
+impl ProxySection {
+    /// The chat template family of `model`.
+    pub fn template_of(&self, model: &str) -> ChatTemplate {
+        self.templates.get(model).copied().unwrap_or(self.template)
+    }
+}
+
 impl Default for ProxySection {
     fn default() -> Self {
         ProxySection {
@@ -74,6 +83,7 @@ impl Default for ProxySection {
             inject_timeout_ms: 60_000,
             profile: String::new(),
             template: ChatTemplate::Llama3,
+            templates: Default::default(),
             tokenizer: String::new(),
             kv_transfer_params: false,
             link_rtt_ms: 0.5,
@@ -545,6 +555,20 @@ mod tests {
             let err = format!("{:#}", Config::parse(text).unwrap_err());
             assert!(err.contains(needle), "{text:?}: {err}");
         }
+    }
+
+    #[test]
+    fn templates_per_model() {
+        let c = Config::parse(
+            "[proxy]\ntemplate='chatml'\ntemplates={ base = 'plain' }\n[[pools]]\nname='a'\n[[pools.instances]]\nurl='http://h:1'\n",
+        )
+        .unwrap();
+        assert_eq!(c.proxy.template_of("base"), ChatTemplate::Plain);
+        assert_eq!(c.proxy.template_of("other"), ChatTemplate::Chatml);
+        assert!(Config::parse(
+            "[proxy]\ntemplates={ base = 'jinja' }\n[[pools]]\nname='a'\n[[pools.instances]]\nurl='http://h:1'\n"
+        )
+        .is_err());
     }
 
     #[test]

@@ -77,7 +77,7 @@ impl PrefixChecks {
         {
             return *ok;
         }
-        let t = fleet.config.proxy.template;
+        let t = fleet.config.proxy.template_of(model);
         let ids = fleet
             .tokenizer
             .encode_with(&knowledge_prefix(t, content), t.add_special_tokens());
@@ -188,7 +188,8 @@ pub fn plan_kv(
         )
     };
     if decision.mode == InjectionMode::Kv {
-        let template_ok = m.template.is_empty() || m.template == fleet.config.proxy.template.name();
+        let template_ok = m.template.is_empty()
+            || m.template == fleet.config.proxy.template_of(&plan.model).name();
         if !usable {
             decision.mode = InjectionMode::Text;
             decision.reason = "no_usable_kv";

@@ -434,7 +434,7 @@ impl ServicePlane {
             );
             let (leading, rest) = knowledge_texts(&catalog, &ids, &model, &mut notes);
             let rest_refs: Vec<&str> = rest.iter().map(String::as_str).collect();
-            let template = fleet.config.proxy.template;
+            let template = fleet.config.proxy.template_of(&model);
             match layout::apply_knowledge(&mut body, template, &leading.content, &rest_refs) {
                 Applied::Prefix => {
                     knowledge_tokens = leading.tokens;
