@@ -44,6 +44,12 @@ fn stem(word: &str) -> String {
     }
 }
 
+/// What the index holds for a knowledge block: its title, tags and text (the KDN's
+/// search and the gateway's retrieval index the same document).
+pub fn document_text(title: Option<&str>, tags: &[String], text: &str) -> String {
+    format!("{}\n{}\n{}", title.unwrap_or(""), tags.join(" "), text)
+}
+
 /// The index terms of `text`, in order (repeats kept).
 pub fn terms(text: &str) -> Vec<String> {
     text.split(|c: char| !c.is_alphanumeric())

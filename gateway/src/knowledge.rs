@@ -63,12 +63,7 @@ pub struct SnapshotBlock {
 impl SnapshotBlock {
     /// What retrieval indexes (the KDN's own search uses the same fields).
     pub fn index_text(&self) -> String {
-        format!(
-            "{}\n{}\n{}",
-            self.title.as_deref().unwrap_or(""),
-            self.tags.join(" "),
-            self.text
-        )
+        cacheroute_filters::bm25::document_text(self.title.as_deref(), &self.tags, &self.text)
     }
 }
 

@@ -115,12 +115,7 @@ pub struct Detail {
 impl KnowledgeRecord {
     /// Text the search index sees.
     pub fn index_text(&self) -> String {
-        format!(
-            "{}\n{}\n{}",
-            self.title.as_deref().unwrap_or(""),
-            self.tags.join(" "),
-            self.text
-        )
+        cacheroute_filters::bm25::document_text(self.title.as_deref(), &self.tags, &self.text)
     }
 
     /// Size of the text in bytes.

@@ -253,6 +253,17 @@ fn content_text(v: Option<&Value>) -> Result<String, ApiError> {
     }
 }
 
+/// `"model"`, if given: a string (or null).
+pub fn optional_model(body: &Value) -> Result<Option<String>, ApiError> {
+    match body.get("model") {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s.clone())),
+        Some(_) => Err(ApiError::bad_request(
+            "model: Input should be a valid string",
+        )),
+    }
+}
+
 /// Read a completion request body.
 pub fn parse_request(endpoint: Endpoint, body: &Value) -> Result<CompletionRequest, ApiError> {
     if !body.is_object() {
@@ -260,15 +271,7 @@ pub fn parse_request(endpoint: Endpoint, body: &Value) -> Result<CompletionReque
             "the request body must be a JSON object",
         ));
     }
-    let model = match body.get("model") {
-        None | Some(Value::Null) => None,
-        Some(Value::String(s)) => Some(s.clone()),
-        Some(_) => {
-            return Err(ApiError::bad_request(
-                "model: Input should be a valid string",
-            ))
-        }
-    };
+    let model = optional_model(body)?;
     if let Some(n) = opt_u64(body, "n")? {
         if n != 1 {
             return Err(ApiError::bad_request(format!(

@@ -33,15 +33,7 @@ pub fn parse_request(body: &Value) -> Result<EmbeddingRequest, ApiError> {
             "the request body must be a JSON object",
         ));
     }
-    let model = match body.get("model") {
-        None | Some(Value::Null) => None,
-        Some(Value::String(s)) => Some(s.clone()),
-        Some(_) => {
-            return Err(ApiError::bad_request(
-                "model: Input should be a valid string",
-            ))
-        }
-    };
+    let model = crate::api::optional_model(body)?;
     let token_ids = || {
         ApiError::bad_request(
             "input: token id inputs are not supported by the cacheroute sim; send text",
