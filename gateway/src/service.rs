@@ -347,6 +347,7 @@ impl ServicePlane {
             }
         };
         let ids = requirement.ids();
+        let mut pool_views = Vec::new();
         let mut decision = if ids.is_empty() && pool_refs.len() == 1 {
             // Nothing to weigh: the plain-proxy path stays cheap.
             SchedulingDecision {
@@ -363,7 +364,7 @@ impl ServicePlane {
             let kdns = self.state.knowledge.kdns.load();
             let agents = self.state.knowledge.agents.load();
             let kdn_views = knowledge::kdn_views(&kdns, &catalog, &ids, &model, &pool_refs);
-            let pool_views: Vec<_> = pool_refs
+            pool_views = pool_refs
                 .iter()
                 .map(|p| {
                     knowledge::pool_view(p, &catalog, &agents, &self.state.injections, &ids, &model)
@@ -421,15 +422,16 @@ impl ServicePlane {
         let mut ids = ids;
         let mut leading_applied = false;
         if role != Role::Scheduler && !ids.is_empty() {
-            let chosen = decision
+            let resident = decision
                 .pool
                 .as_deref()
-                .and_then(|n| pool_refs.iter().find(|p| p.name == n));
+                .and_then(|n| pool_views.iter().find(|v| v.name == n))
+                .map(|v| &v.resident);
             lead_with_cheapest(
                 &mut ids,
                 &catalog,
                 &model,
-                chosen.copied(),
+                resident,
                 decision.kdn.as_deref(),
             );
             let (leading, rest) = knowledge_texts(&catalog, &ids, &model, &mut notes);
@@ -949,25 +951,21 @@ struct Leading {
 }
 
 /// Put first the block whose KV is cheapest to have: resident in the chosen pool's
-/// stores, then held by the chosen KDN; the order is otherwise kept.
+/// stores (as its pool view found them), then held by the chosen KDN; the order is
+/// otherwise kept.
 fn lead_with_cheapest(
     ids: &mut [String],
     catalog: &Catalog,
     model: &str,
-    pool: Option<&Pool>,
+    resident_in_pool: Option<&std::collections::BTreeSet<String>>,
     kdn: Option<&str>,
 ) {
     let rank = |id: &String| -> u8 {
         let Some(b) = catalog.blocks.get(id) else {
             return 3;
         };
-        if let Some(p) = pool {
-            let targets: Vec<&str> = (0..p.instances.len())
-                .map(|i| knowledge::instance_target(p, i))
-                .collect();
-            if b.resident_in(model, &targets) {
-                return 0;
-            }
+        if resident_in_pool.is_some_and(|r| r.contains(id)) {
+            return 0;
         }
         match kdn {
             Some(k) if b.kv_ready_on(k, model) => 1,
@@ -1187,5 +1185,62 @@ fn status_label(status: u16) -> std::borrow::Cow<'static, str> {
         503 => "503".into(),
         504 => "504".into(),
         other => other.to_string().into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::knowledge::{BlockModel, KdnSnapshot, SnapshotBlock};
+    use std::collections::{BTreeMap, BTreeSet};
+
+    fn block(id: &str, status: &str) -> Arc<SnapshotBlock> {
+        Arc::new(SnapshotBlock {
+            id: id.into(),
+            title: None,
+            tags: vec![],
+            text: format!("text of {id}"),
+            models: BTreeMap::from([(
+                "m".to_string(),
+                BlockModel {
+                    status: status.into(),
+                    template: "llama3".into(),
+                    tokens: 256,
+                    chunks: 1,
+                    chunk_size: 256,
+                    bytes: 0,
+                    content: String::new(),
+                    resident: vec![],
+                },
+            )]),
+        })
+    }
+
+    #[test]
+    fn the_cheapest_block_leads_the_rest_keep_their_order() {
+        let snap = KdnSnapshot {
+            kdn_id: "k".into(),
+            version: "1".into(),
+            blocks: vec![
+                block("a", "registered"),
+                block("b", "kv_ready"),
+                block("c", "kv_ready"),
+            ],
+        };
+        let catalog = Catalog::build(&[&snap], &Catalog::default());
+        let ids = || vec!["a".to_string(), "b".to_string(), "c".to_string()];
+        // Nothing resident, no KDN: the client's order.
+        let mut v = ids();
+        lead_with_cheapest(&mut v, &catalog, "m", None, None);
+        assert_eq!(v, ["a", "b", "c"]);
+        // The KDN holds b and c: b (the first of them) leads.
+        let mut v = ids();
+        lead_with_cheapest(&mut v, &catalog, "m", None, Some("k"));
+        assert_eq!(v, ["b", "a", "c"]);
+        // c is already in the pool's stores: it leads, even over a KDN's block.
+        let resident = BTreeSet::from(["c".to_string()]);
+        let mut v = ids();
+        lead_with_cheapest(&mut v, &catalog, "m", Some(&resident), Some("k"));
+        assert_eq!(v, ["c", "a", "b"]);
     }
 }
