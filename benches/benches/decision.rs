@@ -67,6 +67,7 @@ fn world() -> World {
                         kdn_pending: (r + i) % 4,
                         kdn_bytes_per_sec: 5e9,
                     }),
+                    turn: r,
                 })
                 .collect()
         })

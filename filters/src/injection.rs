@@ -7,6 +7,8 @@
 //!
 //! * `text`, `kv`: fixed. A client's own `"injection"` field (`"text"`/`"kv"`) picks between
 //!   them; `"auto"` (or absent) keeps the strategy's mode.
+//! * `hybrid`: a static 1:1 mix, the original's "hybrid" baseline: knowledge requests
+//!   alternate between KV and text on the gateway's turn counter ([`InjectionInputs::turn`]).
 //! * `iws`: the original proxy's rule (research `cacheroute.md` §3.9), term for term, with
 //!   the 0.5 queue penalty and the 100 ms margin, but fed with coefficients fitted from our
 //!   calibration profile ([`CostModel`]) instead of the all-zero JSON it ships with (§9).
@@ -14,7 +16,11 @@
 //! * `adaptive` (default): predicted TTFT of both modes on the chosen instance from its queue
 //!   and running batch, the fitted prefill / cached-prefill / decode / host-to-device curves,
 //!   the bytes of the non-resident KV chunks over the link, and the KDN's reported load;
-//!   chooses the smaller and corrects itself online with measured TTFTs ([`Corrections`]).
+//!   chooses the cheaper and corrects itself online with measured TTFTs ([`Corrections`]).
+//!   "Cheaper" counts what a mode costs the other requests on the instance too: the GPU
+//!   time one step spends on this request's prefill (or KV load) is time every request
+//!   prefilling beside it waits, so a long text prefill on a busy instance costs its
+//!   own TTFT plus the extra step time × the requests that share those steps.
 //!   Fixes the §9 defects: the queue wait is counted once, the KDN's load is used, and KV
 //!   already resident in the instance's store costs nothing to move. See [`adaptive_terms`].
 //!
@@ -35,6 +41,7 @@ use crate::scheduler::InjectionPreference;
 pub enum InjectionStrategy {
     Text,
     Kv,
+    Hybrid,
     Iws,
     #[default]
     Adaptive,
@@ -45,6 +52,7 @@ impl InjectionStrategy {
         match self {
             InjectionStrategy::Text => "text",
             InjectionStrategy::Kv => "kv",
+            InjectionStrategy::Hybrid => "hybrid",
             InjectionStrategy::Iws => "iws",
             InjectionStrategy::Adaptive => "adaptive",
         }
@@ -187,6 +195,9 @@ pub struct InjectionInputs {
     pub load: InstanceLoad,
     pub knowledge: KnowledgeShape,
     pub transfer: Option<TransferPath>,
+    /// The gateway's count of knowledge requests it decided so far: `hybrid` sends the
+    /// even ones as KV and the odd ones as text.
+    pub turn: u64,
 }
 
 // ---------------------------------------------------------------- online corrections
@@ -439,6 +450,27 @@ pub struct AdaptiveTerms {
     pub kv_raw_ms: f64,
     pub text_factor: f64,
     pub kv_factor: f64,
+    /// Requests on the instance that wait for the steps this request's prefill joins
+    /// (`load.queued`: not yet prefilled): they pay the extra step time a mode adds.
+    pub sharing: u64,
+    /// What text costs the others: `sharing × max(0, text_prefill − (gpu_load +
+    /// suffix_prefill))`, ms (0 without usable KV: then there is no choice).
+    pub text_delay_to_others: f64,
+    /// What KV costs the others: `sharing × max(0, gpu_load + suffix_prefill −
+    /// text_prefill)`, ms.
+    pub kv_delay_to_others: f64,
+}
+
+impl AdaptiveTerms {
+    /// What the decision weighs for text: the corrected own TTFT plus the delay to others.
+    pub fn text_cost_ms(&self) -> f64 {
+        self.text_raw_ms * self.text_factor + self.text_delay_to_others
+    }
+
+    /// The same for KV (INFINITY without usable KV).
+    pub fn kv_cost_ms(&self) -> f64 {
+        self.kv_raw_ms * self.kv_factor + self.kv_delay_to_others
+    }
 }
 
 /// The adaptive predictor's terms for `inputs`.
@@ -498,6 +530,19 @@ pub fn adaptive_terms(m: &CostModel, inputs: &InjectionInputs, c: &Corrections) 
     } else {
         queue_wait.max(kdn_wait + transfer) + gpu_load + suffix_prefill
     };
+    // The steps that run this request's prefill run the queued requests' prefills too
+    // (chunked prefill batches them), so the GPU time a mode adds over the other is paid
+    // once per request sharing them.
+    let sharing = load.queued;
+    let (text_delay_to_others, kv_delay_to_others) = if cached_tokens == 0 {
+        (0.0, 0.0)
+    } else {
+        let kv_gpu = gpu_load + suffix_prefill;
+        (
+            sharing as f64 * (text_prefill - kv_gpu).max(0.0),
+            sharing as f64 * (kv_gpu - text_prefill).max(0.0),
+        )
+    };
     AdaptiveTerms {
         queue_wait,
         text_prefill,
@@ -512,6 +557,9 @@ pub fn adaptive_terms(m: &CostModel, inputs: &InjectionInputs, c: &Corrections) 
         kv_raw_ms,
         text_factor: c.factor(&inputs.instance, InjectionMode::Text),
         kv_factor: c.factor(&inputs.instance, InjectionMode::Kv),
+        sharing,
+        text_delay_to_others,
+        kv_delay_to_others,
     }
 }
 
@@ -523,7 +571,9 @@ pub struct InjectionDecision {
     pub strategy: InjectionStrategy,
     pub mode: InjectionMode,
     /// Why (`fixed`, `client_preference`, `no_knowledge`, `no_usable_kv`, `kv_faster`,
-    /// `text_faster`, or one of the original's IWS reasons under `iws`).
+    /// `text_faster`, `kv_spares_others` (text alone would be faster, but its prefill
+    /// would delay the requests sharing its steps by more than it gains), `hybrid_turn`,
+    /// or one of the original's IWS reasons under `iws`).
     pub reason: &'static str,
     /// What the client asked for.
     pub client_preference: InjectionPreference,
@@ -583,11 +633,20 @@ pub fn decide(
                         None => (own, "fixed"),
                     }
                 }
+                InjectionStrategy::Hybrid => match client_mode {
+                    Some(c) => (c, "client_preference"),
+                    None if inputs.turn.is_multiple_of(2) => (InjectionMode::Kv, "hybrid_turn"),
+                    None => (InjectionMode::Text, "hybrid_turn"),
+                },
                 _ => {
                     if !kv_ms.is_finite() {
                         (InjectionMode::Text, "no_usable_kv")
-                    } else if kv_ms < text_ms {
-                        (InjectionMode::Kv, "kv_faster")
+                    } else if a.kv_cost_ms() < a.text_cost_ms() {
+                        if kv_ms < text_ms {
+                            (InjectionMode::Kv, "kv_faster")
+                        } else {
+                            (InjectionMode::Kv, "kv_spares_others")
+                        }
                     } else {
                         (InjectionMode::Text, "text_faster")
                     }
@@ -709,6 +768,7 @@ mod tests {
                 kv_bytes_per_token: 0,
             },
             transfer,
+            turn: 0,
         }
     }
 
@@ -1130,6 +1190,75 @@ mod tests {
         ));
     }
 
+    /// A text prefill that would be faster alone loses on a busy instance: the requests
+    /// prefilling beside it pay its extra step time.
+    #[test]
+    fn text_prefill_costs_the_requests_sharing_its_steps() {
+        let m = m8b();
+        let mut i = inputs(64, 8192, Some(link(400.0)));
+        i.load.queued = 3;
+        i.load.queued_prefill_tokens = 3;
+        // a link on which KV alone is 1 ms slower than text
+        let a = adaptive(&m, &i).adaptive.unwrap();
+        let transfer = a.text_raw_ms + 1.0 - a.gpu_load - a.suffix_prefill;
+        assert!(transfer > a.queue_wait, "the transfer is not hidden: {a:?}");
+        let gbps = a.moved_bytes as f64 * 8.0 / ((transfer - 1.0) * 1e6);
+        i.transfer = Some(link(gbps));
+        let busy = adaptive(&m, &i);
+        let b = busy.adaptive.unwrap();
+        assert!(close(b.kv_raw_ms, b.text_raw_ms + 1.0), "{b:?}");
+        assert_eq!(b.sharing, 3);
+        let extra = b.text_prefill - b.gpu_load - b.suffix_prefill;
+        assert!(close(b.text_delay_to_others, 3.0 * extra), "{b:?}");
+        assert_eq!(b.kv_delay_to_others, 0.0);
+        assert_eq!(
+            (busy.mode, busy.reason),
+            (InjectionMode::Kv, "kv_spares_others")
+        );
+        // the predictions stay each mode's own TTFT
+        assert!(busy.predicted_kv_ms > busy.predicted_text_ms);
+        // nobody beside it: its own TTFT decides
+        i.load.queued = 0;
+        i.load.queued_prefill_tokens = 0;
+        let idle = adaptive(&m, &i);
+        assert_eq!(idle.adaptive.unwrap().text_delay_to_others, 0.0);
+        assert_eq!(
+            (idle.mode, idle.reason),
+            (InjectionMode::Text, "text_faster")
+        );
+    }
+
+    #[test]
+    fn hybrid_alternates_and_follows_the_client() {
+        let m = m8b();
+        let c = Corrections::new();
+        let mut i = inputs(64, 4096, Some(link(0.01)));
+        let modes: Vec<_> = (0..4)
+            .map(|turn| {
+                i.turn = turn;
+                let d = decide(
+                    InjectionStrategy::Hybrid,
+                    InjectionPreference::Auto,
+                    &m,
+                    &i,
+                    &c,
+                );
+                assert_eq!(d.reason, "hybrid_turn");
+                d.mode
+            })
+            .collect();
+        use InjectionMode::{Kv, Text};
+        assert_eq!(modes, [Kv, Text, Kv, Text]);
+        let d = decide(
+            InjectionStrategy::Hybrid,
+            InjectionPreference::Text,
+            &m,
+            &i,
+            &c,
+        );
+        assert_eq!((d.mode, d.reason), (Text, "client_preference"));
+    }
+
     #[test]
     fn fixed_strategies_follow_the_client() {
         let m = m8b();
@@ -1166,6 +1295,7 @@ mod tests {
         for (s, name) in [
             (InjectionStrategy::Text, "\"text\""),
             (InjectionStrategy::Kv, "\"kv\""),
+            (InjectionStrategy::Hybrid, "\"hybrid\""),
             (InjectionStrategy::Iws, "\"iws\""),
             (InjectionStrategy::Adaptive, "\"adaptive\""),
         ] {

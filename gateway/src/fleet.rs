@@ -51,6 +51,11 @@ pub struct InstanceState {
     pub kv_gate: tokio::sync::Mutex<()>,
     /// KV-mode requests waiting for their KV outside the queue right now.
     pub kv_waiting: AtomicU64,
+    /// Requests sent to the instance whose first byte has not come back: the
+    /// engine's prefill backlog as the gateway sees it (see [`PrefillGuard`]).
+    prefilling: AtomicU64,
+    /// Σ prompt tokens those requests make the engine compute.
+    prefill_tokens: AtomicU64,
 }
 
 impl InstanceState {
@@ -63,7 +68,18 @@ impl InstanceState {
             admission: Arc::new(Admission::default()),
             kv_gate: tokio::sync::Mutex::new(()),
             kv_waiting: AtomicU64::new(0),
+            prefilling: AtomicU64::new(0),
+            prefill_tokens: AtomicU64::new(0),
         }
+    }
+
+    /// Requests sent and not yet answered with a first byte, and the prompt tokens
+    /// they make the engine compute.
+    pub fn prefilling(&self) -> (u64, u64) {
+        (
+            self.prefilling.load(Ordering::Relaxed),
+            self.prefill_tokens.load(Ordering::Relaxed),
+        )
     }
 
     pub fn inflight(&self) -> u64 {
@@ -140,6 +156,32 @@ impl Drop for InflightGuard<'_> {
     fn drop(&mut self) {
         let now = self.inst.state.inflight.fetch_sub(1, Ordering::Relaxed) - 1;
         self.inst.inflight_gauge.set(now as i64);
+    }
+}
+
+/// Counts a request in the instance's prefill backlog from the moment it is sent
+/// until its first byte comes back (or it ends). The engine's own queue is
+/// invisible to the gateway when admission is unbounded; this is what the
+/// injection decision reads as the requests ahead of and beside a new one.
+pub struct PrefillGuard<'a> {
+    state: &'a InstanceState,
+    tokens: u64,
+}
+
+impl<'a> PrefillGuard<'a> {
+    pub fn new(state: &'a InstanceState, tokens: u64) -> Self {
+        state.prefilling.fetch_add(1, Ordering::Relaxed);
+        state.prefill_tokens.fetch_add(tokens, Ordering::Relaxed);
+        PrefillGuard { state, tokens }
+    }
+}
+
+impl Drop for PrefillGuard<'_> {
+    fn drop(&mut self) {
+        self.state.prefilling.fetch_sub(1, Ordering::Relaxed);
+        self.state
+            .prefill_tokens
+            .fetch_sub(self.tokens, Ordering::Relaxed);
     }
 }
 

@@ -1,7 +1,7 @@
 //! One upstream exchange: send a pre-read request body to an instance over
 //! Pingora's pooled connector and stream the response back to the client.
 
-use crate::fleet::PoolInstance;
+use crate::fleet::{PoolInstance, PrefillGuard};
 use bytes::Bytes;
 use pingora::connectors::TransportConnector;
 use pingora::http::ResponseHeader;
@@ -49,15 +49,29 @@ pub enum ExchangeError {
     Downstream(Box<Error>),
 }
 
+/// What goes to the instance in one attempt.
+pub struct Outgoing<'a> {
+    pub body: Bytes,
+    /// Headers added to the client's (a KV handle, decision headers).
+    pub headers: &'a [(&'static str, &'a str)],
+    /// Counts the request in the instance's prefill backlog until its first byte.
+    pub prefill: PrefillGuard<'a>,
+}
+
 pub async fn exchange(
     transport: &TransportConnector,
     session: &mut Session,
     inst: &PoolInstance,
-    body: Bytes,
-    request_headers: &[(&'static str, &str)],
+    outgoing: Outgoing<'_>,
     extra_headers: &[(&'static str, &str)],
     start: Instant,
 ) -> std::result::Result<Completed, ExchangeError> {
+    let Outgoing {
+        body,
+        headers: request_headers,
+        prefill,
+    } = outgoing;
+    let mut prefill = Some(prefill);
     let peer = inst.peer();
     // Header and body leave in one write: one send per request on the
     // upstream side, as a tuned reverse proxy does (Pingora's h1 client
@@ -115,6 +129,7 @@ pub async fn exchange(
             Ok(Some(chunk)) => {
                 if ttft.is_none() && !chunk.is_empty() {
                     ttft = Some(start.elapsed());
+                    prefill.take();
                 }
                 // If the client went away, dropping `up` closes the upstream
                 // connection, which makes vLLM abort the generation.

@@ -154,16 +154,30 @@ pub fn plan_kv(
     let chunk_size = m.chunk_size.max(1);
     let usable = resident || kdn.is_some();
     let est = plan.prompt_tokens + plan.knowledge_tokens;
+    // Ahead of this request: those waiting for a slot here, and those sent whose
+    // first byte has not come back (the engine is still prefilling them). An
+    // agent's waiting count covers the engine's own queue when it is higher.
+    let (prefilling, prefill_tokens) = inst.state.prefilling();
+    let gateway_queued = inst.state.queued();
+    let agent_waiting = agent.map_or(0, |a| a.load.waiting);
+    let (queued, queued_prefill_tokens) = if gateway_queued + prefilling >= agent_waiting {
+        (
+            gateway_queued + prefilling,
+            gateway_queued * est + prefill_tokens,
+        )
+    } else {
+        (agent_waiting, agent_waiting * est)
+    };
     let running = inst
         .state
         .inflight()
+        .saturating_sub(prefilling)
         .max(agent.map_or(0, |a| a.load.running));
-    let queued = inst.state.queued().max(agent.map_or(0, |a| a.load.waiting));
     let inputs = InjectionInputs {
         instance: inst.url.base.clone(),
         load: InstanceLoad {
             queued,
-            queued_prefill_tokens: queued * est,
+            queued_prefill_tokens,
             running,
             running_context_tokens: running * est,
         },
@@ -176,6 +190,9 @@ pub fn plan_kv(
             kv_bytes_per_token: m.bytes.checked_div(m.tokens).unwrap_or(0),
         },
         transfer: kdn.map(|k| transfer_path(fleet, k, &target)),
+        turn: state
+            .knowledge_turn
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed),
     };
     let mut decision = {
         let corrections = state.corrections.lock().unwrap_or_else(|p| p.into_inner());

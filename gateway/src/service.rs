@@ -10,7 +10,7 @@
 use crate::admission::{Refused, Slot};
 use crate::config::Role;
 use crate::decisions::{DecisionRecord, Outcome};
-use crate::fleet::{Fleet, InflightGuard, InstanceMetrics, Pool, PoolInstance};
+use crate::fleet::{Fleet, InflightGuard, InstanceMetrics, Pool, PoolInstance, PrefillGuard};
 use crate::forward::{self, ExchangeError};
 use crate::headers;
 use crate::knowledge::{self, AgentLive, Catalog};
@@ -634,12 +634,16 @@ impl ServicePlane {
                     None => format!("KV resident in {}", k.target),
                 });
             }
+            let outgoing = forward::Outgoing {
+                body: attempt_body,
+                headers: &request_headers,
+                prefill: PrefillGuard::new(&inst.state, prefill_tokens(&plan, kv.as_ref())),
+            };
             match forward::exchange(
                 &self.state.transport,
                 session,
                 inst,
-                attempt_body,
-                &request_headers,
+                outgoing,
                 headers,
                 ctx.start,
             )
@@ -883,6 +887,21 @@ impl ServicePlane {
             })),
         }
     }
+}
+
+/// Prompt tokens the engine computes for this attempt: the estimate of the whole
+/// prompt, less the knowledge chunks its store serves (all of them in KV mode, the
+/// resident ones in text mode: LMCache finds those whatever the mode).
+fn prefill_tokens(plan: &Plan, kv: Option<&KvPlan>) -> u64 {
+    let total = plan.prompt_tokens + plan.knowledge_tokens;
+    let cached = kv.map_or(0, |k| {
+        let chunks = match k.mode() {
+            InjectionMode::Kv => k.chunks,
+            InjectionMode::Text => k.decision.inputs.knowledge.resident_chunks,
+        };
+        chunks * k.chunk_size
+    });
+    total.saturating_sub(cached).max(1)
 }
 
 /// Why a request was not admitted.

@@ -41,6 +41,8 @@ pub struct GatewayState {
     pub prefix_checks: PrefixChecks,
     /// Prompt prefix trees of the `prefix_affinity` pools.
     pub prefix: crate::prefix::PrefixTrees,
+    /// Knowledge requests whose injection was decided (the `hybrid` turn).
+    pub knowledge_turn: AtomicU64,
 }
 
 impl GatewayState {
@@ -68,6 +70,7 @@ impl GatewayState {
             corrections: std::sync::Mutex::new(Corrections::new()),
             prefix_checks: PrefixChecks::default(),
             prefix: crate::prefix::PrefixTrees::default(),
+            knowledge_turn: AtomicU64::new(0),
         })
     }
 
