@@ -59,14 +59,18 @@ def kdn_config(kid: str, port: int, redis: str, targets: dict[str, tuple[str, fl
 
 
 class Kdn:
-    def __init__(self, proc, port: int, kid: str):
-        self.proc, self.port, self.id = proc, port, kid
+    def __init__(self, proc, port: int, kid: str, token: str | None = None):
+        self.proc, self.port, self.id, self.token = proc, port, kid, token
         self.url = f"http://127.0.0.1:{port}"
+
+    def auth(self) -> dict:
+        return {"authorization": f"Bearer {self.token}"} if self.token else {}
 
     def register(self, bid: str, wait: bool = True) -> dict:
         title, text = BLOCKS[bid]
         with client(timeout=60) as c:
             r = c.post(self.url + "/v1/knowledge", params={"wait": "true" if wait else "false"},
+                       headers=self.auth(),
                        json={"id": bid, "title": title, "text": text, "models": [MODEL]})
         assert r.status_code in (200, 201), r.text
         return r.json()
@@ -87,8 +91,8 @@ class Kdn:
 
     def inject(self, bid: str, target: str, wait: bool = True) -> dict:
         with client(timeout=120) as c:
-            r = c.post(self.url + "/v1/inject", json={"knowledge_ids": [bid], "model": MODEL,
-                                                     "target": target, "wait": wait})
+            r = c.post(self.url + "/v1/inject", headers=self.auth(),
+                       json={"knowledge_ids": [bid], "model": MODEL, "target": target, "wait": wait})
         assert r.status_code in (200, 202), r.text
         return r.json()
 
@@ -103,7 +107,7 @@ def start_kdn(procs, cr_bin, tmp_path: Path, kid: str, redis: str, targets, prod
     path = tmp_path / f"{kid}.toml"
     path.write_text(kdn_config(kid, port, redis, targets, producer, gateways, **kdn))
     p = procs.start(kid, [cr_bin, "kdn", "--config", str(path)])
-    k = Kdn(p, port, kid)
+    k = Kdn(p, port, kid, kdn.get("token"))
     p.wait_http(k.url + "/health")
     return k
 

@@ -293,12 +293,15 @@ def test_multi_tier_scheduler_forwards_its_decision_to_a_proxy(fleet, gateway):
     k.register("tidal")
     k.wait_kv_ready("tidal")
     wait_synced(f.gw, [k.id], blocks=1)
-    # The fleet's gateway becomes a proxy behind a scheduler whose only pool is it.
+    # The fleet's gateway becomes a proxy behind a scheduler whose only pool is it;
+    # the two share a peer token, so the proxy trusts the scheduler's decision.
     f.config["gateway"]["role"] = "proxy"
+    f.config["gateway"]["peer_token"] = "tier-s3cret"
     f.gw.write_config(f.config)
     wait_until(lambda: f.gw.status()["config_version"] >= 2 or None, timeout=10, what="proxy reload")
     sched = gateway(config={
-        "gateway": {"role": "scheduler"}, "knowledge": {"sync_interval_ms": 200},
+        "gateway": {"role": "scheduler", "peer_token": "tier-s3cret"},
+        "knowledge": {"sync_interval_ms": 200},
         "kdns": [{"url": k.url}],
         "pools": [{"name": "pool-a", "models": [MODEL], "instances": [{"url": f.gw.url}]}]})
     wait_synced(sched, [k.id], blocks=1)
@@ -311,6 +314,19 @@ def test_multi_tier_scheduler_forwards_its_decision_to_a_proxy(fleet, gateway):
     d = decision(f.gw, r)
     assert d["role"] == "proxy" and d["hops"] == 1, dump(d)
     assert "upstream scheduler" in d["scheduling"]["reason"], dump(d)
+
+    # A client sending the same decision headers without the token is not trusted:
+    # the proxy decides for itself (retrieval finds the block the question is about,
+    # not the one the forged header names).
+    with client() as c:
+        r = c.post(f.gw.v1 + "/chat/completions", headers={
+            "x-cacheroute-hops": "1", "x-cacheroute-knowledge": "tidal", "x-cacheroute-pool": "pool-a",
+            "x-cacheroute-kdn": "none", "x-cacheroute-peer": "guess"},
+            json={"model": MODEL, "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]})
+    assert r.status_code == 200, r.text
+    d = decision(f.gw, r)
+    assert "upstream scheduler" not in d["scheduling"]["reason"], dump(d)
+    assert r.headers.get("x-cacheroute-knowledge", "") == "", "no knowledge from a forged header"
 
     # A scheduler whose pool is itself: the hop counter stops the loop.
     loop_port = free_port()

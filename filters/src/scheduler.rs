@@ -144,6 +144,10 @@ fn type_error(param: &'static str, what: &str) -> ApiError {
 /// not reach vLLM) and type-check them. `RAG`: a boolean; `knowledge_ids`: an array of
 /// non-empty strings (duplicates dropped, order kept); `injection`: `"auto"`, `"kv"`
 /// (also `"kvcache"`) or `"text"`. `null` counts as absent.
+/// Most entries of a request's `knowledge_ids` (a prompt leads with one block, and a
+/// handful follow as text: a list past this is a mistake or an attack).
+pub const MAX_KNOWLEDGE_IDS: usize = 64;
+
 pub fn take_extensions(extra: &mut Map<String, Value>) -> Result<Extensions, ApiError> {
     let mut ext = Extensions::default();
     match extra.remove("RAG") {
@@ -154,12 +158,24 @@ pub fn take_extensions(extra: &mut Map<String, Value>) -> Result<Extensions, Api
     match extra.remove("knowledge_ids") {
         None | Some(Value::Null) => {}
         Some(Value::Array(items)) => {
+            if items.len() > MAX_KNOWLEDGE_IDS {
+                return Err(ApiError::bad_request(
+                    "too_many_knowledge_ids",
+                    format!(
+                        "knowledge_ids has {} entries; at most {MAX_KNOWLEDGE_IDS} are accepted",
+                        items.len()
+                    ),
+                )
+                .with_param("knowledge_ids"));
+            }
             let mut ids: Vec<String> = Vec::with_capacity(items.len());
+            let mut seen = std::collections::HashSet::with_capacity(items.len());
             for v in items {
                 match v {
                     Value::String(s) if !s.trim().is_empty() => {
                         let s = s.trim().to_string();
-                        if !ids.contains(&s) {
+                        // first occurrence wins; linear in the list
+                        if seen.insert(s.clone()) {
                             ids.push(s);
                         }
                     }
@@ -952,6 +968,24 @@ mod tests {
         }
         let mut m = Map::new();
         assert_eq!(take_extensions(&mut m).unwrap(), Extensions::default());
+    }
+
+    #[test]
+    fn knowledge_ids_are_bounded() {
+        let ids = |n: usize| -> Map<String, Value> {
+            let list: Vec<String> = (0..n).map(|i| format!("id-{}", i % 50)).collect();
+            serde_json::from_value(json!({ "knowledge_ids": list })).unwrap()
+        };
+        let e = take_extensions(&mut ids(MAX_KNOWLEDGE_IDS)).unwrap();
+        assert_eq!(e.knowledge_ids.unwrap().len(), 50, "duplicates dropped");
+        for n in [MAX_KNOWLEDGE_IDS + 1, 60_000] {
+            let err = take_extensions(&mut ids(n)).unwrap_err();
+            assert_eq!(
+                (err.status, err.code, err.param),
+                (400, "too_many_knowledge_ids", Some("knowledge_ids"))
+            );
+            assert!(err.message.contains(&n.to_string()), "{}", err.message);
+        }
     }
 
     #[test]

@@ -127,11 +127,16 @@ pub struct KnowledgeSection {
     pub sync_timeout_ms: u64,
     /// Seconds a registered member lives without a heartbeat, when it does not say.
     pub member_ttl_s: f64,
+    /// Most members (KDNs and agents) registered at once; more are refused (429).
+    pub max_members: usize,
     /// Optional OpenAI-compatible embeddings endpoint (vLLM, TEI): base URL. When set,
     /// retrieval ranks blocks by cosine similarity of embeddings instead of BM25.
     pub embeddings_url: String,
     /// Model name sent to the embeddings endpoint.
     pub embeddings_model: String,
+    /// Bearer token for the KDNs' write paths (the gateway asks them to inject);
+    /// empty: `CACHEROUTE_KDN_TOKEN` from the environment, else none.
+    pub kdn_token: String,
 }
 
 impl Default for KnowledgeSection {
@@ -140,8 +145,10 @@ impl Default for KnowledgeSection {
             sync_interval_ms: 1_000,
             sync_timeout_ms: 2_000,
             member_ttl_s: 10.0,
+            max_members: 256,
             embeddings_url: String::new(),
             embeddings_model: String::new(),
+            kdn_token: String::new(),
         }
     }
 }
@@ -161,6 +168,10 @@ pub struct GatewaySection {
     pub threads: usize,
     pub max_body_bytes: usize,
     pub control_token: String,
+    /// Shared by the gateways of a multi-tier deployment: a scheduler sends it, a proxy
+    /// honours `x-cacheroute-*` decision headers only with it (empty: never; the
+    /// environment's `CACHEROUTE_PEER_TOKEN` fills it when the file does not).
+    pub peer_token: String,
     pub watch_config: bool,
     pub role: Role,
     /// Gateway hops a request may take (scheduler → proxy …) before it is refused as
@@ -180,6 +191,7 @@ impl Default for GatewaySection {
             threads: 2,
             max_body_bytes: 32 * 1024 * 1024,
             control_token: String::new(),
+            peer_token: String::new(),
             watch_config: true,
             role: Role::All,
             max_hops: 4,

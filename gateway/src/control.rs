@@ -116,11 +116,22 @@ impl ServeHttp for ControlPlane {
             ),
             (Method::POST, "/v1/members") => match Registration::parse(&body) {
                 Ok(r) => {
-                    let ttl = self.state.fleet.load().config.knowledge.member_ttl_s;
+                    let k = &self.state.fleet.load().config.knowledge;
                     let (kind, id) = (r.kind, r.id.clone());
-                    if self.state.members.register(r, ttl) {
-                        tracing::info!(?kind, %id, "member registered");
-                        self.state.sync_now.notify_one();
+                    match self
+                        .state
+                        .members
+                        .register(r, k.member_ttl_s, k.max_members)
+                    {
+                        Ok(true) => {
+                            tracing::info!(?kind, %id, "member registered");
+                            self.state.sync_now.notify_one();
+                        }
+                        Ok(false) => {}
+                        Err(e) => {
+                            tracing::warn!(?kind, %id, "member refused: {}", e.message);
+                            return json(StatusCode::TOO_MANY_REQUESTS, e.to_json());
+                        }
                     }
                     json(
                         StatusCode::OK,

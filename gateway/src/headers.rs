@@ -18,6 +18,9 @@ pub const INJECTION: &str = "x-cacheroute-injection";
 pub const INSTANCE: &str = "x-cacheroute-instance";
 /// The KV handle of a KV-mode request (request to the engine).
 pub const KV_HANDLE: &str = "x-cacheroute-kv-handle";
+/// A scheduler gateway's proof that it is one (`[gateway] peer_token`), request to a
+/// proxy gateway; without it a proxy ignores the decision headers above.
+pub const PEER: &str = "x-cacheroute-peer";
 /// The decision record's id, for `/debug/strategy` (response).
 pub const DECISION: &str = "x-cacheroute-decision";
 

@@ -65,6 +65,7 @@ impl KvInjections {
         self: &std::sync::Arc<Self>,
         http: &reqwest::Client,
         kdn_url: &str,
+        token: &str,
         key: InjectKey,
         timeout: Duration,
     ) -> watch::Receiver<InjectState> {
@@ -78,8 +79,9 @@ impl KvInjections {
         let this = self.clone();
         let http = http.clone();
         let url = kdn_url.trim_end_matches('/').to_string();
+        let token = token.to_string();
         tokio::spawn(async move {
-            let state = run_job(&http, &url, &key, timeout).await;
+            let state = run_job(&http, &url, &token, &key, timeout).await;
             if let InjectState::Ready { job } = &state {
                 let mut done = this.done.lock().unwrap_or_else(|p| p.into_inner());
                 done.retain(|_, (_, at)| at.elapsed() < RESIDENT_MEMORY);
@@ -97,6 +99,7 @@ impl KvInjections {
 async fn run_job(
     http: &reqwest::Client,
     url: &str,
+    token: &str,
     (target, model, block): &InjectKey,
     timeout: Duration,
 ) -> InjectState {
@@ -107,12 +110,14 @@ async fn run_job(
         "wait": true,
         "timeout_ms": timeout.as_millis() as u64,
     });
-    let resp = http
+    let mut req = http
         .post(format!("{url}/v1/inject"))
         .json(&body)
-        .timeout(timeout + Duration::from_secs(5))
-        .send()
-        .await;
+        .timeout(timeout + Duration::from_secs(5));
+    if !token.is_empty() {
+        req = req.bearer_auth(token);
+    }
+    let resp = req.send().await;
     let resp = match resp {
         Ok(r) => r,
         Err(e) => return InjectState::Failed(format!("{url}: {e}")),

@@ -94,6 +94,10 @@ struct GatewayArgs {
     /// Write one JSON line per routing decision to this file ("-": stdout).
     #[arg(long, value_name = "PATH")]
     log_decisions: Option<String>,
+    /// Serve the control plane's write paths (reload, members) without a token on a
+    /// non-loopback address.
+    #[arg(long)]
+    insecure: bool,
 }
 
 fn main() -> std::process::ExitCode {
@@ -124,6 +128,7 @@ fn run() -> Result<()> {
                 control: args.control,
                 threads: args.threads,
                 log_decisions: args.log_decisions,
+                insecure: args.insecure,
             };
             server::run(source, overrides)
         }

@@ -98,8 +98,15 @@ impl Registration {
 }
 
 impl Members {
-    /// Register or refresh; returns whether the member is new.
-    pub fn register(&self, r: Registration, default_ttl_s: f64) -> bool {
+    /// Register or refresh; returns whether the member is new. A new member past `max`
+    /// live ones is refused: every member is polled each sync period, so the table
+    /// bounds the gateway's outgoing work.
+    pub fn register(
+        &self,
+        r: Registration,
+        default_ttl_s: f64,
+        max: usize,
+    ) -> Result<bool, ApiError> {
         let now = Instant::now();
         let ttl = Duration::from_secs_f64(r.ttl_s.unwrap_or(default_ttl_s));
         let mut t = self.table.lock().unwrap_or_else(|p| p.into_inner());
@@ -109,6 +116,18 @@ impl Members {
             .filter(|m| m.expires > now)
             .map(|m| m.first_seen);
         let new = first_seen.is_none();
+        if new {
+            t.retain(|_, m| m.expires > now);
+            if t.len() >= max {
+                return Err(ApiError::too_many_requests(
+                    "too_many_members",
+                    format!(
+                        "the gateway already has {} members (knowledge.max_members = {max})",
+                        t.len()
+                    ),
+                ));
+            }
+        }
         t.insert(
             key,
             Member {
@@ -117,7 +136,7 @@ impl Members {
                 first_seen: first_seen.unwrap_or(now),
             },
         );
-        new
+        Ok(new)
     }
 
     pub fn remove(&self, kind: MemberKind, id: &str) -> bool {
@@ -175,15 +194,44 @@ mod tests {
     #[test]
     fn register_refresh_expire_remove() {
         let m = Members::default();
-        assert!(m.register(reg(MemberKind::Kdn, "a", 60.0), 10.0));
-        assert!(!m.register(reg(MemberKind::Kdn, "a", 60.0), 10.0));
-        assert!(m.register(reg(MemberKind::Agent, "a", 60.0), 10.0));
+        assert!(m
+            .register(reg(MemberKind::Kdn, "a", 60.0), 10.0, 8)
+            .unwrap());
+        assert!(!m
+            .register(reg(MemberKind::Kdn, "a", 60.0), 10.0, 8)
+            .unwrap());
+        assert!(m
+            .register(reg(MemberKind::Agent, "a", 60.0), 10.0, 8)
+            .unwrap());
         assert_eq!(m.live(MemberKind::Kdn).len(), 1);
-        m.register(reg(MemberKind::Kdn, "b", 0.001), 10.0);
+        m.register(reg(MemberKind::Kdn, "b", 0.001), 10.0, 8)
+            .unwrap();
         std::thread::sleep(Duration::from_millis(5));
         assert_eq!(m.live(MemberKind::Kdn).len(), 1, "b expired");
         assert!(m.remove(MemberKind::Agent, "a"));
         assert!(m.live(MemberKind::Agent).is_empty());
+    }
+
+    #[test]
+    fn the_member_table_is_bounded() {
+        let m = Members::default();
+        for i in 0..3 {
+            assert!(m
+                .register(reg(MemberKind::Kdn, &i.to_string(), 60.0), 10.0, 3)
+                .unwrap());
+        }
+        let err = m
+            .register(reg(MemberKind::Agent, "x", 60.0), 10.0, 3)
+            .unwrap_err();
+        assert_eq!((err.status, err.code), (429, "too_many_members"));
+        // a known member still refreshes
+        assert!(!m
+            .register(reg(MemberKind::Kdn, "0", 60.0), 10.0, 3)
+            .unwrap());
+        assert!(m.remove(MemberKind::Kdn, "1"));
+        assert!(m
+            .register(reg(MemberKind::Agent, "x", 60.0), 10.0, 3)
+            .unwrap());
     }
 
     #[test]

@@ -225,9 +225,13 @@ pub fn plan_kv(
         (InjectionMode::Kv, false) => {
             let kdn = kdn?;
             let timeout = std::time::Duration::from_millis(fleet.config.proxy.inject_timeout_ms);
-            let rx = state
-                .injections
-                .ensure(&state.http, &kdn.url, key.clone(), timeout);
+            let rx = state.injections.ensure(
+                &state.http,
+                &kdn.url,
+                &fleet.config.knowledge.kdn_token,
+                key.clone(),
+                timeout,
+            );
             (Some(rx), None)
         }
         (InjectionMode::Text, _) => (None, None),

@@ -31,7 +31,14 @@ pub struct Overrides {
     pub control: Option<SocketAddr>,
     pub threads: Option<usize>,
     pub log_decisions: Option<String>,
+    /// Serve the control plane without a token on a non-loopback address.
+    pub insecure: bool,
 }
+
+/// Where the control plane's and the KDNs' write tokens come from when the file
+/// gives none.
+pub const CONTROL_TOKEN_ENV: &str = "CACHEROUTE_CONTROL_TOKEN";
+pub const PEER_TOKEN_ENV: &str = "CACHEROUTE_PEER_TOKEN";
 
 impl ConfigSource {
     /// Read, parse and validate the configuration; `Err` says why not.
@@ -58,6 +65,11 @@ impl ConfigSource {
         if let Some(p) = &overrides.log_decisions {
             config.gateway.log_decisions = p.clone();
         }
+        let g = &mut config.gateway;
+        g.control_token = cacheroute_kdn::auth::token_or_env(&g.control_token, CONTROL_TOKEN_ENV);
+        g.peer_token = cacheroute_kdn::auth::token_or_env(&g.peer_token, PEER_TOKEN_ENV);
+        let k = &mut config.knowledge;
+        k.kdn_token = cacheroute_kdn::auth::token_or_env(&k.kdn_token, cacheroute_kdn::TOKEN_ENV);
         Ok((config, text))
     }
 }

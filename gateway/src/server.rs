@@ -23,6 +23,13 @@ pub fn run(source: ConfigSource, overrides: Overrides) -> Result<()> {
     let listen = config.gateway.listen;
     let control = config.gateway.control;
     let threads = config.gateway.threads;
+    cacheroute_kdn::auth::check_unauthenticated_listen(
+        "the control plane",
+        control,
+        &config.gateway.control_token,
+        overrides.insecure,
+        crate::reload::CONTROL_TOKEN_ENV,
+    )?;
 
     // The first load runs on a short-lived runtime: Pingora starts its own.
     let rt = tokio::runtime::Runtime::new()?;

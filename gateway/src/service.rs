@@ -314,8 +314,11 @@ impl ServicePlane {
             return Err(ApiError::model_not_found(&model));
         }
         let role = gw.role;
-        // A proxy behind a scheduler trusts the decision in the headers.
-        let upstream = if role == Role::Proxy && hops > 0 {
+        // A proxy behind a scheduler trusts the decision in the headers, from a
+        // scheduler that proves it is one; a client's are ignored.
+        let peer = req.headers.get(headers::PEER).map(|v| v.as_bytes());
+        let trusted = cacheroute_kdn::auth::secret_matches(peer, &gw.peer_token);
+        let upstream = if role == Role::Proxy && hops > 0 && trusted {
             UpstreamDecision::from_headers(req)?
         } else {
             None
@@ -402,6 +405,9 @@ impl ServicePlane {
         let mut knowledge_tokens = 0;
         let mut knowledge_bytes = 0;
         if role == Role::Scheduler {
+            if !gw.peer_token.is_empty() {
+                request_headers.push((headers::PEER, gw.peer_token.clone()));
+            }
             // The proxy behind lays the knowledge out; it learns it from the headers.
             request_headers.push((
                 headers::KNOWLEDGE,

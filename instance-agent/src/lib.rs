@@ -275,7 +275,11 @@ pub async fn start(args: AgentArgs) -> anyhow::Result<AgentHandle> {
             url: advertise.clone(),
             instance: Some(engine.clone()),
             gateways: gateways.clone(),
-            token: args.gateway_token.clone().unwrap_or_default(),
+            // the gateways' control token, by its own name or the gateway's
+            token: cacheroute_kdn::auth::token_or_env(
+                args.gateway_token.as_deref().unwrap_or_default(),
+                "CACHEROUTE_CONTROL_TOKEN",
+            ),
             heartbeat: Duration::from_secs_f64(args.heartbeat_s),
             on_attempt: Some(on_attempt),
         })

@@ -18,6 +18,14 @@ pub struct KnowledgeArgs {
         global = true
     )]
     pub kdn: String,
+    /// Bearer token for the KDN's write paths (register, delete, inject).
+    #[arg(
+        long,
+        env = "CACHEROUTE_KDN_TOKEN",
+        global = true,
+        hide_env_values = true
+    )]
+    pub token: Option<String>,
     /// Print the KDN's JSON answers unchanged.
     #[arg(long, global = true)]
     pub json: bool,
@@ -110,17 +118,30 @@ pub struct InjectArgs {
     pub no_wait: bool,
 }
 
+/// `Authorization: Bearer <token>` on every request, when there is a token.
+fn auth_headers(token: Option<&str>) -> Result<reqwest::header::HeaderMap> {
+    let mut h = reqwest::header::HeaderMap::new();
+    if let Some(t) = token {
+        let mut v = reqwest::header::HeaderValue::from_str(&format!("Bearer {t}"))
+            .context("the KDN token has characters a header cannot carry")?;
+        v.set_sensitive(true);
+        h.insert(reqwest::header::AUTHORIZATION, v);
+    }
+    Ok(h)
+}
+
 struct Client {
     base: String,
     http: reqwest::Client,
 }
 
 impl Client {
-    fn new(base: &str) -> Result<Client> {
+    fn new(base: &str, token: Option<&str>) -> Result<Client> {
         Ok(Client {
             base: base.trim_end_matches('/').to_string(),
             http: reqwest::Client::builder()
                 .connect_timeout(Duration::from_secs(5))
+                .default_headers(auth_headers(token)?)
                 .build()?,
         })
     }
@@ -203,7 +224,7 @@ fn print_json(v: &Value) {
 
 /// Run a `cacheroute knowledge` command.
 pub async fn run_knowledge(args: KnowledgeArgs) -> Result<()> {
-    let c = Client::new(&args.kdn)?;
+    let c = Client::new(&args.kdn, args.token.as_deref().filter(|t| !t.is_empty()))?;
     match args.command {
         KnowledgeCommand::Register(r) => {
             let wait_q = if r.wait { "?wait=true" } else { "" };

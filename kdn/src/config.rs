@@ -65,6 +65,15 @@ pub struct KdnSection {
     pub gateways: Vec<String>,
     /// Bearer token sent to the gateways (empty: none).
     pub gateway_token: String,
+    /// Bearer token every write (register, delete, warm, inject) must carry; reads stay
+    /// open. Empty: none (only on a loopback listen address, unless `insecure`). The
+    /// environment's `CACHEROUTE_KDN_TOKEN` fills it when the file does not.
+    pub token: String,
+    /// Serve writes without a token on a non-loopback address (never the default).
+    pub insecure: bool,
+    /// Let `POST /v1/inject` name a store URL instead of a configured `[[targets]]` name.
+    /// Off by default: whoever can inject could otherwise write into any store.
+    pub allow_url_targets: bool,
     /// The URL gateways use to reach this KDN (none: `http://<listen>`).
     pub advertise_url: Option<String>,
     /// Seconds between two registrations with each gateway (the entry lives 3×).
@@ -107,6 +116,9 @@ impl Default for KdnSection {
             id: None,
             gateways: Vec::new(),
             gateway_token: String::new(),
+            token: String::new(),
+            insecure: false,
+            allow_url_targets: false,
             advertise_url: None,
             heartbeat_s: 2.0,
         }

@@ -12,6 +12,7 @@
 //! * [`config`]: the configuration (`conf/kdn.example.toml`).
 //! * [`cli`]: `cacheroute kv ...`; [`client_cli`]: `cacheroute knowledge ...`.
 
+pub mod auth;
 pub mod bm25;
 pub mod cbor;
 pub mod cli;
@@ -29,4 +30,4 @@ pub mod service;
 pub mod store;
 pub mod tokenizer;
 
-pub use server::{run_kdn, spawn_kdn, KdnArgs, KdnHandle};
+pub use server::{run_kdn, spawn_kdn, KdnArgs, KdnHandle, TOKEN_ENV};

@@ -324,6 +324,37 @@ async fn not_found() -> KdnError {
     )
 }
 
+/// Writes (anything but GET and HEAD) need `[kdn] token` as a bearer token when one is
+/// set; reads of the registry, jobs and load stay open.
+async fn require_token(
+    State(kdn): State<Arc<Kdn>>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let token = &kdn.config.kdn.token;
+    let read = matches!(
+        *req.method(),
+        axum::http::Method::GET | axum::http::Method::HEAD
+    );
+    if token.is_empty() || read {
+        return next.run(req).await;
+    }
+    let auth = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .map(|v| v.as_bytes());
+    if crate::auth::bearer_matches(auth, token) {
+        return next.run(req).await;
+    }
+    let mut resp = KdnError::unauthorized(
+        "this KDN requires a bearer token for writes (Authorization: Bearer …)",
+    )
+    .into_response();
+    resp.headers_mut()
+        .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+    resp
+}
+
 /// The KDN's router.
 pub fn router(kdn: Arc<Kdn>) -> Router {
     let k = &kdn.config.kdn;
@@ -355,6 +386,10 @@ pub fn router(kdn: Arc<Kdn>) -> Router {
         .route("/health", get(health))
         .route("/metrics", get(metrics))
         .fallback(not_found)
+        .layer(axum::middleware::from_fn_with_state(
+            kdn.clone(),
+            require_token,
+        ))
         .with_state(kdn)
 }
 
@@ -421,6 +456,13 @@ pub async fn spawn_kdn(mut config: KdnConfig) -> anyhow::Result<KdnHandle> {
         .await
         .with_context(|| format!("binding {listen}"))?;
     let addr = listener.local_addr()?;
+    crate::auth::check_unauthenticated_listen(
+        "the KDN API",
+        addr,
+        &config.kdn.token,
+        config.kdn.insecure,
+        TOKEN_ENV,
+    )?;
     // the real port, so that the default id and advertised URL are usable with port 0
     config.kdn.listen = addr;
     let kdn = Kdn::start(config).await?;
@@ -482,7 +524,13 @@ pub struct KdnArgs {
     /// http://<listen>).
     #[arg(long)]
     pub advertise_url: Option<String>,
+    /// Serve writes without a token on a non-loopback address.
+    #[arg(long)]
+    pub insecure: bool,
 }
+
+/// The environment variable holding the KDN's write token.
+pub const TOKEN_ENV: &str = "CACHEROUTE_KDN_TOKEN";
 
 impl KdnArgs {
     /// The configuration these arguments describe.
@@ -507,6 +555,10 @@ impl KdnArgs {
         if let Some(u) = &self.advertise_url {
             cfg.kdn.advertise_url = Some(u.clone());
         }
+        cfg.kdn.token = crate::auth::token_or_env(&cfg.kdn.token, TOKEN_ENV);
+        cfg.kdn.gateway_token =
+            crate::auth::token_or_env(&cfg.kdn.gateway_token, "CACHEROUTE_CONTROL_TOKEN");
+        cfg.kdn.insecure |= self.insecure;
         cfg.validate()?;
         Ok(cfg)
     }

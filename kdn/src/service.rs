@@ -64,6 +64,19 @@ impl KdnError {
         Self::new(StatusCode::NOT_FOUND, "not_found_error", code, message)
     }
 
+    pub fn forbidden(code: &'static str, message: impl Into<String>) -> Self {
+        Self::new(StatusCode::FORBIDDEN, "permission_error", code, message)
+    }
+
+    pub fn unauthorized(message: impl Into<String>) -> Self {
+        Self::new(
+            StatusCode::UNAUTHORIZED,
+            "authentication_error",
+            "unauthorized",
+            message,
+        )
+    }
+
     pub fn conflict(code: &'static str, message: impl Into<String>) -> Self {
         Self::new(StatusCode::CONFLICT, "conflict_error", code, message)
     }
@@ -873,6 +886,15 @@ impl Kdn {
             return Ok(t.clone());
         }
         if is_store_url(target) {
+            if !self.config.kdn.allow_url_targets {
+                return Err(KdnError::forbidden(
+                    "target_not_allowed",
+                    format!(
+                        "target {target:?} is a store URL; this KDN injects only into its \
+                         configured [[targets]] (set [kdn] allow_url_targets to allow URLs)"
+                    ),
+                ));
+            }
             return Ok(Target {
                 name: target.to_string(),
                 url: target.to_string(),

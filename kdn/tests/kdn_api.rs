@@ -729,3 +729,56 @@ async fn preload_and_binary_arguments() {
     };
     assert_eq!(k.kdn, "http://h:1");
 }
+
+/// With `[kdn] token`, every write needs it and reads stay open; an unauthenticated
+/// registration cannot replace a block's text; store URLs are not injection targets.
+#[tokio::test]
+async fn writes_need_the_token_and_targets_are_the_configured_ones() {
+    let mut cfg = config("memory://kdn-api-auth", "memory://kdn-api-auth-store");
+    cfg.kdn.token = "s3cret".into();
+    cfg.kdn.allow_url_targets = false;
+    cfg.models.push(model("m16", CHUNK, None));
+    cfg.targets
+        .push(target("t", "memory://kdn-api-auth-target", None));
+    let kdn = spawn_kdn(cfg).await.unwrap();
+    let base = kdn.url();
+    let client = http();
+    let register = |text: &str| {
+        client
+            .post(format!("{base}/v1/knowledge"))
+            .json(&json!({"id": "doc", "text": text, "models": ["m16"]}))
+    };
+    let a = call(register("The real text.").bearer_auth("s3cret")).await;
+    assert!(a.status == 200 || a.status == 201, "{}", a.body);
+    for req in [
+        register("An attacker's text."),
+        register("An attacker's text.").bearer_auth("wrong"),
+    ] {
+        let a = call(req).await;
+        assert_error(&a, 401, "unauthorized");
+    }
+    let a = call(client.delete(format!("{base}/v1/knowledge/doc"))).await;
+    assert_error(&a, 401, "unauthorized");
+    let a = call(client.post(format!("{base}/v1/inject")).json(&json!({
+        "knowledge_ids": ["doc"], "model": "m16", "target": "t"
+    })))
+    .await;
+    assert_error(&a, 401, "unauthorized");
+    // reads are open, and the text is the real one
+    let a = call(client.get(format!("{base}/v1/knowledge/doc?content=true"))).await;
+    assert_eq!(a.status, 200, "{}", a.body);
+    assert!(a.body.to_string().contains("The real text."), "{}", a.body);
+    assert!(!a.body.to_string().contains("attacker"), "{}", a.body);
+    // a store URL is refused even with the token
+    let a = call(
+        client
+            .post(format!("{base}/v1/inject"))
+            .bearer_auth("s3cret")
+            .json(&json!({
+                "knowledge_ids": ["doc"], "model": "m16", "target": "memory://elsewhere"
+            })),
+    )
+    .await;
+    assert_error(&a, 403, "target_not_allowed");
+    kdn.stop().await;
+}

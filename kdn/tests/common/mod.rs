@@ -47,6 +47,8 @@ pub fn config(registry: &str, store: &str) -> KdnConfig {
     cfg.kdn.store = store.into();
     cfg.kdn.warmup_timeout_s = 60.0;
     cfg.kdn.warmup_verify_s = 5.0;
+    // the tests inject into throw-away memory:// stores by URL
+    cfg.kdn.allow_url_targets = true;
     cfg
 }
 
