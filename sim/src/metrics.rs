@@ -28,14 +28,18 @@ pub struct SimMetrics {
     pub generation_tokens: IntCounter,
     pub ttft: Histogram,
     pub e2e: Histogram,
+    /// `vllm:prefix_cache_queries_total` / `_hits_total`: prompt tokens asked of / found in
+    /// the GPU prefix cache (APC), per admission.
     pub prefix_cache_queries: IntCounter,
     pub prefix_cache_hits: IntCounter,
     pub request_success: IntCounterVec,
-    /// `vllm:external_prefix_cache_queries_total`: prompt tokens looked up in LMCache.
+    /// `vllm:external_prefix_cache_queries_total`: prompt tokens of requests admitted with
+    /// LMCache.
     pub external_prefix_cache_queries: IntCounter,
-    /// `vllm:external_prefix_cache_hits_total`: of those, tokens loaded from LMCache.
+    /// `vllm:external_prefix_cache_hits_total`: of those, tokens LMCache supplied beyond
+    /// the GPU prefix cache's hit.
     pub external_prefix_cache_hits: IntCounter,
-    /// `sim_lmcache_chunks_loaded_total`: chunks hit by lookups.
+    /// `sim_lmcache_chunks_loaded_total`: chunk keys loaded (chunks that supplied tokens).
     pub lmcache_chunks_loaded: IntCounter,
     /// `sim_lmcache_chunks_stored_total`: chunks (keys, one per rank) written.
     pub lmcache_chunks_stored: IntCounter,
@@ -128,7 +132,7 @@ impl SimMetrics {
             ))?,
             lmcache_chunks_loaded: IntCounter::with_opts(opts(
                 "sim_lmcache_chunks_loaded_total",
-                "LMCache chunks found by prefix lookups (loaded instead of computed).",
+                "LMCache chunk keys loaded at admission (supplying tokens beyond the GPU hit).",
             ))?,
             lmcache_chunks_stored: IntCounter::with_opts(opts(
                 "sim_lmcache_chunks_stored_total",
