@@ -9,7 +9,7 @@
 use cacheroute_kdn::keys::KeyScheme;
 use cacheroute_kdn::keys::{chunk_keys, redis_kv_bytes_key, redis_metadata_key, KeyParams};
 use cacheroute_kdn::local_redis::LocalRedis;
-use cacheroute_sim::{spawn, SimArgs, SimHandle};
+use cacheroute_sim::{spawn, spawn_with_prefix_cache, PrefixCache, SimArgs, SimHandle};
 use serde_json::{json, Value};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -306,6 +306,35 @@ async fn lookup_order_and_tier_costs() {
     writer.stop().await;
     reader.stop().await;
     free.stop().await;
+}
+
+/// A custom external cache that holds the first 512 tokens of every prompt.
+struct Holds512;
+
+#[async_trait::async_trait]
+impl PrefixCache for Holds512 {
+    async fn lookup(&self, _model: &str, ids: &[u32]) -> u64 {
+        ids.len().min(512) as u64
+    }
+}
+
+#[tokio::test]
+async fn a_custom_prefix_cache_is_an_external_hit_beside_the_gpu() {
+    let h = spawn_with_prefix_cache(args(), std::sync::Arc::new(Holds512))
+        .await
+        .unwrap();
+    let ids = prompt(1000, 6);
+    let cost = h.cost_model().clone();
+    // costed and reported like an LMCache CPU-tier hit
+    let first = ask(&h, &ids).await;
+    assert_eq!(first.tiers, (0, 512, 0));
+    let want = cost.cached_prefill_ms(512, 488) + cost.h2d_ms(cost.kv_bytes(512));
+    assert!(close(first.prefill_ms.unwrap(), want));
+    // the GPU prefix cache still works, and wins when it holds more
+    assert_eq!(ask(&h, &ids).await.tiers, (992, 0, 0));
+    // a short prompt: the external hit is capped below the whole prompt
+    assert_eq!(ask(&h, &prompt(300, 7)).await.tiers, (0, 299, 0));
+    h.stop().await;
 }
 
 /// `CONFIG SET` on a real Redis.
