@@ -8,16 +8,23 @@
 //!    token, a sequence still in prefill a chunk of `min(remaining, budget)` tokens, where
 //!    the budget starts at `max_num_batched_tokens` (chunked prefill; decode tokens count 1);
 //! 2. while budget is left and fewer than `max_num_seqs` run, waiting sequences are admitted
-//!    in FIFO order with their first chunk. A sequence with `cached_tokens` (a prefix-cache
-//!    hit) starts with those tokens already computed, and the step pays
-//!    `h2d_ms(kv_bytes(cached_tokens))` to load them;
-//! 3. KV blocks (16 tokens) are allocated for every computed token; when a running sequence
-//!    cannot grow, the most recently admitted one is preempted (recompute: its blocks are
-//!    freed and it goes back to the front of the queue), as vLLM does;
+//!    in FIFO order with their first chunk. At admission the sequence's cached prefix is
+//!    decided: the GPU prefix cache ([`crate::apc`], vLLM's APC) gives the longest run of
+//!    leading cached blocks, LMCache (looked up at submission, [`ExternalHit`]) its
+//!    contiguous chunks; the sequence starts with the longer of the two computed. The GPU
+//!    part costs nothing extra; what LMCache supplies beyond it costs the step
+//!    `h2d_ms(bytes)` (CPU tier) or `h2d_ms(bytes)` plus `bytes` over the store link
+//!    (remote store, `--kv-store-gbps`);
+//! 3. KV blocks (16 tokens) come from the [`BlockPool`](crate::apc::BlockPool) for every
+//!    computed token (full prompt blocks are cached as they are allocated); when a running
+//!    sequence cannot grow, the most recently admitted one is preempted (recompute: its
+//!    blocks are freed, staying cached, and it goes back to the front of the queue), as
+//!    vLLM does;
 //! 4. the step lasts `CostModel::step_cost(shape) + load time`; at its end a sequence whose
 //!    computed tokens reach its length samples one token (the first one at the end of the
 //!    step that finishes its prefill: its TTFT).
 
+use crate::apc::{ApcStats, BlockId, BlockPool};
 use crate::metrics::SimMetrics;
 use cacheroute_filters::cost_model::{CostModel, StepShape};
 use std::collections::{HashMap, VecDeque};
@@ -34,6 +41,10 @@ pub struct SchedulerConfig {
     pub block_size: u64,
     /// KV capacity in blocks.
     pub num_gpu_blocks: u64,
+    /// vLLM's automatic prefix caching (`--no-enable-prefix-caching` turns it off).
+    pub enable_prefix_caching: bool,
+    /// Link to the LMCache remote store in Gbit/s (`--kv-store-gbps`); ≤ 0: free.
+    pub kv_store_gbps: f64,
 }
 
 impl SchedulerConfig {
@@ -42,13 +53,98 @@ impl SchedulerConfig {
     }
 }
 
+/// Where LMCache found a chunk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Tier {
+    /// The local CPU tier (`--lmcache-local-cpu-size`).
+    Cpu,
+    /// The remote store (`--kv-store`).
+    Remote,
+}
+
+/// LMCache's hit for one prompt (looked up at submission): its contiguous chunks from
+/// token 0, each with the tier it comes from.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ExternalHit {
+    /// (end token, tier) of each hit chunk in prompt order (chunk i spans the previous
+    /// end to its own).
+    pub chunks: Vec<(u64, Tier)>,
+    /// Store keys per chunk (one per simulated rank), for `sim_lmcache_chunks_loaded_total`.
+    pub keys_per_chunk: u64,
+}
+
+impl ExternalHit {
+    /// A hit of `tokens` leading tokens from one tier, as one chunk.
+    pub fn single(tokens: u64, tier: Tier) -> ExternalHit {
+        ExternalHit {
+            chunks: if tokens > 0 {
+                vec![(tokens, tier)]
+            } else {
+                Vec::new()
+            },
+            keys_per_chunk: 1,
+        }
+    }
+
+    /// Leading tokens LMCache holds.
+    pub fn tokens(&self) -> u64 {
+        self.chunks.last().map_or(0, |c| c.0)
+    }
+}
+
+/// A sequence's cached prompt tokens by where they came from: the GPU prefix cache, then
+/// what LMCache supplied beyond it from its CPU tier and from the remote store.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct CachedSplit {
+    pub gpu: u64,
+    pub cpu: u64,
+    pub remote: u64,
+}
+
+impl CachedSplit {
+    /// Cached prompt tokens in all (what `usage.prompt_tokens_details.cached_tokens` says).
+    pub fn total(&self) -> u64 {
+        self.gpu + self.cpu + self.remote
+    }
+
+    /// The split of a prefix of `cached` tokens (≥ `gpu`): the first `gpu` from the GPU,
+    /// the rest from `ext`'s chunks. Also returns how many chunks supplied tokens.
+    pub fn of(gpu: u64, ext: Option<&ExternalHit>, cached: u64) -> (CachedSplit, u64) {
+        let mut out = CachedSplit {
+            gpu: gpu.min(cached),
+            ..CachedSplit::default()
+        };
+        let mut chunks = 0;
+        if let Some(ext) = ext {
+            let mut start = 0;
+            for &(end, tier) in &ext.chunks {
+                let end = end.min(cached);
+                let from = start.max(out.gpu);
+                if end > from {
+                    chunks += 1;
+                    match tier {
+                        Tier::Cpu => out.cpu += end - from,
+                        Tier::Remote => out.remote += end - from,
+                    }
+                }
+                start = start.max(end);
+            }
+        }
+        (out, chunks)
+    }
+}
+
 /// A request as the scheduler sees it.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct SeqSpec {
     pub id: u64,
     pub prompt_tokens: u64,
-    /// Leading prompt tokens whose KV is a prefix-cache hit (loaded, not computed).
-    pub cached_tokens: u64,
+    /// Hash chain of the prompt's full blocks ([`crate::apc::block_hashes`]); empty: the
+    /// GPU prefix cache neither finds nor keeps this prompt.
+    pub block_hashes: Arc<[u64]>,
+    /// LMCache's hit (None: no LMCache, nothing external counted).
+    pub external: Option<Arc<ExternalHit>>,
     pub max_tokens: u64,
     /// Virtual arrival time (ms).
     pub arrival_ms: f64,
@@ -59,7 +155,12 @@ struct Seq {
     spec: SeqSpec,
     num_computed: u64,
     generated: u64,
-    blocks: u64,
+    /// KV blocks held, in token order.
+    table: Vec<BlockId>,
+    /// Leading blocks of `table` already registered in the prefix cache.
+    cached_upto: usize,
+    /// Cached prefix as decided at the first admission (what the response reports).
+    split: Option<CachedSplit>,
     first_token_ms: Option<f64>,
     scheduled_ms: Option<f64>,
 }
@@ -70,15 +171,33 @@ impl Seq {
     }
 }
 
+/// A sequence admitted in a step, with its cached prefix.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Admission {
+    pub id: u64,
+    pub prompt_tokens: u64,
+    pub split: CachedSplit,
+    /// Whether the GPU prefix cache was asked (APC on).
+    pub apc: bool,
+    /// Whether LMCache was asked.
+    pub external: bool,
+    /// LMCache store keys loaded (chunks that supplied tokens × keys per chunk).
+    pub keys_loaded: u64,
+}
+
 /// What one step runs.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct StepPlan {
     /// (sequence id, tokens computed this step).
     pub scheduled: Vec<(u64, u64)>,
     pub shape: StepShape,
-    /// Cached tokens loaded from the host this step.
+    /// Sequences admitted this step.
+    pub admitted: Vec<Admission>,
+    /// Cached tokens loaded from LMCache (CPU tier and remote store) this step.
     pub loaded_tokens: u64,
-    /// h2d time of those tokens (ms).
+    /// Of those, tokens that came over the remote store's link.
+    pub remote_tokens: u64,
+    /// Load time of those tokens (ms): host-to-device, plus the link for remote ones.
     pub load_ms: f64,
     /// Forward time (ms).
     pub compute_ms: f64,
@@ -90,6 +209,16 @@ impl StepPlan {
     /// Total step duration in simulated ms.
     pub fn duration_ms(&self) -> f64 {
         self.compute_ms + self.load_ms
+    }
+
+    /// Forward time attributed to prefill: the step's compute prorated by its share of
+    /// prefill tokens among all tokens it computes (decode tokens count 1 each).
+    pub fn prefill_compute_ms(&self) -> f64 {
+        let t = self.shape.prefill_new_tokens;
+        if t == 0 {
+            return 0.0;
+        }
+        self.compute_ms * t as f64 / (t + self.shape.decode_batch) as f64
     }
 }
 
@@ -106,6 +235,8 @@ pub struct SeqEvent {
     pub ttft_ms: f64,
     /// Simulated ms spent waiting before first being scheduled.
     pub queue_ms: f64,
+    /// The sequence's cached prompt tokens, by tier (decided at its first admission).
+    pub cached: CachedSplit,
 }
 
 /// Continuous-batching scheduler over a virtual clock.
@@ -115,7 +246,7 @@ pub struct Scheduler {
     cost: CostModel,
     waiting: VecDeque<Seq>,
     running: Vec<Seq>,
-    used_blocks: u64,
+    pool: BlockPool,
     pub preemptions: u64,
 }
 
@@ -126,7 +257,7 @@ impl Scheduler {
             cost,
             waiting: VecDeque::new(),
             running: Vec::new(),
-            used_blocks: 0,
+            pool: BlockPool::new(cfg.num_gpu_blocks, cfg.enable_prefix_caching),
             preemptions: 0,
         }
     }
@@ -144,13 +275,13 @@ impl Scheduler {
         let mut spec = spec;
         spec.max_tokens = spec.max_tokens.max(1);
         spec.prompt_tokens = spec.prompt_tokens.max(1);
-        // at least one prompt token is always computed (vLLM caps hits at prompt - 1)
-        spec.cached_tokens = spec.cached_tokens.min(spec.prompt_tokens - 1);
         self.waiting.push_back(Seq {
             spec,
             num_computed: 0,
             generated: 0,
-            blocks: 0,
+            table: Vec::new(),
+            cached_upto: 0,
+            split: None,
             first_token_ms: None,
             scheduled_ms: None,
         });
@@ -160,7 +291,7 @@ impl Scheduler {
     pub fn abort(&mut self, id: u64) -> bool {
         if let Some(i) = self.running.iter().position(|s| s.spec.id == id) {
             let s = self.running.remove(i);
-            self.used_blocks -= s.blocks;
+            self.pool.free(&s.table);
             return true;
         }
         if let Some(i) = self.waiting.iter().position(|s| s.spec.id == id) {
@@ -184,10 +315,25 @@ impl Scheduler {
 
     /// Fraction of KV blocks in use (vLLM's `gpu_cache_usage_perc`, 0..1).
     pub fn kv_usage(&self) -> f64 {
-        if self.cfg.num_gpu_blocks == 0 {
+        if self.pool.num_blocks() == 0 {
             0.0
         } else {
-            self.used_blocks as f64 / self.cfg.num_gpu_blocks as f64
+            self.pool.num_used() as f64 / self.pool.num_blocks() as f64
+        }
+    }
+
+    /// The GPU prefix cache's sizes and counters.
+    pub fn apc_stats(&self) -> ApcStats {
+        self.pool.stats()
+    }
+
+    /// Transfer time of `bytes` over the remote store's link (0 when it is free).
+    pub fn link_ms(&self, bytes: u64) -> f64 {
+        let gbps = self.cfg.kv_store_gbps;
+        if gbps.is_finite() && gbps > 0.0 {
+            bytes as f64 / (gbps * 1e9 / 8.0) * 1000.0
+        } else {
+            0.0
         }
     }
 
@@ -209,14 +355,23 @@ impl Scheduler {
         tokens.div_ceil(self.cfg.block_size)
     }
 
-    fn free_blocks(&self) -> u64 {
-        self.cfg.num_gpu_blocks.saturating_sub(self.used_blocks)
+    /// Register the full prompt blocks of running sequence `i` within its first `upto`
+    /// tokens in the prefix cache.
+    fn cache_blocks(&mut self, i: usize, upto: u64) {
+        let s = &mut self.running[i];
+        let full = (upto.min(s.spec.prompt_tokens) / self.cfg.block_size) as usize;
+        let full = full.min(s.spec.block_hashes.len()).min(s.table.len());
+        for j in s.cached_upto..full {
+            self.pool.cache(s.table[j], s.spec.block_hashes[j]);
+        }
+        s.cached_upto = s.cached_upto.max(full);
     }
 
     fn preempt_last(&mut self) -> u64 {
         let mut s = self.running.pop().expect("something to preempt");
-        self.used_blocks -= s.blocks;
-        s.blocks = 0;
+        self.pool.free(&s.table);
+        s.table.clear();
+        s.cached_upto = 0;
         s.num_computed = 0;
         self.preemptions += 1;
         let id = s.spec.id;
@@ -233,9 +388,11 @@ impl Scheduler {
         while i < self.running.len() && budget > 0 {
             let s = &self.running[i];
             let n = (s.num_tokens() - s.num_computed).min(budget);
-            let need = self.blocks_for(s.num_computed + n).saturating_sub(s.blocks);
+            let need = self
+                .blocks_for(s.num_computed + n)
+                .saturating_sub(s.table.len() as u64);
             let mut self_preempted = false;
-            while need > self.free_blocks() {
+            while need > self.pool.num_free() {
                 let last = self.running.len() - 1;
                 plan.preempted.push(self.preempt_last());
                 if last == i {
@@ -246,9 +403,10 @@ impl Scheduler {
             if self_preempted {
                 break;
             }
+            let new = self.pool.allocate(need).expect("checked free blocks");
             let s = &mut self.running[i];
-            s.blocks += need;
-            self.used_blocks += need;
+            s.table.extend(new);
+            let upto = s.num_computed + n;
             let decoding = s.generated > 0 && n == 1 && s.num_computed + 1 == s.num_tokens();
             if decoding {
                 plan.shape.add_decode(s.num_computed);
@@ -256,6 +414,7 @@ impl Scheduler {
                 plan.shape.add_prefill(s.num_computed, n);
             }
             plan.scheduled.push((s.spec.id, n));
+            self.cache_blocks(i, upto);
             budget -= n;
             i += 1;
         }
@@ -265,26 +424,56 @@ impl Scheduler {
             let Some(front) = self.waiting.front() else {
                 break;
             };
-            let start = front.spec.cached_tokens;
+            let prompt = front.spec.prompt_tokens;
+            // the cached prefix: GPU blocks first, then LMCache's chunks; at least the last
+            // prompt token is always computed (vLLM caps both hits at prompt − 1)
+            let max_blocks = ((prompt - 1) / self.cfg.block_size) as usize;
+            let hit = self.pool.lookup(&front.spec.block_hashes, max_blocks);
+            let gpu = hit.len() as u64 * self.cfg.block_size;
+            let ext = front
+                .spec
+                .external
+                .as_ref()
+                .map_or(0, |e| e.tokens())
+                .min(prompt - 1);
+            let start = gpu.max(ext);
             let n = (front.num_tokens() - start).min(budget);
-            let need = self.blocks_for(start + n);
-            if need > self.free_blocks() {
+            let new_blocks = self.blocks_for(start + n) - hit.len() as u64;
+            // taking unpinned hit blocks out of the free queue counts against the room
+            if new_blocks + self.pool.num_unpinned(&hit) > self.pool.num_free() {
                 break;
             }
+            let (split, chunks) = CachedSplit::of(gpu, front.spec.external.as_deref(), start);
             let mut s = self.waiting.pop_front().expect("front exists");
+            self.pool.touch(&hit);
+            s.table = hit;
+            s.table
+                .extend(self.pool.allocate(new_blocks).expect("checked free blocks"));
+            s.cached_upto = 0;
             s.num_computed = start;
-            s.blocks = need;
-            self.used_blocks += need;
+            s.split.get_or_insert(split);
             s.scheduled_ms.get_or_insert(now_ms);
-            plan.loaded_tokens += start;
+            plan.admitted.push(Admission {
+                id: s.spec.id,
+                prompt_tokens: prompt,
+                split,
+                apc: self.pool.enabled(),
+                external: s.spec.external.is_some(),
+                keys_loaded: chunks * s.spec.external.as_ref().map_or(0, |e| e.keys_per_chunk),
+            });
+            plan.loaded_tokens += split.cpu + split.remote;
+            plan.remote_tokens += split.remote;
             plan.shape.add_prefill(start, n);
             plan.scheduled.push((s.spec.id, n));
             budget -= n;
             self.running.push(s);
+            let last = self.running.len() - 1;
+            self.cache_blocks(last, start + n);
         }
         plan.compute_ms = self.cost.step_cost(&plan.shape);
         plan.load_ms = if plan.loaded_tokens > 0 {
             self.cost.h2d_ms(self.cost.kv_bytes(plan.loaded_tokens))
+                + self.link_ms(self.cost.kv_bytes(plan.remote_tokens))
         } else {
             0.0
         };
@@ -313,6 +502,7 @@ impl Scheduler {
                 since_arrival_ms: end_ms - s.spec.arrival_ms,
                 ttft_ms: first - s.spec.arrival_ms,
                 queue_ms: s.scheduled_ms.unwrap_or(end_ms) - s.spec.arrival_ms,
+                cached: s.split.unwrap_or_default(),
             });
             if done {
                 finished.push(id);
@@ -342,12 +532,48 @@ pub struct EngineStats {
     pub completed: u64,
     pub aborted: u64,
     pub preemptions: u64,
+    /// The GPU prefix cache (blocks in use, cached, evicted).
+    pub apc: ApcStats,
+    /// Cached prompt tokens supplied at admission, by tier (a re-admitted preempted
+    /// sequence counts again).
+    pub cached_tokens: CachedSplit,
+    /// Simulated ms of forward time spent on prefill (see [`StepPlan::prefill_compute_ms`]).
+    pub prefill_ms: f64,
+    /// Simulated ms spent loading LMCache hits (host-to-device and the store link).
+    pub load_ms: f64,
+}
+
+/// Count an admission in the prefix-cache metrics (vLLM's names and the sim's per tier).
+pub fn record_admission(metrics: &SimMetrics, a: &Admission) {
+    if a.apc {
+        metrics.prefix_cache_queries.inc_by(a.prompt_tokens);
+        metrics.prefix_cache_hits.inc_by(a.split.gpu);
+    }
+    if a.external {
+        metrics
+            .external_prefix_cache_queries
+            .inc_by(a.prompt_tokens);
+        metrics
+            .external_prefix_cache_hits
+            .inc_by(a.split.cpu + a.split.remote);
+        metrics.lmcache_chunks_loaded.inc_by(a.keys_loaded);
+    }
+    for (tier, n) in [
+        ("gpu", a.split.gpu),
+        ("cpu", a.split.cpu),
+        ("remote", a.split.remote),
+    ] {
+        metrics.cached_tokens.with_label_values(&[tier]).inc_by(n);
+    }
 }
 
 /// A request handed to the engine task.
 pub struct Submit {
     pub prompt_tokens: u64,
-    pub cached_tokens: u64,
+    /// See [`SeqSpec::block_hashes`].
+    pub block_hashes: Arc<[u64]>,
+    /// See [`SeqSpec::external`].
+    pub external: Option<Arc<ExternalHit>>,
     pub max_tokens: u64,
     /// `finished_reason` label for `vllm:request_success_total`.
     pub finish_reason: &'static str,
@@ -487,6 +713,16 @@ async fn engine_loop(
         st.busy_ms += dur_ms;
         st.max_batch = st.max_batch.max(plan.scheduled.len());
         st.preemptions = sched.preemptions;
+        for a in &plan.admitted {
+            record_admission(&metrics, a);
+            st.cached_tokens.gpu += a.split.gpu;
+            st.cached_tokens.cpu += a.split.cpu;
+            st.cached_tokens.remote += a.split.remote;
+        }
+        let prefill_ms = plan.prefill_compute_ms();
+        st.prefill_ms += prefill_ms;
+        st.load_ms += plan.load_ms;
+        metrics.gpu_prefill_seconds.inc_by(prefill_ms / 1000.0);
 
         for ev in sched.complete(&plan, vnow) {
             metrics.generation_tokens.inc();
@@ -529,7 +765,8 @@ fn admit(
     sched.add(SeqSpec {
         id,
         prompt_tokens: s.prompt_tokens,
-        cached_tokens: s.cached_tokens,
+        block_hashes: s.block_hashes,
+        external: s.external,
         max_tokens: s.max_tokens,
         arrival_ms,
     });
@@ -553,6 +790,7 @@ fn publish(
     st.running = sched.num_running();
     st.waiting = sched.num_waiting();
     st.kv_usage = sched.kv_usage();
+    st.apc = sched.apc_stats();
     metrics.running.set(st.running as i64);
     metrics.waiting.set(st.waiting as i64);
     metrics.gpu_cache_usage.set(st.kv_usage);
@@ -576,6 +814,8 @@ mod tests {
             max_num_batched_tokens: 8192,
             block_size: 16,
             num_gpu_blocks: 20000,
+            enable_prefix_caching: true,
+            kv_store_gbps: 25.0,
         }
     }
 
@@ -614,9 +854,18 @@ mod tests {
         SeqSpec {
             id,
             prompt_tokens: prompt,
-            cached_tokens: 0,
+            block_hashes: Arc::from(Vec::new()),
+            external: None,
             max_tokens,
             arrival_ms: 0.0,
+        }
+    }
+
+    /// A request whose prompt is `ids` (hashed for the GPU prefix cache).
+    fn spec_ids(id: u64, ids: &[u32], max_tokens: u64) -> SeqSpec {
+        SeqSpec {
+            block_hashes: crate::apc::block_hashes(ids, 16).into(),
+            ..spec(id, ids.len() as u64, max_tokens)
         }
     }
 
@@ -706,7 +955,7 @@ mod tests {
         let specs: Vec<SeqSpec> = (0..4).map(|i| spec(i, 100, 10)).collect();
         let mut sched = Scheduler::new(c, cost());
         for s in &specs {
-            sched.add(*s);
+            sched.add(s.clone());
         }
         let p = sched.schedule(0.0);
         assert_eq!(p.scheduled.len(), 2);
@@ -721,7 +970,7 @@ mod tests {
     fn cached_tokens_skip_prefill_but_pay_load() {
         let c = cost();
         let mut s = spec(1, 8000, 1);
-        s.cached_tokens = 7680;
+        s.external = Some(Arc::new(ExternalHit::single(7680, Tier::Cpu)));
         let mut sched = Scheduler::new(cfg(), c.clone());
         sched.add(s);
         let p = sched.schedule(0.0);
@@ -735,7 +984,7 @@ mod tests {
         // a full hit still computes one token
         let mut sched = Scheduler::new(cfg(), c);
         let mut s = spec(2, 512, 1);
-        s.cached_tokens = 512;
+        s.external = Some(Arc::new(ExternalHit::single(512, Tier::Cpu)));
         sched.add(s);
         assert_eq!(sched.schedule(0.0).scheduled, vec![(2, 1)]);
     }
@@ -764,14 +1013,14 @@ mod tests {
         let specs: Vec<SeqSpec> = (0..3).map(|i| spec(i, 90, 40)).collect();
         let mut sched = Scheduler::new(c, cost());
         for s in &specs {
-            sched.add(*s);
+            sched.add(s.clone());
         }
         let p = sched.schedule(0.0);
         assert_eq!(p.scheduled.len(), 3);
         assert!(sched.kv_usage() > 0.8);
         let mut sched2 = Scheduler::new(c, cost());
         for s in &specs {
-            sched2.add(*s);
+            sched2.add(s.clone());
         }
         let (ev, _) = simulate(Scheduler::new(c, cost()), specs);
         for i in 0..3 {
@@ -786,5 +1035,209 @@ mod tests {
             sched2.complete(&p, now);
         }
         assert!(sched2.preemptions > 0);
+    }
+
+    /// Run `spec` alone on `sched` (from `now`) to completion; returns its admission, its
+    /// first planned step and the end time.
+    fn run_one(sched: &mut Scheduler, spec: SeqSpec, now: f64) -> (Admission, StepPlan, f64) {
+        sched.add(spec);
+        let mut now = now;
+        let first = sched.schedule(now);
+        let adm = first.admitted[0];
+        now += first.duration_ms();
+        sched.complete(&first, now);
+        while !sched.is_idle() {
+            let p = sched.schedule(now);
+            now += p.duration_ms();
+            sched.complete(&p, now);
+        }
+        (adm, first, now)
+    }
+
+    fn prompt(n: usize, salt: u32) -> Vec<u32> {
+        (0..n as u32)
+            .map(|i| (i.wrapping_mul(7919) ^ salt) % 128000)
+            .collect()
+    }
+
+    #[test]
+    fn a_repeated_prompt_is_a_gpu_hit_decided_at_admission() {
+        let c = cost();
+        let mut sched = Scheduler::new(cfg(), c.clone());
+        let ids = prompt(1000, 0);
+        let (a, p, now) = run_one(&mut sched, spec_ids(1, &ids, 2), 0.0);
+        assert_eq!(a.split, CachedSplit::default());
+        assert!((p.compute_ms - c.prefill_ms(1000)).abs() < 1e-9);
+        // the repeat: 62 full blocks cached, capped below the whole prompt
+        let (a, p, _) = run_one(&mut sched, spec_ids(2, &ids, 2), now);
+        assert_eq!(a.split.gpu, 992);
+        assert_eq!((a.split.cpu, a.split.remote), (0, 0));
+        assert_eq!(p.scheduled, vec![(2, 8)]);
+        assert_eq!(p.load_ms, 0.0, "a GPU hit loads nothing");
+        assert!((p.compute_ms - c.cached_prefill_ms(992, 8)).abs() < 1e-9);
+        // a prompt of exactly 62 blocks hits 61 of them (the last token is computed)
+        let (a, _, _) = run_one(&mut sched, spec_ids(3, &ids[..992], 1), 0.0);
+        assert_eq!(a.split.gpu, 976);
+        // the events carry the split
+        let mut sched = Scheduler::new(cfg(), c);
+        let (ev, _) = simulate(sched.clone(), vec![spec_ids(1, &ids, 1)]);
+        assert_eq!(ev[0].cached, CachedSplit::default());
+        run_one(&mut sched, spec_ids(1, &ids, 1), 0.0);
+        sched.add(spec_ids(2, &ids, 1));
+        let p = sched.schedule(0.0);
+        let ev = sched.complete(&p, 1.0);
+        assert_eq!(ev[0].cached.gpu, 992);
+        let s = sched.apc_stats();
+        assert_eq!((s.cached_blocks, s.used_blocks), (62, 0));
+    }
+
+    #[test]
+    fn disabled_prefix_caching_never_hits() {
+        let mut c = cfg();
+        c.enable_prefix_caching = false;
+        let mut sched = Scheduler::new(c, cost());
+        let ids = prompt(1000, 0);
+        run_one(&mut sched, spec_ids(1, &ids, 1), 0.0);
+        let (a, p, _) = run_one(&mut sched, spec_ids(2, &ids, 1), 0.0);
+        assert_eq!(a.split.total(), 0);
+        assert!(!a.apc);
+        assert_eq!(p.scheduled, vec![(2, 1000)]);
+        assert_eq!(sched.apc_stats().cached_blocks, 0);
+    }
+
+    #[test]
+    fn a_full_gpu_evicts_the_least_recently_used_prefix() {
+        let mut c = cfg();
+        c.num_gpu_blocks = 100;
+        let mut sched = Scheduler::new(c, cost());
+        let a_ids = prompt(1000, 1);
+        let b_ids = prompt(1000, 2);
+        run_one(&mut sched, spec_ids(1, &a_ids, 1), 0.0);
+        // b takes the 37 never-used blocks, then a's 26 freed last: a's tail (freed first)
+        run_one(&mut sched, spec_ids(2, &b_ids, 1), 0.0);
+        assert_eq!(
+            sched.apc_stats().evictions,
+            25,
+            "a's partial block had no hash"
+        );
+        let (a, _, _) = run_one(&mut sched, spec_ids(3, &a_ids, 1), 0.0);
+        assert_eq!(a.split.gpu, 37 * 16, "a's first 37 blocks survived");
+        // running sequences are pinned: a request that needs more than the unpinned blocks
+        // waits
+        let mut sched = Scheduler::new(c, cost());
+        sched.add(spec_ids(1, &a_ids, 1000));
+        sched.add(spec_ids(2, &b_ids, 1));
+        let p = sched.schedule(0.0);
+        assert_eq!(p.scheduled, vec![(1, 1000)]);
+        assert_eq!(sched.num_waiting(), 1);
+    }
+
+    #[test]
+    fn requests_sharing_a_prefix_share_its_blocks() {
+        let mut sched = Scheduler::new(cfg(), cost());
+        let base = prompt(512, 3);
+        let mut a = base.clone();
+        a.extend(prompt(100, 4));
+        let mut b = base.clone();
+        b.extend(prompt(100, 5));
+        sched.add(spec_ids(1, &a, 50));
+        let p = sched.schedule(0.0);
+        sched.complete(&p, 1.0);
+        let used = sched.apc_stats().used_blocks;
+        assert_eq!(used, 39); // 612 tokens
+                              // b arrives while a runs: its first 32 blocks are a's, shared
+        sched.add(spec_ids(2, &b, 50));
+        let p = sched.schedule(1.0);
+        assert_eq!(p.admitted[0].split.gpu, 512);
+        assert_eq!(
+            sched.apc_stats().used_blocks,
+            used + 7,
+            "only b's own 7 blocks"
+        );
+        // a leaves: the shared blocks stay pinned by b
+        assert!(sched.abort(1));
+        assert_eq!(sched.apc_stats().used_blocks, 39);
+        assert!(sched.abort(2));
+        assert_eq!(sched.apc_stats().used_blocks, 0);
+    }
+
+    #[test]
+    fn each_tier_costs_what_it_costs() {
+        let c = cost();
+        let ext = |chunks: Vec<(u64, Tier)>| {
+            Some(Arc::new(ExternalHit {
+                chunks,
+                keys_per_chunk: 1,
+            }))
+        };
+        let kv = |t: u64| c.kv_bytes(t);
+        let link = |bytes: u64| bytes as f64 / (25e9 / 8.0) * 1000.0;
+        // no GPU hit: 256 tokens from the CPU tier, 256 from the remote store
+        let ids = prompt(600, 6);
+        let mut sched = Scheduler::new(cfg(), c.clone());
+        let mut s = spec_ids(1, &ids, 1);
+        s.external = ext(vec![(256, Tier::Cpu), (512, Tier::Remote)]);
+        let (a, p, _) = run_one(&mut sched, s, 0.0);
+        assert_eq!(
+            a.split,
+            CachedSplit {
+                gpu: 0,
+                cpu: 256,
+                remote: 256
+            }
+        );
+        assert_eq!(a.keys_loaded, 2);
+        assert_eq!((p.loaded_tokens, p.remote_tokens), (512, 256));
+        let want = c.h2d_ms(kv(512)) + link(kv(256));
+        assert!((p.load_ms - want).abs() < 1e-9, "{} vs {want}", p.load_ms);
+        assert!((p.compute_ms - c.cached_prefill_ms(512, 88)).abs() < 1e-9);
+        // the same prompt again: the GPU holds 592 tokens, more than LMCache: all GPU
+        let mut s = spec_ids(2, &ids, 1);
+        s.external = ext(vec![(256, Tier::Cpu), (512, Tier::Remote)]);
+        let (a, p, _) = run_one(&mut sched, s, 0.0);
+        assert_eq!(a.split.gpu, 592);
+        assert_eq!((a.split.total(), a.keys_loaded), (592, 0));
+        assert_eq!(p.load_ms, 0.0);
+        // a prompt sharing 300 tokens: the GPU has 288, LMCache supplies the rest to 512
+        let mut fork = ids.clone();
+        fork[300] = (fork[300] + 1) % 128000;
+        let mut s = spec_ids(3, &fork, 1);
+        s.external = ext(vec![(256, Tier::Cpu), (512, Tier::Remote)]);
+        let (a, p, _) = run_one(&mut sched, s, 0.0);
+        assert_eq!(
+            a.split,
+            CachedSplit {
+                gpu: 288,
+                cpu: 0,
+                remote: 224
+            }
+        );
+        assert_eq!(a.keys_loaded, 1);
+        let want = c.h2d_ms(kv(224)) + link(kv(224));
+        assert!((p.load_ms - want).abs() < 1e-9);
+        // a free link: remote costs only the host-to-device copy
+        let mut free = cfg();
+        free.kv_store_gbps = 0.0;
+        let mut sched = Scheduler::new(free, c.clone());
+        let mut s = spec_ids(1, &ids, 1);
+        s.external = ext(vec![(512, Tier::Remote)]);
+        let (_, p, _) = run_one(&mut sched, s, 0.0);
+        assert!((p.load_ms - c.h2d_ms(kv(512))).abs() < 1e-9);
+    }
+
+    #[test]
+    fn prefill_share_of_a_mixed_step() {
+        let mut sched = Scheduler::new(cfg(), cost());
+        sched.add(spec(1, 100, 5));
+        let p = sched.schedule(0.0);
+        assert_eq!(p.prefill_compute_ms(), p.compute_ms);
+        sched.complete(&p, 1.0);
+        sched.add(spec(2, 99, 1));
+        let p = sched.schedule(1.0);
+        // one decode token and 99 prefill tokens
+        assert!((p.prefill_compute_ms() - p.compute_ms * 0.99).abs() < 1e-9);
+        sched.complete(&p, 2.0);
+        let p = sched.schedule(2.0);
+        assert_eq!(p.prefill_compute_ms(), 0.0, "decode only");
     }
 }

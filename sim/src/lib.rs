@@ -5,7 +5,9 @@
 //! continuous-batching scheduler ([`engine::Scheduler`]) timed by a cost model fitted from a
 //! GPU calibration profile ([`cacheroute_filters::cost_model`]). See `sim/README.md`.
 
+pub mod apc;
 pub mod api;
+pub mod cpu_tier;
 pub mod embeddings;
 pub mod engine;
 pub mod filler;
@@ -72,10 +74,20 @@ pub struct SimArgs {
     /// Seed of the generated filler text.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Turn vLLM's automatic prefix caching (the GPU prefix cache) off.
+    #[arg(long)]
+    pub no_enable_prefix_caching: bool,
     /// LMCache remote store: `redis://host:port[/db]` or `memory://NAME` (an in-process
-    /// store shared by name). Without it the sim has no prefix cache.
+    /// store shared by name). Without it the sim has no LMCache (GPU prefix cache only).
     #[arg(long)]
     pub kv_store: Option<String>,
+    /// LMCache local CPU tier size in GB (LMCache's max_local_cpu_size; 0: none).
+    #[arg(long, default_value_t = lmcache::DEFAULT_LOCAL_CPU_GB)]
+    pub lmcache_local_cpu_size: f64,
+    /// Link to the remote store in Gbit/s: a remote hit also costs its real bytes over it
+    /// (0 or less: free).
+    #[arg(long, default_value_t = lmcache::DEFAULT_STORE_GBPS, allow_negative_numbers = true)]
+    pub kv_store_gbps: f64,
     /// vLLM `--model` string used in LMCache keys (default: `--model`).
     #[arg(long)]
     pub lmcache_model: Option<String>,
@@ -123,7 +135,10 @@ impl Default for SimArgs {
             max_model_len: 131072,
             num_gpu_blocks: None,
             seed: 0,
+            no_enable_prefix_caching: false,
             kv_store: None,
+            lmcache_local_cpu_size: lmcache::DEFAULT_LOCAL_CPU_GB,
+            kv_store_gbps: lmcache::DEFAULT_STORE_GBPS,
             lmcache_model: None,
             lmcache_scheme: "lmcache-0.3.13".into(),
             chunk_size: 256,
@@ -138,14 +153,16 @@ impl Default for SimArgs {
     }
 }
 
-/// Where a sim learns which prompt prefix is already in its (LMCache) KV store.
+/// Where a sim learns which prompt prefix an external KV cache holds (beside its GPU
+/// prefix cache). A hit is loaded like an LMCache CPU-tier hit (host-to-device) and
+/// reported as tier `cpu`.
 #[async_trait::async_trait]
 pub trait PrefixCache: Send + Sync + 'static {
     /// Number of leading `token_ids` whose KV can be loaded instead of computed (0: none).
     async fn lookup(&self, model: &str, token_ids: &[u32]) -> u64;
 }
 
-/// No prefix cache: every prompt is computed in full.
+/// No external prefix cache (the GPU prefix cache still works).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct NoPrefixCache;
 
@@ -277,7 +294,13 @@ async fn build_state(
             .num_gpu_blocks
             .unwrap_or_else(|| default_num_gpu_blocks(&profile, cost.kv_bytes_per_token))
             .max(1),
+        enable_prefix_caching: !args.no_enable_prefix_caching,
+        kv_store_gbps: args.kv_store_gbps,
     };
+    anyhow::ensure!(
+        !args.kv_store_gbps.is_nan(),
+        "--kv-store-gbps must be a number (Gbit/s; 0 or less: a free link)"
+    );
     let lm_cfg = LmCacheConfig::from_args(args, &profile.config, cost.kv_bytes_per_token)?;
     anyhow::ensure!(
         lm_cfg.is_none() || prefix_cache.is_none(),
@@ -307,7 +330,7 @@ async fn build_state(
         cost,
         sched_cfg,
         time_scale: args.time_scale,
-        prefix_cache: prefix_cache.unwrap_or_else(|| Arc::new(NoPrefixCache)),
+        prefix_cache,
         lmcache,
         last_request: Mutex::new((0, serde_json::Value::Null)),
         counter: AtomicU64::new(0),
@@ -409,6 +432,9 @@ mod tests {
         assert_eq!(d.save_unfull_chunk, e.save_unfull_chunk);
         assert_eq!(d.kv_scale_down, e.kv_scale_down);
         assert_eq!(d.kv_store_timeout_ms, e.kv_store_timeout_ms);
+        assert_eq!(d.lmcache_local_cpu_size, e.lmcache_local_cpu_size);
+        assert_eq!(d.kv_store_gbps, e.kv_store_gbps);
+        assert_eq!(d.no_enable_prefix_caching, e.no_enable_prefix_caching);
         assert_eq!(
             (d.model, d.seed, d.max_num_seqs),
             (e.model, e.seed, e.max_num_seqs)
@@ -436,8 +462,16 @@ mod tests {
             "1",
             "--kv-store-timeout-ms",
             "500",
+            "--lmcache-local-cpu-size",
+            "0.5",
+            "--kv-store-gbps",
+            "-1",
+            "--no-enable-prefix-caching",
         ])
         .sim;
+        assert_eq!(a.lmcache_local_cpu_size, 0.5);
+        assert_eq!(a.kv_store_gbps, -1.0);
+        assert!(a.no_enable_prefix_caching);
         assert_eq!(a.kv_store.as_deref(), Some("redis://127.0.0.1:6379/2"));
         assert_eq!(a.worker_id, Some(1));
         assert!(a.save_unfull_chunk);

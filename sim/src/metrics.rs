@@ -1,8 +1,8 @@
 //! vLLM-named Prometheus metrics, one registry per sim server.
 
 use prometheus::{
-    Encoder, Gauge, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
-    TextEncoder,
+    Counter, Encoder, Gauge, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts,
+    Registry, TextEncoder,
 };
 
 /// vLLM's TTFT buckets (seconds).
@@ -28,14 +28,18 @@ pub struct SimMetrics {
     pub generation_tokens: IntCounter,
     pub ttft: Histogram,
     pub e2e: Histogram,
+    /// `vllm:prefix_cache_queries_total` / `_hits_total`: prompt tokens asked of / found in
+    /// the GPU prefix cache (APC), per admission.
     pub prefix_cache_queries: IntCounter,
     pub prefix_cache_hits: IntCounter,
     pub request_success: IntCounterVec,
-    /// `vllm:external_prefix_cache_queries_total`: prompt tokens looked up in LMCache.
+    /// `vllm:external_prefix_cache_queries_total`: prompt tokens of requests admitted with
+    /// LMCache.
     pub external_prefix_cache_queries: IntCounter,
-    /// `vllm:external_prefix_cache_hits_total`: of those, tokens loaded from LMCache.
+    /// `vllm:external_prefix_cache_hits_total`: of those, tokens LMCache supplied beyond
+    /// the GPU prefix cache's hit.
     pub external_prefix_cache_hits: IntCounter,
-    /// `sim_lmcache_chunks_loaded_total`: chunks hit by lookups.
+    /// `sim_lmcache_chunks_loaded_total`: chunk keys loaded (chunks that supplied tokens).
     pub lmcache_chunks_loaded: IntCounter,
     /// `sim_lmcache_chunks_stored_total`: chunks (keys, one per rank) written.
     pub lmcache_chunks_stored: IntCounter,
@@ -50,6 +54,11 @@ pub struct SimMetrics {
     /// `sim:kv_handle_checks_total{result}`: KV handles checked, by outcome
     /// ([`crate::api::KvHandleCheck`]).
     pub kv_handle_checks: IntCounterVec,
+    /// `sim_cached_tokens_total{tier="gpu|cpu|remote"}`: cached prompt tokens supplied at
+    /// admission by the GPU prefix cache, LMCache's CPU tier and the remote store.
+    pub cached_tokens: IntCounterVec,
+    /// `sim_gpu_prefill_seconds_total`: simulated forward seconds spent on prefill.
+    pub gpu_prefill_seconds: Counter,
 }
 
 impl SimMetrics {
@@ -123,7 +132,7 @@ impl SimMetrics {
             ))?,
             lmcache_chunks_loaded: IntCounter::with_opts(opts(
                 "sim_lmcache_chunks_loaded_total",
-                "LMCache chunks found by prefix lookups (loaded instead of computed).",
+                "LMCache chunk keys loaded at admission (supplying tokens beyond the GPU hit).",
             ))?,
             lmcache_chunks_stored: IntCounter::with_opts(opts(
                 "sim_lmcache_chunks_stored_total",
@@ -153,6 +162,19 @@ impl SimMetrics {
                 ),
                 &["result"],
             )?,
+            cached_tokens: IntCounterVec::new(
+                opts(
+                    "sim_cached_tokens_total",
+                    "Cached prompt tokens supplied at admission, by tier: gpu (vLLM prefix \
+                     cache), cpu (LMCache local CPU tier), remote (LMCache remote store).",
+                ),
+                &["tier"],
+            )?,
+            gpu_prefill_seconds: Counter::with_opts(opts(
+                "sim_gpu_prefill_seconds_total",
+                "Simulated GPU seconds of forward passes spent on prefill (each step's \
+                 compute time prorated by its share of prefill tokens; loads excluded).",
+            ))?,
             registry,
         };
         let r = &m.registry;
@@ -168,6 +190,8 @@ impl SimMetrics {
         r.register(Box::new(m.prefix_cache_hits.clone()))?;
         r.register(Box::new(m.request_success.clone()))?;
         r.register(Box::new(m.kv_handle_checks.clone()))?;
+        r.register(Box::new(m.cached_tokens.clone()))?;
+        r.register(Box::new(m.gpu_prefill_seconds.clone()))?;
         for c in [
             &m.external_prefix_cache_queries,
             &m.external_prefix_cache_hits,
@@ -183,6 +207,9 @@ impl SimMetrics {
         // show both outcomes from the start, as vLLM does
         m.request_success.with_label_values(&["stop"]);
         m.request_success.with_label_values(&["length"]);
+        for tier in ["gpu", "cpu", "remote"] {
+            m.cached_tokens.with_label_values(&[tier]);
+        }
         for c in crate::api::KvHandleCheck::ALL {
             m.kv_handle_checks.with_label_values(&[c.as_str()]);
         }

@@ -4,7 +4,10 @@ use crate::api::{
     self, ApiError, CompletionRequest, Endpoint, KvHandle, KvHandleCheck, Prompt, RespMeta,
 };
 use crate::embeddings::{self, EmbeddingResponse};
-use crate::engine::{EngineHandle, SchedulerConfig, SeqEvent, Submit};
+use crate::engine::{
+    record_admission, Admission, CachedSplit, EngineHandle, ExternalHit, SchedulerConfig, SeqEvent,
+    Submit, Tier,
+};
 use crate::filler;
 use crate::lmcache::{LmCache, Lookup};
 use crate::metrics::SimMetrics;
@@ -36,6 +39,11 @@ pub const KV_HANDLE_HEADER: &str = "x-cacheroute-kv-handle";
 /// Response header with the result of checking the request's KV handle.
 pub const KV_HANDLE_RESULT_HEADER: &str = "x-sim-kv-handle";
 
+/// Response headers with the request's cached prompt tokens per tier.
+pub const CACHED_GPU_HEADER: &str = "x-sim-cached-gpu";
+pub const CACHED_CPU_HEADER: &str = "x-sim-cached-cpu";
+pub const CACHED_REMOTE_HEADER: &str = "x-sim-cached-remote";
+
 /// Everything a sim server shares between requests.
 pub struct AppState {
     pub model: String,
@@ -48,8 +56,9 @@ pub struct AppState {
     pub cost: CostModel,
     pub sched_cfg: SchedulerConfig,
     pub time_scale: f64,
-    pub prefix_cache: Arc<dyn PrefixCache>,
-    /// `--kv-store`: lookups and writes of LMCache chunks (replaces `prefix_cache`).
+    /// A custom external prefix cache ([`crate::spawn_with_prefix_cache`]).
+    pub prefix_cache: Option<Arc<dyn PrefixCache>>,
+    /// `--kv-store`: lookups and writes of LMCache chunks (excludes `prefix_cache`).
     pub lmcache: Option<Arc<LmCache>>,
     /// The last completion request, and a sequence number so that a request only adds its
     /// KV-handle result to its own record.
@@ -133,6 +142,8 @@ async fn engine_debug(State(st): State<Arc<AppState>>) -> Json<Value> {
             "block_size": st.sched_cfg.block_size,
             "num_gpu_blocks": st.sched_cfg.num_gpu_blocks,
             "kv_capacity_tokens": st.sched_cfg.kv_capacity_tokens(),
+            "enable_prefix_caching": st.sched_cfg.enable_prefix_caching,
+            "kv_store_gbps": st.sched_cfg.kv_store_gbps,
         },
         "cost_model": st.cost,
         "stats": st.engine.as_ref().map(|e| e.stats()),
@@ -282,6 +293,19 @@ fn check_kv_handle(h: &KvHandleIn, store: Option<(&Lookup, usize)>) -> (KvHandle
     (result, report)
 }
 
+/// Tag a response with its cached tokens per tier.
+fn with_cached(mut r: Response, c: CachedSplit) -> Response {
+    let h = r.headers_mut();
+    for (name, v) in [
+        (CACHED_GPU_HEADER, c.gpu),
+        (CACHED_CPU_HEADER, c.cpu),
+        (CACHED_REMOTE_HEADER, c.remote),
+    ] {
+        h.insert(name, HeaderValue::from(v));
+    }
+    r
+}
+
 /// Tag a response with its KV-handle result.
 fn with_kv_result(mut r: Response, check: Option<KvHandleCheck>) -> Response {
     if let Some(c) = check {
@@ -295,28 +319,46 @@ fn with_kv_result(mut r: Response, check: Option<KvHandleCheck>) -> Response {
 
 /// A request that passed validation, with its token accounting.
 struct Accepted {
+    st: Arc<AppState>,
+    /// This request's number in `last_request` (it only updates its own record).
+    seq: u64,
     req: CompletionRequest,
     meta: RespMeta,
     prompt_tokens: u64,
-    cached_tokens: u64,
+    /// Hash chain of the prompt's full blocks, for the GPU prefix cache (empty when off).
+    block_hashes: Arc<[u64]>,
+    /// The external (LMCache or custom) hit looked up at submission.
+    external: Option<Arc<ExternalHit>>,
+    /// Cached prompt tokens per tier, known once the engine admitted the request.
+    cached: CachedSplit,
     max_tokens: u64,
     finish_reason: &'static str,
     seed: u64,
-    /// Chunks to write to the LMCache store once the prefill is done.
-    kv_save: Option<(Arc<LmCache>, Lookup)>,
+    /// LMCache's lookup, for the CPU tier and the store writes after the prefill, and
+    /// whether to store new chunks (not with `lmcache.skip_save`).
+    kv_save: Option<(Arc<LmCache>, Lookup, bool)>,
     /// The KV handle's check, with its debug report (None: no handle).
     kv_check: Option<(KvHandleCheck, Value)>,
 }
 
 impl Accepted {
     fn usage(&self, completion_tokens: u64) -> Value {
-        api::usage(self.prompt_tokens, completion_tokens, self.cached_tokens)
+        api::usage(self.prompt_tokens, completion_tokens, self.cached.total())
     }
 
-    /// The prefill is done (first token sampled): store the new chunks, as LMCache does.
-    async fn prefill_done(&mut self) {
-        if let Some((lm, lookup)) = self.kv_save.take() {
-            lm.save_after_prefill(lookup).await;
+    /// The prefill is done (first token sampled; `cached` is the split decided at
+    /// admission): report it, then update LMCache's tiers and store the new chunks, as
+    /// LMCache does.
+    async fn prefill_done(&mut self, cached: CachedSplit) {
+        self.cached = cached;
+        {
+            let mut last = self.st.last_request.lock().expect("last_request lock");
+            if last.0 == self.seq {
+                last.1["cached"] = json!(cached);
+            }
+        }
+        if let Some((lm, lookup, store)) = self.kv_save.take() {
+            lm.after_prefill(lookup, cached.gpu, store).await;
         }
     }
 }
@@ -341,6 +383,7 @@ async fn handle(
             "sha256": hex::encode(Sha256::digest(&body)),
             "body": parsed.as_ref().ok().cloned().unwrap_or(Value::Null),
             "kv_handle": null,
+            "cached": null,
         });
         last.0
     };
@@ -357,7 +400,7 @@ async fn handle(
         }
     }
     let handle = kv_handle_in(headers, &req);
-    let mut acc = accept(&st, req, handle.as_ref()).await?;
+    let mut acc = accept(&st, seq, req, handle.as_ref()).await?;
     let check = acc.kv_check.take().map(|(check, report)| {
         st.metrics
             .kv_handle_checks
@@ -371,8 +414,24 @@ async fn handle(
     });
     // whatever the result the request is served: a real engine just recomputes
     if st.zero_latency {
-        acc.prefill_done().await;
-        return Ok(with_kv_result(respond_now(&st, &acc), check));
+        // no engine and no GPU: the external hit is all there is, decided now
+        let ext = acc.external.as_ref().map_or(0, |e| e.tokens());
+        let cached = ext.min(acc.prompt_tokens - 1);
+        let (split, chunks) = CachedSplit::of(0, acc.external.as_deref(), cached);
+        record_admission(
+            &st.metrics,
+            &Admission {
+                id: 0,
+                prompt_tokens: acc.prompt_tokens,
+                split,
+                apc: st.sched_cfg.enable_prefix_caching,
+                external: acc.external.is_some(),
+                keys_loaded: chunks * acc.external.as_ref().map_or(0, |e| e.keys_per_chunk),
+            },
+        );
+        acc.prefill_done(split).await;
+        let r = with_cached(respond_now(&st, &acc), split);
+        return Ok(with_kv_result(r, check));
     }
     let engine = st
         .engine
@@ -381,7 +440,8 @@ async fn handle(
     let (tx, rx) = mpsc::unbounded_channel();
     if !engine.submit(Submit {
         prompt_tokens: acc.prompt_tokens,
-        cached_tokens: acc.cached_tokens,
+        block_hashes: acc.block_hashes.clone(),
+        external: acc.external.clone(),
         max_tokens: acc.max_tokens,
         finish_reason: acc.finish_reason,
         events: tx,
@@ -389,7 +449,7 @@ async fn handle(
         return Err(ApiError::internal("engine stopped"));
     }
     let r = if acc.req.stream {
-        stream_response(acc, rx)
+        stream_response(acc, rx).await?
     } else {
         collect_response(acc, rx).await?
     };
@@ -399,6 +459,7 @@ async fn handle(
 /// Tokenize and check lengths, as vLLM does before scheduling.
 async fn accept(
     st: &Arc<AppState>,
+    seq: u64,
     req: CompletionRequest,
     handle: Option<&KvHandleIn>,
 ) -> Result<Accepted, ApiError> {
@@ -461,28 +522,33 @@ async fn accept(
             prompt_tokens + max_tokens
         )));
     }
-    let (cached_tokens, kv_save, kv_check) = match &st.lmcache {
-        Some(lm) => {
+    // LMCache (or a custom external cache) is asked now; the GPU prefix cache at admission
+    let (external, kv_save, kv_check) = match (&st.lmcache, &st.prefix_cache) {
+        (Some(lm), _) => {
             let lookup = lm.query(&ids).await;
             // the lookup that decides the hits also checks the handle: one store round trip
             let check =
                 handle.map(|h| check_kv_handle(h, Some((&lookup, lm.config().params.chunk_size))));
-            let cached = lookup.cached_tokens.min(prompt_tokens - 1);
-            let save = (!req.lmcache_skip_save()).then(|| (lm.clone(), lookup));
-            (cached, save, check)
+            let ext = lookup.external(lm.config().ranks.len() as u64);
+            let save = (lm.clone(), lookup, !req.lmcache_skip_save());
+            (Some(Arc::new(ext)), Some(save), check)
         }
-        None => (
-            st.prefix_cache
-                .lookup(&st.model, &ids)
-                .await
-                .min(prompt_tokens - 1),
-            None,
-            handle.map(|h| check_kv_handle(h, None)),
-        ),
+        (None, Some(pc)) => {
+            let tokens = pc.lookup(&st.model, &ids).await.min(prompt_tokens - 1);
+            (
+                Some(Arc::new(ExternalHit::single(tokens, Tier::Cpu))),
+                None,
+                handle.map(|h| check_kv_handle(h, None)),
+            )
+        }
+        (None, None) => (None, None, handle.map(|h| check_kv_handle(h, None))),
+    };
+    let block_hashes: Arc<[u64]> = if st.sched_cfg.enable_prefix_caching && !st.zero_latency {
+        crate::apc::block_hashes(&ids, st.sched_cfg.block_size).into()
+    } else {
+        Arc::from(Vec::new())
     };
     st.metrics.prompt_tokens.inc_by(prompt_tokens);
-    st.metrics.prefix_cache_queries.inc_by(prompt_tokens);
-    st.metrics.prefix_cache_hits.inc_by(cached_tokens);
     let n = st.counter.fetch_add(1, Ordering::Relaxed);
     let salt = filler::splitmix64(st.seed ^ n.rotate_left(32));
     let nanos = SystemTime::now()
@@ -499,11 +565,15 @@ async fn accept(
         model: st.model.clone(),
     };
     Ok(Accepted {
+        st: st.clone(),
+        seq,
         seed: filler::request_seed(st.seed, &ids),
         req,
         meta,
         prompt_tokens,
-        cached_tokens,
+        block_hashes,
+        external,
+        cached: CachedSplit::default(),
         max_tokens,
         finish_reason,
         kv_save,
@@ -573,7 +643,7 @@ async fn collect_response(
             return Err(ApiError::internal("the engine dropped the request"));
         };
         if ev.index == 0 {
-            acc.prefill_done().await;
+            acc.prefill_done(ev.cached).await;
         }
         text.push_str(&filler::token_text(acc.seed, ev.index));
         produced += 1;
@@ -589,6 +659,7 @@ async fn collect_response(
         acc.usage(produced),
     ))
     .into_response();
+    r = with_cached(r, acc.cached);
     let h = r.headers_mut();
     for (name, v) in [
         ("x-sim-ttft-ms", last.ttft_ms),
@@ -610,16 +681,29 @@ enum Phase {
 struct StreamState {
     acc: Accepted,
     rx: mpsc::UnboundedReceiver<SeqEvent>,
+    /// The first token, received before the response head (which carries its split).
+    first: Option<SeqEvent>,
     produced: u64,
     phase: Phase,
 }
 
 /// SSE: one frame per token as the engine samples it (dropping the body aborts the
 /// request in the engine), then the finish frame, the usage frame if asked, `[DONE]`.
-fn stream_response(acc: Accepted, rx: mpsc::UnboundedReceiver<SeqEvent>) -> Response {
+/// The head waits for the first token, so that it carries the cached tokens per tier
+/// decided at admission (nothing would be sent before it anyway).
+async fn stream_response(
+    mut acc: Accepted,
+    mut rx: mpsc::UnboundedReceiver<SeqEvent>,
+) -> Result<Response, ApiError> {
+    let Some(first) = rx.recv().await else {
+        return Err(ApiError::internal("the engine dropped the request"));
+    };
+    acc.prefill_done(first.cached).await;
+    let cached = acc.cached;
     let state = StreamState {
         acc,
         rx,
+        first: Some(first),
         produced: 0,
         phase: Phase::Tokens,
     };
@@ -627,10 +711,10 @@ fn stream_response(acc: Accepted, rx: mpsc::UnboundedReceiver<SeqEvent>) -> Resp
         if let Phase::Done = s.phase {
             return None;
         }
-        let ev = s.rx.recv().await?;
-        if ev.index == 0 {
-            s.acc.prefill_done().await;
-        }
+        let ev = match s.first.take() {
+            Some(ev) => ev,
+            None => s.rx.recv().await?,
+        };
         let ep = s.acc.req.endpoint;
         let piece = filler::token_text(s.acc.seed, ev.index);
         let first = s.produced == 0;
@@ -650,5 +734,5 @@ fn stream_response(acc: Accepted, rx: mpsc::UnboundedReceiver<SeqEvent>) -> Resp
         };
         Some((Ok::<Bytes, std::convert::Infallible>(out), s))
     });
-    sse_response(Body::from_stream(stream))
+    Ok(with_cached(sse_response(Body::from_stream(stream)), cached))
 }

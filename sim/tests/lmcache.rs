@@ -4,6 +4,10 @@
 //!
 //! The Redis test needs `redis-server` on PATH (or named by `CACHEROUTE_REDIS_SERVER`):
 //! without it, it fails, it does not skip.
+//!
+//! These sims run with `--no-enable-prefix-caching`: a repeated prompt would otherwise be a
+//! GPU prefix-cache hit (longer than LMCache's whole chunks), and these tests are about
+//! what LMCache supplies (`tests/cache.rs` covers the tiers together).
 
 use cacheroute_kdn::keys::{
     chunk_keys, redis_kv_bytes_key, redis_metadata_key, KeyParams, KeyScheme, RemoteMetadata,
@@ -33,6 +37,7 @@ fn args(store: &str) -> SimArgs {
         model: "m".into(),
         time_scale: 20.0,
         kv_store: Some(store.into()),
+        no_enable_prefix_caching: true,
         ..SimArgs::default()
     }
 }
@@ -117,6 +122,26 @@ fn metric(h: &SimHandle, name: &str) -> u64 {
         .unwrap()
 }
 
+/// `sim_cached_tokens_total{tier}`.
+fn tier(h: &SimHandle, tier: &str) -> u64 {
+    let text = h.metrics_text();
+    let want = format!("tier=\"{tier}\"");
+    text.lines()
+        .filter(|l| l.starts_with("sim_cached_tokens_total{"))
+        .find(|l| l.contains(&want))
+        .unwrap_or_else(|| panic!("no {tier} sample:\n{text}"))
+        .rsplit(' ')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+/// Transfer time (ms) of `bytes` over the default 25 Gbit/s store link.
+fn link_ms(bytes: u64) -> f64 {
+    bytes as f64 / (25e9 / 8.0) * 1000.0
+}
+
 fn full_chunks(n: u64) -> u64 {
     n / 256 * 256
 }
@@ -189,10 +214,13 @@ async fn repeated_prompt_hits_the_second_time() {
     assert_eq!(usage["prompt_tokens_details"]["cached_tokens"], c);
     assert_eq!(usage["prompt_tokens"], n);
 
-    // metrics: three lookups of n tokens, two hits of c
+    // metrics: three lookups of n tokens, two hits of c, both from the CPU tier (the
+    // chunks the first request stored are kept there too); no GPU prefix cache
     let k = c / 256;
-    assert_eq!(metric(&h, "vllm:prefix_cache_queries_total"), 3 * n);
-    assert_eq!(metric(&h, "vllm:prefix_cache_hits_total"), 2 * c);
+    assert_eq!(metric(&h, "vllm:prefix_cache_queries_total"), 0);
+    assert_eq!(metric(&h, "vllm:prefix_cache_hits_total"), 0);
+    assert_eq!(tier(&h, "cpu"), 2 * c);
+    assert_eq!(tier(&h, "remote") + tier(&h, "gpu"), 0);
     assert_eq!(
         metric(&h, "vllm:external_prefix_cache_queries_total"),
         3 * n
@@ -274,9 +302,12 @@ async fn token_id_prompt_hits_chunks_written_by_another_sim() {
     }
     assert_eq!(metric(&reader, "sim_lmcache_chunks_stored_total"), 0);
     assert_eq!(
-        metric(&reader, "vllm:prefix_cache_hits_total"),
+        metric(&reader, "vllm:external_prefix_cache_hits_total"),
         2 * full_chunks(n)
     );
+    // the first load came from the store and promoted the chunks to the reader's CPU tier
+    assert_eq!(tier(&reader, "remote"), full_chunks(n));
+    assert_eq!(tier(&reader, "cpu"), full_chunks(n));
     // the keys are LMCache's, for the vLLM --model string
     let params = KeyParams {
         hash_seed: Some("0".into()),
@@ -350,7 +381,12 @@ async fn zero_latency_sims_hit_too() {
 
 #[tokio::test]
 async fn failing_store_answers_without_hits() {
-    let h = sim(args("redis://127.0.0.1:1")).await;
+    // no CPU tier either (it would keep what the first request computed)
+    let h = sim(SimArgs {
+        lmcache_local_cpu_size: 0.0,
+        ..args("redis://127.0.0.1:1")
+    })
+    .await;
     let plain = sim(SimArgs {
         kv_store: None,
         ..args("unused")
@@ -709,10 +745,21 @@ async fn two_sims_share_a_real_redis() {
     assert_eq!(first.cached(), 0);
     let n = first.prompt_tokens();
     let hit = ask(&two, "/v1/chat/completions", body.clone()).await;
-    assert_eq!(hit.cached(), full_chunks(n));
-    assert!(hit.prefill_ms() < first.prefill_ms());
+    let c = full_chunks(n);
+    assert_eq!(hit.cached(), c);
+    // a remote hit: host-to-device plus the real bytes over the 25 Gbit/s store link
+    let cost = two.cost_model();
+    let want = cost.cached_prefill_ms(c, n - c)
+        + cost.h2d_ms(cost.kv_bytes(c))
+        + link_ms(cost.kv_bytes(c));
+    assert!(
+        (hit.prefill_ms() - want).abs() < 0.01,
+        "{} vs {want}",
+        hit.prefill_ms()
+    );
     assert_eq!(metric(&two, "sim_lmcache_chunks_stored_total"), 0);
-    assert_eq!(metric(&two, "vllm:prefix_cache_hits_total"), full_chunks(n));
+    assert_eq!(metric(&two, "vllm:external_prefix_cache_hits_total"), c);
+    assert_eq!(tier(&two, "remote"), c);
 
     // what the first sim wrote, as LMCache's redis:// connector lays it out
     let ids = Tokenizer::approx(128256).encode_chat(&[
@@ -742,9 +789,15 @@ async fn two_sims_share_a_real_redis() {
     assert_eq!(meta.shape, [2, 32, 256, 1024]);
     assert_eq!(chunk.kv_bytes.len(), 32768);
 
-    // Redis goes away: answers go on, as misses, and the errors are counted
+    // Redis goes away: what two loaded is in its CPU tier and still hits; other prompts
+    // miss, and the errors are counted
     drop(redis);
     let r = ask(&two, "/v1/chat/completions", body).await;
+    assert_eq!(r.cached(), c);
+    assert_eq!(tier(&two, "cpu"), c);
+    let other = json!({"max_tokens": 2,
+        "messages": [{"role": "user", "content": long_text(400)}]});
+    let r = ask(&two, "/v1/chat/completions", other).await;
     assert_eq!(r.cached(), 0);
     assert!(metric(&two, "sim_kv_store_errors_total") >= 1);
     one.stop().await;
