@@ -68,6 +68,7 @@ fn world() -> World {
                         kdn_bytes_per_sec: 5e9,
                     }),
                     turn: r,
+                    store_gbps: if i % 2 == 0 { 0.0 } else { 100.0 },
                 })
                 .collect()
         })

@@ -198,6 +198,9 @@ pub struct InjectionInputs {
     /// The gateway's count of knowledge requests it decided so far: `hybrid` sends the
     /// even ones as KV and the odd ones as text.
     pub turn: u64,
+    /// Bandwidth from the instance's LMCache store to its GPU host, Gbit/s: a remote
+    /// store's cached chunks cross it before the host-to-device copy (≤ 0: local, free).
+    pub store_gbps: f64,
 }
 
 // ---------------------------------------------------------------- online corrections
@@ -441,7 +444,7 @@ pub struct AdaptiveTerms {
     pub kdn_wait: f64,
     /// `rtt + moved_bytes / min(link, KDN throughput)`; 0 when nothing moves.
     pub transfer: f64,
-    /// Host-to-GPU load of the cached part.
+    /// Loading the cached part: from the store over `store_gbps`, then host to GPU.
     pub gpu_load: f64,
     /// Cached prefill of the uncached suffix on top of the cached tokens.
     pub suffix_prefill: f64,
@@ -515,7 +518,12 @@ pub fn adaptive_terms(m: &CostModel, inputs: &InjectionInputs, c: &Corrections) 
         }
         _ => (0.0, 0.0),
     };
-    let gpu_load = m.h2d_ms(cached_tokens * bpt);
+    let store_ms = if inputs.store_gbps > 0.0 {
+        (cached_tokens * bpt) as f64 * 8.0 / (inputs.store_gbps * 1e9) * 1000.0
+    } else {
+        0.0
+    };
+    let gpu_load = m.h2d_ms(cached_tokens * bpt) + store_ms;
     let suffix_prefill = if cached_tokens == 0 {
         0.0
     } else {
@@ -769,6 +777,7 @@ mod tests {
             },
             transfer,
             turn: 0,
+            store_gbps: 0.0,
         }
     }
 
@@ -1226,6 +1235,23 @@ mod tests {
             (idle.mode, idle.reason),
             (InjectionMode::Text, "text_faster")
         );
+    }
+
+    /// A remote store's link is paid on every KV load: slow enough, and text wins.
+    #[test]
+    fn a_slow_store_link_makes_kv_loads_cost() {
+        let m = m8b();
+        let mut i = inputs(64, 4096, Some(link(400.0)));
+        i.knowledge.resident_chunks = 16;
+        let local = adaptive(&m, &i);
+        assert_eq!(local.mode, InjectionMode::Kv, "{local:?}");
+        let bytes = 4096 * m.kv_bytes_per_token;
+        i.store_gbps = 10.0;
+        let remote = adaptive(&m, &i);
+        let (a, b) = (local.adaptive.unwrap(), remote.adaptive.unwrap());
+        let link_ms = bytes as f64 * 8.0 / 10e9 * 1000.0;
+        assert!(close(b.gpu_load - a.gpu_load, link_ms), "{a:?} {b:?}");
+        assert_eq!(remote.mode, InjectionMode::Text, "{remote:?}");
     }
 
     #[test]

@@ -62,6 +62,9 @@ pub struct ProxySection {
     pub kv_transfer_params: bool,
     /// Round-trip time of a KDN → instance link, ms (for the predictions).
     pub link_rtt_ms: f64,
+    /// Bandwidth from an instance's LMCache store to its GPU host, Gbit/s, paid by every
+    /// KV load from a remote store (`sim --kv-store-gbps`); 0: local or not counted.
+    pub store_gbps: f64,
     /// The engines' LMCache stores the KV of prefixes they compute (LMCache's
     /// default): after a text-mode request the knowledge counts as resident there.
     pub engine_stores_prefix: bool,
@@ -87,6 +90,7 @@ impl Default for ProxySection {
             tokenizer: String::new(),
             kv_transfer_params: false,
             link_rtt_ms: 0.5,
+            store_gbps: 0.0,
             engine_stores_prefix: true,
         }
     }
@@ -451,6 +455,9 @@ impl Config {
         let p = &self.proxy;
         if p.kv_deadline_ms == 0 || p.inject_timeout_ms == 0 {
             bail!("proxy.kv_deadline_ms and inject_timeout_ms must be at least 1");
+        }
+        if !(p.store_gbps.is_finite() && p.store_gbps >= 0.0) {
+            bail!("proxy.store_gbps must be a finite number ≥ 0");
         }
         if !(p.link_rtt_ms.is_finite() && p.link_rtt_ms >= 0.0) {
             bail!("proxy.link_rtt_ms must be a finite number ≥ 0");

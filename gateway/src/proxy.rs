@@ -193,6 +193,7 @@ pub fn plan_kv(
         turn: state
             .knowledge_turn
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+        store_gbps: fleet.config.proxy.store_gbps,
     };
     let mut decision = {
         let corrections = state.corrections.lock().unwrap_or_else(|p| p.into_inner());
