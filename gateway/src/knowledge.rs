@@ -283,10 +283,16 @@ pub enum Residency {
     Registry,
 }
 
+/// How long the gateway's own word (an injection it saw finish, a prefill it sent)
+/// outranks an up agent's: long enough for the agent to have scanned the store since,
+/// short enough that an eviction the agent saw is believed.
+pub const AGENT_CATCH_UP: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Whether block `id` (`block`, when in the catalog) is resident in instance `idx` of
-/// `pool` for `model`. The gateway's own recent knowledge comes first; then an up
-/// agent is authoritative (stores evict, and a registry never hears of it); without an
-/// agent, the KDN's registry.
+/// `pool` for `model`. The gateway's own recent knowledge comes first (only for
+/// [`AGENT_CATCH_UP`] when an agent watches the store: stores evict); then an up agent
+/// is authoritative (a registry never hears of evictions); without an agent, the KDN's
+/// registry.
 pub fn residency(
     pool: &Pool,
     idx: usize,
@@ -298,10 +304,15 @@ pub fn residency(
 ) -> Option<Residency> {
     let target = instance_target(pool, idx);
     let key = (target.to_string(), model.to_string(), id.to_string());
-    if let Some(how) = injections.resident_job(&key) {
+    let agent = agents.get(&pool.instances[idx].url.base).filter(|a| a.up);
+    let trust_own = match agent {
+        Some(_) => AGENT_CATCH_UP,
+        None => std::time::Duration::MAX,
+    };
+    if let Some(how) = injections.resident_job(&key, trust_own) {
         return Some(Residency::Recent(how));
     }
-    match agents.get(&pool.instances[idx].url.base).filter(|a| a.up) {
+    match agent {
         Some(a) => a
             .load
             .resident

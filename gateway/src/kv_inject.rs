@@ -41,11 +41,12 @@ struct JobView {
 }
 
 impl KvInjections {
-    /// The job of a block recently injected into `target`, if any.
-    pub fn resident_job(&self, key: &InjectKey) -> Option<String> {
+    /// The job of a block injected into `target` (or prefilled there) within `within`
+    /// (at most the ten minutes a mark is kept), if any.
+    pub fn resident_job(&self, key: &InjectKey, within: Duration) -> Option<String> {
         let done = self.done.lock().unwrap_or_else(|p| p.into_inner());
         done.get(key)
-            .filter(|(_, at)| at.elapsed() < RESIDENT_MEMORY)
+            .filter(|(_, at)| at.elapsed() < within.min(RESIDENT_MEMORY))
             .map(|(job, _)| job.clone())
     }
 
