@@ -9,7 +9,7 @@ import threading
 
 import pytest
 
-from crtest import MODEL, assert_openai_error, client, scrape, sample_sum, wait_until
+from crtest import MODEL, assert_openai_error, client, is_upstream, scrape, sample_sum, wait_until
 from kfleet import BLOCKS, QUESTIONS, ask, decision, dump, sim_args, start_kdn, wait_synced
 
 
@@ -81,6 +81,19 @@ def test_slow_link_and_idle_instance_adaptive_picks_text(pfleet):
     assert d["strategy"] == "adaptive" and d["reason"] == "text_faster", dump(d)
     assert d["predicted_kv_ms"] > d["predicted_text_ms"]
     assert cached(r) == 0
+    fam = scrape(f.gw.control + "/metrics")
+    assert sample_sum(fam, "cacheroute_injection_decisions_total",
+                      lambda l: l == {"mode": "text", "reason": "text_faster"}) == 1
+    assert sample_sum(fam, "cacheroute_injection_decisions_total") == 1
+    tokens = d["inputs"]["knowledge"]["knowledge_tokens"]
+    assert tokens == f.kdn.record("basalt")["models"][MODEL]["tokens"] > 0
+    assert sample_sum(fam, "cacheroute_knowledge_tokens_total", lambda l: l == {"mode": "text"}) == tokens
+    assert sample_sum(fam, "cacheroute_knowledge_tokens_total", lambda l: l == {"mode": "kv"}) == 0
+    assert sample_sum(fam, "cacheroute_knowledge_cached_tokens_total") == 0
+    assert sample_sum(fam, "cacheroute_kv_injections_total") == 0, "text asks no KDN"
+    # measured over predicted TTFT, one observation for this text request
+    assert sample_sum(fam, "cacheroute_ttft_prediction_ratio_count", lambda l: l == {"mode": "text"}) == 1
+    assert sample_sum(fam, "cacheroute_ttft_prediction_ratio_count", lambda l: l == {"mode": "kv"}) == 0
 
 
 def test_fast_link_and_long_queue_adaptive_picks_kv_and_hits(pfleet):
@@ -132,6 +145,18 @@ def test_kv_mode_hits_every_knowledge_chunk(pfleet, route):
     assert handle["chunks"] == rec["chunks"] and handle["tokens"] == rec["tokens"]
     fam = scrape(f.sims[0].url + "/metrics")
     assert sample_sum(fam, "sim:kv_handle_checks_total", lambda l: l.get("result") == "ok") >= 1
+    # one injection job, one KV decision, its tokens all counted as cached
+    fam = scrape(f.gw.control + "/metrics")
+    assert sample_sum(fam, "cacheroute_kv_injections_total", lambda l: l == {"result": "ok"}) == 1
+    assert sample_sum(fam, "cacheroute_kv_injections_total") == 1
+    assert sample_sum(fam, "cacheroute_injection_decisions_total", lambda l: l.get("mode") == "kv") == 1
+    assert sample_sum(fam, "cacheroute_injection_decisions_total") == 1
+    assert sample_sum(fam, "cacheroute_knowledge_tokens_total", lambda l: l == {"mode": "kv"}) == rec["tokens"]
+    assert sample_sum(fam, "cacheroute_knowledge_cached_tokens_total") == rec["chunks"] * rec["chunk_size"]
+    assert sample_sum(fam, "cacheroute_ttft_prediction_ratio_count", lambda l: l == {"mode": "kv"}) == 1
+    assert sample_sum(fam, "cacheroute_ttft_prediction_ratio_sum", lambda l: l == {"mode": "kv"}) > 0
+    assert sample_sum(fam, "cacheroute_ready_release_total",
+                      lambda l: l.get("outcome") == "ready") == 1, "the KV was not resident when admitted"
 
 
 def test_text_bypass_late_kv_goes_as_text(pfleet):
@@ -144,6 +169,10 @@ def test_text_bypass_late_kv_goes_as_text(pfleet):
     fam = scrape(f.gw.control + "/metrics")
     assert sample_sum(fam, "cacheroute_ready_release_total",
                       lambda l: l == {"policy": "text_bypass", "outcome": "deadline_text"}) == 1
+    assert sample_sum(fam, "cacheroute_kv_injections_total", lambda l: l == {"result": "timeout"}) == 1
+    assert sample_sum(fam, "cacheroute_kv_injections_total") == 1
+    assert sample_sum(fam, "cacheroute_injection_decisions_total",
+                      lambda l: l == {"mode": "text", "reason": "kv_deadline"}) == 1
 
 
 def test_full_queue_gets_429_with_retry_after(pfleet):
@@ -152,12 +181,21 @@ def test_full_queue_gets_429_with_retry_after(pfleet):
         occupy(f.gw, 3000)
     wait_until(lambda: [i["queued"] for p in f.gw.status()["pools"] for i in p["instances"]] == [1] or None,
                timeout=10, what="one running, one queued")
+    inst = f.sims[0].url
+    fam = scrape(f.gw.control + "/metrics")
+    assert sample_sum(fam, "cacheroute_queue_length",
+                      lambda l: l.get("pool") == "pool-a" and is_upstream(l, inst)) == 1
     with client() as c:
         r = c.post(f.gw.v1 + "/chat/completions", json={
             "model": MODEL, "max_tokens": 2, "messages": [{"role": "user", "content": "y"}]})
     err = assert_openai_error(r, 429)
     assert err["code"] == "queue_full" and err["type"] == "rate_limit_error"
-    assert int(r.headers["retry-after"]) >= 1
+    # queue_timeout_ms = 60 s: Retry-After says 60
+    assert r.headers["retry-after"] == "60", dict(r.headers)
+    fam = scrape(f.gw.control + "/metrics")
+    assert sample_sum(fam, "cacheroute_admission_rejected_total",
+                      lambda l: l == {"pool": "pool-a", "reason": "queue_full"}) == 1
+    assert sample_sum(fam, "cacheroute_admission_rejected_total") == 1
 
 
 def test_queue_timeout_gets_429(pfleet):
@@ -169,6 +207,15 @@ def test_queue_timeout_gets_429(pfleet):
         r = c.post(f.gw.v1 + "/chat/completions", json={
             "model": MODEL, "max_tokens": 2, "messages": [{"role": "user", "content": "y"}]})
     assert assert_openai_error(r, 429)["code"] == "queue_timeout"
+    assert r.headers.get("retry-after") == "1", f"a 200 ms wait rounds up to 1 s: {dict(r.headers)}"
+    fam = scrape(f.gw.control + "/metrics")
+    assert sample_sum(fam, "cacheroute_admission_rejected_total",
+                      lambda l: l == {"pool": "pool-a", "reason": "timeout"}) == 1
+    assert sample_sum(fam, "cacheroute_admission_rejected_total") == 1
+    # the one that waited is the one observed; the queue is empty again
+    assert sample_sum(fam, "cacheroute_queue_wait_seconds_count", lambda l: l == {"pool": "pool-a"}) == 1
+    assert sample_sum(fam, "cacheroute_queue_wait_seconds_sum", lambda l: l == {"pool": "pool-a"}) > 0
+    assert sample_sum(fam, "cacheroute_queue_length", lambda l: is_upstream(l, f.sims[0].url)) == 0
 
 
 def _raw_post(port: int, body: bytes) -> socket.socket:
@@ -227,6 +274,9 @@ def test_agents_register_report_load_and_residency(pfleet, procs, cr_bin):
         return sorted(m["instance"] for m in data if m["kind"] == "agent")
     wait_until(lambda: members() == sorted(s.url for s in f.sims) or None, timeout=15,
                what="both agents registered")
+    wait_until(lambda: sample_sum(scrape(f.gw.control + "/metrics"), "cacheroute_members",
+                                  lambda l: l == {"kind": "agent"}) == 2, timeout=10,
+               what="cacheroute_members{kind=agent} 2")
     assert f.kdn.inject("basalt", f"{f.redis}/2")["status"] == "done"
 
     def agent_says_resident():
