@@ -115,9 +115,14 @@ def test_fast_link_and_long_queue_adaptive_picks_kv_and_hits(pfleet):
 
 
 def test_resident_kv_is_chosen_even_on_a_slow_link(pfleet):
-    f = pfleet(link_gbps=2.0)
+    # engine_stores_prefix off: the first text request does not count the block as
+    # resident, so only the KDN's injection (seen through its registry) can.
+    f = pfleet(link_gbps=2.0, proxy={"engine_stores_prefix": False})
     r = ask(f.gw, "basalt")
     assert r.headers["x-cacheroute-injection"] == "text", "slow link, nothing resident: text"
+    r = ask(f.gw, "basalt")
+    assert r.headers["x-cacheroute-injection"] == "text", "a text prefill does not make it resident here"
+    assert decision(f.gw, r)["injection"]["inputs"]["knowledge"]["resident_chunks"] == 0
     # The KDN copies the KV into the instance's store out of band.
     assert f.kdn.inject("basalt", "inst-0")["status"] == "done"
 
