@@ -128,10 +128,10 @@ def _open_stream(gw, max_tokens: int):
 
 
 def test_sigterm_drains_a_stream_in_flight(sim, gateway):
-    # a real-time sim: 60 tokens take several hundred ms of decode after SIGTERM
+    # a real-time sim: 400 tokens keep the stream going for seconds after SIGTERM
     s = sim(time_scale=1.0)
     gw = gateway(config={"pools": [pool("p", [s.url])]})
-    c, cm, lines = _open_stream(gw, 60)
+    c, cm, lines = _open_stream(gw, 400)
     gw.proc.signal(signal.SIGTERM)
 
     def refused():
@@ -141,15 +141,17 @@ def test_sigterm_drains_a_stream_in_flight(sim, gateway):
             return False
         except httpx.HTTPError:
             return True
+    wait_until(refused, timeout=10, what="no new connections after SIGTERM")
+    assert gw.proc.alive(), "still draining while the stream runs"
     rest = list(lines)  # the stream runs to its end
-    assert rest and rest[-2:] == ["data: [DONE]", ""] or "data: [DONE]" in rest, rest[-3:]
+    assert "data: [DONE]" in rest, rest[-3:]
     events = [ln[len("data: "):] for ln in rest if ln.startswith("data: ") and ln != "data: [DONE]"]
     assert events and json.loads(events[-1])["choices"][0]["finish_reason"] == "length"
     cm.__exit__(None, None, None)
     c.close()
-    wait_until(refused, timeout=10, what="no new connections after SIGTERM")
-    gw.proc.popen.wait(timeout=35)
-    assert gw.proc.popen.returncode is not None
+    # with nothing left in flight it exits, well before the 30 s limit
+    assert gw.proc.popen.wait(timeout=20) == 0
+    assert "no request in flight; exiting" in gw.proc.logs()
 
 
 def test_sigint_stops_at_once(sim, gateway):
