@@ -8,14 +8,11 @@ from __future__ import annotations
 
 import json
 import signal
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
 
 import httpx
 
-from crtest import (MODEL, PROMPT_TIMEOUT, chat_body, client, first_data_line, free_port, pool, sample_sum,
-                    scrape, to_toml, wait_until, write_atomic)
+from crtest import (MODEL, PROMPT_TIMEOUT, RecordingProxy, chat_body, client, first_data_line, free_port, pool,
+                    sample_sum, scrape, to_toml, wait_until, write_atomic)
 from kfleet import ask, knowledge_status, sim_args, start_kdn, wait_synced
 
 
@@ -170,50 +167,6 @@ def test_sigint_stops_at_once(sim, gateway):
     c.close()
 
 
-class RecordingProxy:
-    """A forwarding HTTP proxy in front of a KDN that records, for each
-    snapshot request, its If-None-Match header and the KDN's status."""
-
-    def __init__(self, target: str):
-        self.target = target
-        self.snapshots: list[tuple[str | None, int, str | None]] = []
-        outer = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *a: Any) -> None:
-                pass
-
-            def _forward(self) -> None:
-                n = int(self.headers.get("content-length") or 0)
-                body = self.rfile.read(n) if n else None
-                headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "content-length")}
-                with httpx.Client(timeout=30, trust_env=False) as c:
-                    r = c.request(self.command, outer.target + self.path, content=body, headers=headers)
-                if self.path.startswith("/v1/knowledge/snapshot"):
-                    outer.snapshots.append((self.headers.get("if-none-match"), r.status_code, r.headers.get("etag")))
-                data = r.content
-                self.send_response(r.status_code)
-                for k, v in r.headers.items():
-                    if k.lower() not in ("content-length", "transfer-encoding", "connection", "content-encoding"):
-                        self.send_header(k, v)
-                self.send_header("content-length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            do_GET = do_POST = _forward
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-
 def test_sync_revalidates_with_if_none_match_and_keeps_the_catalog_on_304(procs, cr_bin, sim, gateway,
                                                                          redis_server, tmp_path):
     producer = sim(extra=sim_args(f"{redis_server}/0"))
@@ -226,14 +179,14 @@ def test_sync_revalidates_with_if_none_match_and_keeps_the_catalog_on_304(procs,
         gw = gateway(config={"knowledge": {"sync_interval_ms": 100}, "kdns": [{"url": proxy.url}],
                              "pools": [{"name": "p", "models": [MODEL], "instances": [{"url": s.url}]}]})
         wait_synced(gw, ["kdn-etag"], blocks=1)
-        wait_until(lambda: sum(1 for _, st, _ in proxy.snapshots if st == 304) >= 3, timeout=15,
+        wait_until(lambda: sum(1 for _, st, _ in proxy.snapshots() if st == 304) >= 3, timeout=15,
                    what="three 304 answers")
-        first_inm, first_status, etag = proxy.snapshots[0]
-        assert first_inm is None and first_status == 200 and etag, proxy.snapshots[0]
+        first_inm, first_status, etag = proxy.snapshots()[0]
+        assert first_inm is None and first_status == 200 and etag, proxy.snapshots()[0]
         # every later pull names the version it holds, and an unchanged registry is a 304
-        later = proxy.snapshots[1:]
-        assert all(inm == etag for inm, _, _ in later), proxy.snapshots[:5]
-        assert all(st == 304 for _, st, _ in later), proxy.snapshots[:5]
+        later = proxy.snapshots()[1:]
+        assert all(inm == etag for inm, _, _ in later), proxy.snapshots()[:5]
+        assert all(st == 304 for _, st, _ in later), proxy.snapshots()[:5]
         # a 304 keeps the catalog: still one block, the KDN up, retrieval works
         st = knowledge_status(gw)
         assert st["blocks"] == 1 and [k["up"] for k in st["kdns"]] == [True], st
@@ -242,11 +195,11 @@ def test_sync_revalidates_with_if_none_match_and_keeps_the_catalog_on_304(procs,
         # a change: a 200 with a new ETag, then 304s on that one
         kdn.register("tidal")
         wait_synced(gw, ["kdn-etag"], blocks=2)
-        n = len(proxy.snapshots)
-        wait_until(lambda: len(proxy.snapshots) >= n + 2, timeout=10, what="more pulls")
-        changed = [x for x in proxy.snapshots[1:] if x[1] == 200]
-        assert len(changed) >= 1 and changed[0][2] != etag and changed[0][0] == etag, proxy.snapshots
+        n = len(proxy.snapshots())
+        wait_until(lambda: len(proxy.snapshots()) >= n + 2, timeout=10, what="more pulls")
+        changed = [x for x in proxy.snapshots()[1:] if x[1] == 200]
+        assert len(changed) >= 1 and changed[0][2] != etag and changed[0][0] == etag, proxy.snapshots()
         new = changed[-1][2]
-        assert proxy.snapshots[-1] == (new, 304, new), proxy.snapshots[-3:]
+        assert proxy.snapshots()[-1] == (new, 304, new), proxy.snapshots()[-3:]
     finally:
         proxy.close()

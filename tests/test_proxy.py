@@ -9,7 +9,7 @@ import threading
 
 import pytest
 
-from crtest import MODEL, assert_openai_error, client, is_upstream, scrape, sample_sum, wait_until
+from crtest import MODEL, RecordingProxy, assert_openai_error, client, is_upstream, scrape, sample_sum, wait_until
 from kfleet import BLOCKS, QUESTIONS, ask, decision, dump, sim_args, start_kdn, wait_synced
 
 
@@ -23,7 +23,8 @@ def pfleet(procs, cr_bin, sim, gateway, redis_server, tmp_path):
     `link_gbps`, and a gateway with the given [proxy] and pool settings."""
 
     def start(link_gbps: float | None = None, proxy: dict | None = None, pool: dict | None = None,
-              time_scale: float | None = None, sims: int = 1, blocks=("basalt",), kdn_kw: dict | None = None):
+              time_scale: float | None = None, sims: int = 1, blocks=("basalt",), kdn_kw: dict | None = None,
+              kdn_proxy: bool = False):
         f = Fleet()
         f.redis = redis_server
         f.producer = sim(extra=sim_args(f"{redis_server}/0"))
@@ -35,10 +36,12 @@ def pfleet(procs, cr_bin, sim, gateway, redis_server, tmp_path):
         for b in blocks:
             f.kdn.register(b)
             f.kdn.wait_kv_ready(b)
+        # optionally, the gateway talks to the KDN through a proxy that records it
+        f.kdn_proxy = RecordingProxy(f.kdn.url) if kdn_proxy else None
         f.config = {
             "knowledge": {"sync_interval_ms": 200},
             "proxy": dict(proxy or {}),
-            "kdns": [{"url": f.kdn.url}],
+            "kdns": [{"url": f.kdn_proxy.url if f.kdn_proxy else f.kdn.url}],
             "pools": [dict({"name": "pool-a", "models": [MODEL],
                             "instances": [{"url": s.url, "kv_target": f"inst-{i}"} for i, s in enumerate(f.sims)]},
                            **(pool or {}))],
