@@ -73,8 +73,9 @@ def test_demo_kv_hit(procs, cr_bin):
             m = recs[bid]["models"][MODEL]
             assert m["tokens"] == m["chunks"] * m["chunk_size"] and m["chunks"] >= 1
             # the gateway spreads requests over both sims: both hold the block's KV
-            for _ in range(2):
-                body, inst = chat(c, base, m["content"], questions[bid])
+            for n in range(2):
+                # a different question each time: an engine prefix cache sees no repeat
+                body, inst = chat(c, base, m["content"], f"{questions[bid]} ({n})")
                 u = body["usage"]
                 hit_on.add(inst)
                 assert u["prompt_tokens"] > m["tokens"]

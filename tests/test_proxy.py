@@ -123,14 +123,16 @@ def test_resident_kv_is_chosen_even_on_a_slow_link(pfleet):
     f = pfleet(link_gbps=2.0, proxy={"engine_stores_prefix": False})
     r = ask(f.gw, "basalt")
     assert r.headers["x-cacheroute-injection"] == "text", "slow link, nothing resident: text"
-    r = ask(f.gw, "basalt")
+    r = ask(f.gw, "basalt", question=QUESTIONS["basalt"] + " (again)")
     assert r.headers["x-cacheroute-injection"] == "text", "a text prefill does not make it resident here"
     assert decision(f.gw, r)["injection"]["inputs"]["knowledge"]["resident_chunks"] == 0
     # The KDN copies the KV into the instance's store out of band.
     assert f.kdn.inject("basalt", "inst-0")["status"] == "done"
 
-    def kv():
-        r = ask(f.gw, "basalt")
+    n = iter(range(10_000))
+
+    def kv():  # a fresh question each time: an engine prefix cache sees no repeat
+        r = ask(f.gw, "basalt", question=f"{QUESTIONS['basalt']} (try {next(n)})")
         return r if r.headers["x-cacheroute-injection"] == "kv" else None
     r = wait_until(kv, timeout=10, what="resident KV chosen once the registry says so")
     d = decision(f.gw, r)["injection"]

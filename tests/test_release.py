@@ -163,11 +163,14 @@ def test_prefix_affinity_sends_rag_requests_where_their_kv_is(pfleet):
     assert f.kdn.inject("tidal", "inst-0")["status"] == "done"
     where = {"basalt": f.sims[1].url, "tidal": f.sims[0].url}
 
-    def synced():
-        recs = {b: f.kdn.record(b)["models"][MODEL].get("resident", []) for b in where}
-        st = knowledge_status(f.gw)
-        return recs == {"basalt": ["inst-1"], "tidal": ["inst-0"]} and st["blocks"] == 2
-    wait_until(synced, timeout=10, what="the KDN registry shows both injections")
+    recs = {b: f.kdn.record(b)["models"][MODEL].get("resident", []) for b in where}
+    assert recs == {"basalt": ["inst-1"], "tidal": ["inst-0"]}, recs
+
+    def synced():  # the gateway holds the registry version that has both injections
+        with client() as c:
+            etag = c.get(f.kdn.url + "/v1/knowledge/snapshot").headers["etag"].strip('"')
+        return knowledge_status(f.gw)["versions"].get(f.kdn.id) == etag
+    wait_until(synced, timeout=10, what="the gateway synced the registry with both injections")
     for rnd in range(3):
         for bid, url in where.items():
             r = ask(f.gw, bid, question=f"{QUESTIONS[bid]} (round {rnd})")
@@ -251,3 +254,32 @@ def test_per_model_template_goes_as_kv_and_hits(pfleet, template):
     # gateway's part (kv mode, the layout above) is what this test pins.
     fam = scrape(f.gw.control + "/metrics")
     assert sample_sum(fam, "cacheroute_prefix_mismatch_total") == 0
+
+
+def test_hybrid_alternates_kv_and_text(pfleet):
+    f = pfleet(link_gbps=100.0, proxy={"injection": "hybrid", "engine_stores_prefix": False})
+    modes = []
+    for i in range(4):
+        r = ask(f.gw, "basalt", question=f"{QUESTIONS['basalt']} ({i})")
+        assert r.status_code == 200, r.text
+        modes.append(r.headers["x-cacheroute-injection"])
+        assert decision(f.gw, r)["injection"]["strategy"] == "hybrid"
+    assert modes == ["kv", "text", "kv", "text"], modes
+    fam = scrape(f.gw.control + "/metrics")
+    for mode in ("kv", "text"):
+        assert sample_sum(fam, "cacheroute_injection_decisions_total", lambda l, m=mode: l.get("mode") == m) == 2
+
+
+def test_rag_always_retrieves_for_plain_requests_and_counts_the_decision(pfleet):
+    f = pfleet(link_gbps=100.0, pool={"rag_always": True})
+    with client(timeout=30) as c:
+        r = c.post(f.gw.v1 + "/chat/completions", json={
+            "model": MODEL, "max_tokens": 2, "messages": [{"role": "user", "content": QUESTIONS["basalt"]}]})
+    assert r.status_code == 200, r.text
+    assert r.headers["x-cacheroute-knowledge"] == "basalt", "retrieved without \"RAG\": true"
+    assert r.headers["x-cacheroute-kdn"] == f.kdn.id
+    fam = scrape(f.gw.control + "/metrics")
+    assert sample_sum(fam, "cacheroute_scheduling_decisions_total",
+                      lambda l: l == {"pool": "pool-a", "knowledge": "retrieved", "kdn": "yes"}) == 1, \
+        [s for s in __import__("crtest").samples(fam) if s[0].startswith("cacheroute_scheduling")]
+    assert sample_sum(fam, "cacheroute_scheduling_decisions_total") == 1
