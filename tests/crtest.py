@@ -195,6 +195,8 @@ def _toml_value(v: Any) -> str:
         return json.dumps(v)  # a JSON string is a valid TOML basic string
     if isinstance(v, (list, tuple)):
         return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    if isinstance(v, dict):  # an inline table, e.g. templates = { "m" = "chatml" }
+        return "{ " + ", ".join(f"{json.dumps(str(k))} = {_toml_value(x)}" for k, x in v.items()) + " }"
     raise TypeError(f"cannot write {v!r} as TOML")
 
 
@@ -393,5 +395,70 @@ class FaultServer:
 
     def close(self) -> None:
         self._stop.set()
+        self.server.shutdown()
+        self.server.server_close()
+
+
+# --------------------------------------------------------------------------
+# a recording proxy
+
+
+class RecordingProxy:
+    """A forwarding HTTP proxy in front of a real server (a KDN) that records
+    every request it passes: (method, path, If-None-Match, status, ETag)."""
+
+    def __init__(self, target: str):
+        self.target = target
+        self.seen: list[tuple[str, str, str | None, int, str | None]] = []
+        self._lock = threading.Lock()
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *a: Any) -> None:
+                pass
+
+            def _forward(self) -> None:
+                n = int(self.headers.get("content-length") or 0)
+                body = self.rfile.read(n) if n else None
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "content-length")}
+                try:
+                    with httpx.Client(timeout=300, trust_env=False) as c:
+                        r = c.request(self.command, outer.target + self.path, content=body, headers=headers)
+                except httpx.HTTPError:
+                    self.send_response(502)
+                    self.send_header("content-length", "0")
+                    self.end_headers()
+                    return
+                with outer._lock:
+                    outer.seen.append((self.command, self.path, self.headers.get("if-none-match"),
+                                       r.status_code, r.headers.get("etag")))
+                data = r.content
+                self.send_response(r.status_code)
+                for k, v in r.headers.items():
+                    if k.lower() not in ("content-length", "transfer-encoding", "connection", "content-encoding"):
+                        self.send_header(k, v)
+                self.send_header("content-length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            do_GET = do_POST = do_DELETE = _forward
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def snapshots(self) -> list[tuple[str | None, int, str | None]]:
+        """(If-None-Match, status, ETag) of each registry snapshot pull."""
+        with self._lock:
+            return [(inm, st, et) for m, p, inm, st, et in self.seen if p.startswith("/v1/knowledge/snapshot")]
+
+    def count(self, method: str, path: str) -> int:
+        with self._lock:
+            return sum(1 for m, p, *_ in self.seen if m == method and p.split("?")[0] == path)
+
+    def close(self) -> None:
         self.server.shutdown()
         self.server.server_close()

@@ -42,11 +42,11 @@ def sim_args(store: str) -> list[str]:
 
 
 def kdn_config(kid: str, port: int, redis: str, targets: dict[str, tuple[str, float | None]],
-               producer: str, gateways: list[str] | None = None, **kdn: Any) -> str:
+               producer: str, gateways: list[str] | None = None, template: str = "llama3", **kdn: Any) -> str:
     cfg: dict[str, Any] = {
         "kdn": {"id": kid, "listen": f"127.0.0.1:{port}", "registry": f"memory://{kid}-{port}",
                 "store": f"{redis}/0", "warmup_timeout_s": 60.0, **kdn},
-        "models": [{"name": MODEL, "lmcache_model": LMCACHE_MODEL, "template": "llama3",
+        "models": [{"name": MODEL, "lmcache_model": LMCACHE_MODEL, "template": template,
                     "scheme": SCHEME, "chunk_size": CHUNK, "hash_seed": "0",
                     "kv_bytes_per_token": 131072, "producer": producer}],
         "targets": [dict(name=n, store=s, **({"link_gbps": g} if g is not None else {}))
@@ -102,10 +102,11 @@ class Kdn:
 
 
 def start_kdn(procs, cr_bin, tmp_path: Path, kid: str, redis: str, targets, producer: str,
-              port: int | None = None, gateways: list[str] | None = None, **kdn: Any) -> Kdn:
+              port: int | None = None, gateways: list[str] | None = None, template: str = "llama3",
+              **kdn: Any) -> Kdn:
     port = port or free_port()
     path = tmp_path / f"{kid}.toml"
-    path.write_text(kdn_config(kid, port, redis, targets, producer, gateways, **kdn))
+    path.write_text(kdn_config(kid, port, redis, targets, producer, gateways, template, **kdn))
     p = procs.start(kid, [cr_bin, "kdn", "--config", str(path)])
     k = Kdn(p, port, kid, kdn.get("token"))
     p.wait_http(k.url + "/health")

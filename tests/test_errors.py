@@ -16,7 +16,10 @@ from crtest import (
     client,
     completion_body,
     free_port,
+    is_upstream,
     pool,
+    sample_sum,
+    scrape,
 )
 
 CHAT = "/v1/chat/completions"
@@ -73,12 +76,32 @@ def test_bad_requests_do_not_reach_upstream(stack):
     assert body["messages"][0]["content"] == "the good one"
 
 
-@pytest.mark.parametrize("path", [CHAT, COMPL])
-def test_wrong_method_405(stack, path):
+@pytest.mark.parametrize("path,method,allow", [
+    (CHAT, "GET", "POST"), (CHAT, "PUT", "POST"), (COMPL, "GET", "POST"), (COMPL, "DELETE", "POST"),
+    ("/v1/models", "POST", "GET"), ("/health", "POST", "GET"),
+])
+def test_wrong_method_405_with_allow(stack, path, method, allow):
     _, g = stack
     with client() as c:
-        assert_openai_error(c.get(g.url + path), 405)
-        assert_openai_error(c.put(g.url + path, json=chat_body()), 405)
+        r = c.request(method, g.url + path, json=chat_body() if method != "GET" else None)
+    assert_openai_error(r, 405)
+    assert r.headers.get("allow") == allow, dict(r.headers)
+
+
+@pytest.mark.parametrize("method,path", [("GET", "/nope"), ("POST", "/v1/chat"), ("POST", "/v1/embeddings"),
+                                         ("GET", "/v1/models/extra"), ("GET", "/")])
+def test_unknown_path_404(stack, method, path):
+    s, g = stack
+    with client() as c:
+        assert c.post(g.url + CHAT, json=chat_body("the good one", max_tokens=2)).status_code == 200
+        r = c.request(method, g.url + path, json=chat_body("not routed") if method == "POST" else None)
+        err = assert_openai_error(r, 404)
+        assert "allow" not in r.headers, "a 404 names no method"
+        assert path in err["message"], err
+    # nothing was sent upstream: the sim's last request is still the good one
+    body = s.last_request()["body"]
+    body = body if isinstance(body, dict) else json.loads(body)
+    assert body["messages"][0]["content"] == "the good one"
 
 
 def test_body_over_limit_413(sim, gateway):
@@ -109,6 +132,33 @@ def test_no_healthy_upstream_503(gateway):
             assert_openai_error(c.post(g.url + path, json=body), 503)
 
 
+def test_every_instance_refusing_connections_is_exactly_503(sim, gateway):
+    """Instances that health checks still call healthy (the next check is a
+    minute away) but refuse every connection: the request is retried on each,
+    then answered 503 (none could be connected to), never 502. The retries are
+    counted per instance."""
+    sims = [sim(), sim()]
+    dead = [s.url for s in sims]
+    g = gateway(config={"upstream": {"health_check_interval_ms": 60000, "max_retries": 3},
+                        "pools": [pool("p", dead)]})
+    for s in sims:
+        s.kill()
+    assert all(i["healthy"] for i in g.instances().values()), "no health check noticed"
+    with client(timeout=PROMPT_TIMEOUT) as c:
+        err = assert_openai_error(c.post(g.url + CHAT, json=chat_body()), 503)
+        assert all(u.split("://")[1] in err["message"] for u in dead), f"names both instances: {err}"
+        fams = scrape(g.control + "/metrics")
+        for u in dead:
+            assert sample_sum(fams, "cacheroute_upstream_retries_total",
+                              lambda l: l.get("pool") == "p" and is_upstream(l, u)) == 1, u
+            assert sample_sum(fams, "cacheroute_upstream_errors_total",
+                              lambda l: l.get("kind") == "connect" and is_upstream(l, u)) == 1, u
+        assert sample_sum(fams, "cacheroute_upstream_errors_total") == 2
+        # and again, streamed and on the other route
+        assert_openai_error(c.post(g.url + COMPL, json=completion_body(stream=True)), 503)
+        assert_openai_error(c.post(g.url + CHAT, json=chat_body(stream=True)), 503)
+
+
 def test_upstream_timeout_504(gateway):
     hang = FaultServer("hang")
     try:
@@ -117,6 +167,11 @@ def test_upstream_timeout_504(gateway):
             assert_openai_error(c.post(g.url + CHAT, json=chat_body()), 504)
             assert_openai_error(c.post(g.url + CHAT, json=chat_body(stream=True)), 504)
         assert hang.posts == 2
+        fams = scrape(g.control + "/metrics")
+        assert sample_sum(fams, "cacheroute_upstream_errors_total",
+                          lambda l: l.get("kind") == "timeout" and is_upstream(l, hang.url)) == 2
+        assert sample_sum(fams, "cacheroute_upstream_errors_total") == 2
+        assert sample_sum(fams, "cacheroute_upstream_retries_total") == 0, "a sent request is not retried"
     finally:
         hang.close()
 
@@ -144,6 +199,11 @@ def test_upstream_reset_502(gateway):
             assert_openai_error(c.post(g.url + CHAT, json=chat_body()), 502)
             assert_openai_error(c.post(g.url + COMPL, json=completion_body(stream=True)), 502)
             assert c.get(g.url + "/health").status_code == 200
+        fams = scrape(g.control + "/metrics")
+        assert sample_sum(fams, "cacheroute_upstream_errors_total",
+                          lambda l: l.get("kind") == "failed" and is_upstream(l, rst.url)) == 2
+        assert sample_sum(fams, "cacheroute_upstream_errors_total") == 2
+        assert sample_sum(fams, "cacheroute_upstream_retries_total") == 0
     finally:
         rst.close()
 

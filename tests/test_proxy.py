@@ -9,7 +9,7 @@ import threading
 
 import pytest
 
-from crtest import MODEL, assert_openai_error, client, scrape, sample_sum, wait_until
+from crtest import MODEL, RecordingProxy, assert_openai_error, client, is_upstream, scrape, sample_sum, wait_until
 from kfleet import BLOCKS, QUESTIONS, ask, decision, dump, sim_args, start_kdn, wait_synced
 
 
@@ -23,7 +23,8 @@ def pfleet(procs, cr_bin, sim, gateway, redis_server, tmp_path):
     `link_gbps`, and a gateway with the given [proxy] and pool settings."""
 
     def start(link_gbps: float | None = None, proxy: dict | None = None, pool: dict | None = None,
-              time_scale: float | None = None, sims: int = 1, blocks=("basalt",), kdn_kw: dict | None = None):
+              time_scale: float | None = None, sims: int = 1, blocks=("basalt",), kdn_kw: dict | None = None,
+              kdn_proxy: bool = False):
         f = Fleet()
         f.redis = redis_server
         f.producer = sim(extra=sim_args(f"{redis_server}/0"))
@@ -35,10 +36,12 @@ def pfleet(procs, cr_bin, sim, gateway, redis_server, tmp_path):
         for b in blocks:
             f.kdn.register(b)
             f.kdn.wait_kv_ready(b)
+        # optionally, the gateway talks to the KDN through a proxy that records it
+        f.kdn_proxy = RecordingProxy(f.kdn.url) if kdn_proxy else None
         f.config = {
             "knowledge": {"sync_interval_ms": 200},
             "proxy": dict(proxy or {}),
-            "kdns": [{"url": f.kdn.url}],
+            "kdns": [{"url": f.kdn_proxy.url if f.kdn_proxy else f.kdn.url}],
             "pools": [dict({"name": "pool-a", "models": [MODEL],
                             "instances": [{"url": s.url, "kv_target": f"inst-{i}"} for i, s in enumerate(f.sims)]},
                            **(pool or {}))],
@@ -81,6 +84,19 @@ def test_slow_link_and_idle_instance_adaptive_picks_text(pfleet):
     assert d["strategy"] == "adaptive" and d["reason"] == "text_faster", dump(d)
     assert d["predicted_kv_ms"] > d["predicted_text_ms"]
     assert cached(r) == 0
+    fam = scrape(f.gw.control + "/metrics")
+    assert sample_sum(fam, "cacheroute_injection_decisions_total",
+                      lambda l: l == {"mode": "text", "reason": "text_faster"}) == 1
+    assert sample_sum(fam, "cacheroute_injection_decisions_total") == 1
+    tokens = d["inputs"]["knowledge"]["knowledge_tokens"]
+    assert tokens == f.kdn.record("basalt")["models"][MODEL]["tokens"] > 0
+    assert sample_sum(fam, "cacheroute_knowledge_tokens_total", lambda l: l == {"mode": "text"}) == tokens
+    assert sample_sum(fam, "cacheroute_knowledge_tokens_total", lambda l: l == {"mode": "kv"}) == 0
+    assert sample_sum(fam, "cacheroute_knowledge_cached_tokens_total") == 0
+    assert sample_sum(fam, "cacheroute_kv_injections_total") == 0, "text asks no KDN"
+    # measured over predicted TTFT, one observation for this text request
+    assert sample_sum(fam, "cacheroute_ttft_prediction_ratio_count", lambda l: l == {"mode": "text"}) == 1
+    assert sample_sum(fam, "cacheroute_ttft_prediction_ratio_count", lambda l: l == {"mode": "kv"}) == 0
 
 
 def test_fast_link_and_long_queue_adaptive_picks_kv_and_hits(pfleet):
@@ -102,14 +118,21 @@ def test_fast_link_and_long_queue_adaptive_picks_kv_and_hits(pfleet):
 
 
 def test_resident_kv_is_chosen_even_on_a_slow_link(pfleet):
-    f = pfleet(link_gbps=2.0)
+    # engine_stores_prefix off: the first text request does not count the block as
+    # resident, so only the KDN's injection (seen through its registry) can.
+    f = pfleet(link_gbps=2.0, proxy={"engine_stores_prefix": False})
     r = ask(f.gw, "basalt")
     assert r.headers["x-cacheroute-injection"] == "text", "slow link, nothing resident: text"
+    r = ask(f.gw, "basalt", question=QUESTIONS["basalt"] + " (again)")
+    assert r.headers["x-cacheroute-injection"] == "text", "a text prefill does not make it resident here"
+    assert decision(f.gw, r)["injection"]["inputs"]["knowledge"]["resident_chunks"] == 0
     # The KDN copies the KV into the instance's store out of band.
     assert f.kdn.inject("basalt", "inst-0")["status"] == "done"
 
-    def kv():
-        r = ask(f.gw, "basalt")
+    n = iter(range(10_000))
+
+    def kv():  # a fresh question each time: an engine prefix cache sees no repeat
+        r = ask(f.gw, "basalt", question=f"{QUESTIONS['basalt']} (try {next(n)})")
         return r if r.headers["x-cacheroute-injection"] == "kv" else None
     r = wait_until(kv, timeout=10, what="resident KV chosen once the registry says so")
     d = decision(f.gw, r)["injection"]
@@ -132,6 +155,18 @@ def test_kv_mode_hits_every_knowledge_chunk(pfleet, route):
     assert handle["chunks"] == rec["chunks"] and handle["tokens"] == rec["tokens"]
     fam = scrape(f.sims[0].url + "/metrics")
     assert sample_sum(fam, "sim:kv_handle_checks_total", lambda l: l.get("result") == "ok") >= 1
+    # one injection job, one KV decision, its tokens all counted as cached
+    fam = scrape(f.gw.control + "/metrics")
+    assert sample_sum(fam, "cacheroute_kv_injections_total", lambda l: l == {"result": "ok"}) == 1
+    assert sample_sum(fam, "cacheroute_kv_injections_total") == 1
+    assert sample_sum(fam, "cacheroute_injection_decisions_total", lambda l: l.get("mode") == "kv") == 1
+    assert sample_sum(fam, "cacheroute_injection_decisions_total") == 1
+    assert sample_sum(fam, "cacheroute_knowledge_tokens_total", lambda l: l == {"mode": "kv"}) == rec["tokens"]
+    assert sample_sum(fam, "cacheroute_knowledge_cached_tokens_total") == rec["chunks"] * rec["chunk_size"]
+    assert sample_sum(fam, "cacheroute_ttft_prediction_ratio_count", lambda l: l == {"mode": "kv"}) == 1
+    assert sample_sum(fam, "cacheroute_ttft_prediction_ratio_sum", lambda l: l == {"mode": "kv"}) > 0
+    assert sample_sum(fam, "cacheroute_ready_release_total",
+                      lambda l: l.get("outcome") == "ready") == 1, "the KV was not resident when admitted"
 
 
 def test_text_bypass_late_kv_goes_as_text(pfleet):
@@ -144,6 +179,10 @@ def test_text_bypass_late_kv_goes_as_text(pfleet):
     fam = scrape(f.gw.control + "/metrics")
     assert sample_sum(fam, "cacheroute_ready_release_total",
                       lambda l: l == {"policy": "text_bypass", "outcome": "deadline_text"}) == 1
+    assert sample_sum(fam, "cacheroute_kv_injections_total", lambda l: l == {"result": "timeout"}) == 1
+    assert sample_sum(fam, "cacheroute_kv_injections_total") == 1
+    assert sample_sum(fam, "cacheroute_injection_decisions_total",
+                      lambda l: l == {"mode": "text", "reason": "kv_deadline"}) == 1
 
 
 def test_full_queue_gets_429_with_retry_after(pfleet):
@@ -152,12 +191,21 @@ def test_full_queue_gets_429_with_retry_after(pfleet):
         occupy(f.gw, 3000)
     wait_until(lambda: [i["queued"] for p in f.gw.status()["pools"] for i in p["instances"]] == [1] or None,
                timeout=10, what="one running, one queued")
+    inst = f.sims[0].url
+    fam = scrape(f.gw.control + "/metrics")
+    assert sample_sum(fam, "cacheroute_queue_length",
+                      lambda l: l.get("pool") == "pool-a" and is_upstream(l, inst)) == 1
     with client() as c:
         r = c.post(f.gw.v1 + "/chat/completions", json={
             "model": MODEL, "max_tokens": 2, "messages": [{"role": "user", "content": "y"}]})
     err = assert_openai_error(r, 429)
     assert err["code"] == "queue_full" and err["type"] == "rate_limit_error"
-    assert int(r.headers["retry-after"]) >= 1
+    # queue_timeout_ms = 60 s: Retry-After says 60
+    assert r.headers["retry-after"] == "60", dict(r.headers)
+    fam = scrape(f.gw.control + "/metrics")
+    assert sample_sum(fam, "cacheroute_admission_rejected_total",
+                      lambda l: l == {"pool": "pool-a", "reason": "queue_full"}) == 1
+    assert sample_sum(fam, "cacheroute_admission_rejected_total") == 1
 
 
 def test_queue_timeout_gets_429(pfleet):
@@ -169,6 +217,15 @@ def test_queue_timeout_gets_429(pfleet):
         r = c.post(f.gw.v1 + "/chat/completions", json={
             "model": MODEL, "max_tokens": 2, "messages": [{"role": "user", "content": "y"}]})
     assert assert_openai_error(r, 429)["code"] == "queue_timeout"
+    assert r.headers.get("retry-after") == "1", f"a 200 ms wait rounds up to 1 s: {dict(r.headers)}"
+    fam = scrape(f.gw.control + "/metrics")
+    assert sample_sum(fam, "cacheroute_admission_rejected_total",
+                      lambda l: l == {"pool": "pool-a", "reason": "timeout"}) == 1
+    assert sample_sum(fam, "cacheroute_admission_rejected_total") == 1
+    # the one that waited is the one observed; the queue is empty again
+    assert sample_sum(fam, "cacheroute_queue_wait_seconds_count", lambda l: l == {"pool": "pool-a"}) == 1
+    assert sample_sum(fam, "cacheroute_queue_wait_seconds_sum", lambda l: l == {"pool": "pool-a"}) > 0
+    assert sample_sum(fam, "cacheroute_queue_length", lambda l: is_upstream(l, f.sims[0].url)) == 0
 
 
 def _raw_post(port: int, body: bytes) -> socket.socket:
@@ -227,6 +284,9 @@ def test_agents_register_report_load_and_residency(pfleet, procs, cr_bin):
         return sorted(m["instance"] for m in data if m["kind"] == "agent")
     wait_until(lambda: members() == sorted(s.url for s in f.sims) or None, timeout=15,
                what="both agents registered")
+    wait_until(lambda: sample_sum(scrape(f.gw.control + "/metrics"), "cacheroute_members",
+                                  lambda l: l == {"kind": "agent"}) == 2, timeout=10,
+               what="cacheroute_members{kind=agent} 2")
     assert f.kdn.inject("basalt", f"{f.redis}/2")["status"] == "done"
 
     def agent_says_resident():

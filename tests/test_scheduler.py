@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from crtest import MODEL, assert_openai_error, client, free_port, wait_until
+from crtest import MODEL, assert_openai_error, client, free_port, sample_sum, scrape, wait_until
 from kfleet import (BLOCKS, QUESTIONS, ask, decision, dump, knowledge_status, sim_args, start_kdn,
                     strategy, wait_synced)
 
@@ -212,9 +212,18 @@ def test_all_kdns_down_requests_still_succeed_as_text(fleet):
         k.register("lichen")
         k.wait_kv_ready("lichen")
     wait_synced(f.gw, [k.id for k in f.kdns], blocks=1)
-    for k in f.kdns:
-        k.proc.kill()
+
+    def kdn_up() -> dict:
+        fam = scrape(f.gw.control + "/metrics")
+        return {k.id: sample_sum(fam, "cacheroute_kdn_up", lambda l, k=k: l == {"kdn": k.id}) for k in f.kdns}
+    # the gauges are refreshed once a second: wait for them, then for each change
+    wait_until(lambda: kdn_up() == {"kdn-1": 1, "kdn-2": 1}, timeout=10, what="cacheroute_kdn_up 1 for both")
+    assert sample_sum(scrape(f.gw.control + "/metrics"), "cacheroute_knowledge_blocks") == 1
+    f.kdns[0].proc.kill()
+    wait_until(lambda: kdn_up() == {"kdn-1": 0, "kdn-2": 1}, timeout=10, what="cacheroute_kdn_up 0 for the dead KDN only")
+    f.kdns[1].proc.kill()
     wait_synced(f.gw, [k.id for k in f.kdns], up=False)
+    wait_until(lambda: kdn_up() == {"kdn-1": 0, "kdn-2": 0}, timeout=10, what="cacheroute_kdn_up 0 for both")
     r = ask(f.gw, "lichen")
     assert r.status_code == 200, r.text
     assert r.headers["x-cacheroute-knowledge"] == "lichen", "the synced catalog still retrieves"
@@ -272,6 +281,11 @@ def test_startup_in_any_order_converges(procs, cr_bin, sim, gateway, redis_serve
     with client() as c:
         members = c.get(control + "/v1/members").json()["data"]
     assert [m["id"] for m in members if m["kind"] == "kdn"] == [k.id]
+
+    def members_gauge():  # refreshed once a second
+        fam = scrape(control + "/metrics")
+        return [sample_sum(fam, "cacheroute_members", lambda l, k=k: l == {"kind": k}) for k in ("kdn", "agent")]
+    wait_until(lambda: members_gauge() == [1, 0], timeout=10, what="cacheroute_members kdn 1, agent 0")
     r = ask(gw, "basalt", injection="text")
     assert r.status_code == 200 and r.headers["x-cacheroute-knowledge"] == "basalt"
     assert r.headers["x-cacheroute-kdn"] == k.id

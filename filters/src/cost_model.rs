@@ -464,7 +464,7 @@ impl CostModel {
         Self::fit_points(profile.kv_bytes_per_token(), &pre, &cached, &decode, &h2d)
     }
 
-    fn fit_points(
+    pub(crate) fn fit_points(
         kv_bytes_per_token: u64,
         pre: &[PrefillPoint],
         cached: &[CachedPoint],

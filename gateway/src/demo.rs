@@ -56,6 +56,11 @@ pub struct DemoArgs {
     /// Run the sims this many times faster than an H100 would.
     #[arg(long, default_value_t = 1.0)]
     time_scale: f64,
+    /// The gateway's injection strategy (`[proxy] injection`); a fixed one lets a
+    /// test or a demo show one mode for sure.
+    #[arg(long, default_value = "adaptive",
+          value_parser = ["adaptive", "text", "kv", "hybrid", "iws"])]
+    injection: String,
 }
 
 /// One corpus block's question.
@@ -189,10 +194,11 @@ pub fn run(args: DemoArgs) -> Result<()> {
     write!(
         f,
         "[gateway]\nlisten = \"{}\"\ncontrol = \"{}\"\n\n[upstream]\nhealth_check_interval_ms = 1000\n\n\
-         [knowledge]\nsync_interval_ms = 500\n\n[[kdns]]\nurl = \"http://{}\"\n\n\
+         [knowledge]\nsync_interval_ms = 500\n\n[proxy]\ninjection = \"{}\"\n\n[[kdns]]\nurl = \"http://{}\"\n\n\
          [[pools]]\nname = \"demo\"\nmodels = [\"{}\"]\n{}",
         args.listen,
         args.control,
+        args.injection,
         kdn_addr,
         args.model,
         sims.iter()

@@ -357,6 +357,7 @@ impl Fleet {
                             healthy: p.is_healthy(i),
                             inflight: i.state.inflight(),
                             queued: i.state.queued(),
+                            kv_waiting: i.state.kv_waiting.load(Ordering::Relaxed),
                             max_inflight: i.max_inflight,
                         })
                         .collect(),
@@ -391,6 +392,8 @@ pub struct InstanceStatus {
     pub healthy: bool,
     pub inflight: u64,
     pub queued: u64,
+    /// KV-mode requests waiting outside the queue for their KV (`text_bypass`, `wait`).
+    pub kv_waiting: u64,
     pub max_inflight: u64,
 }
 

@@ -96,6 +96,9 @@ pub struct Reloader {
     overrides: Overrides,
     state: Arc<GatewayState>,
     memo: Mutex<Memo>,
+    /// Listen, control and threads the process started with: only a restart
+    /// changes them, so reloads are compared with these, not with the last file.
+    running: (std::net::SocketAddr, std::net::SocketAddr, usize),
 }
 
 impl Reloader {
@@ -106,7 +109,12 @@ impl Reloader {
         initial_text: String,
         discovered: BTreeMap<String, Vec<String>>,
     ) -> Reloader {
+        let running = {
+            let g = &state.fleet.load().config.gateway;
+            (g.listen, g.control, g.threads)
+        };
         Reloader {
+            running,
             source,
             overrides,
             state,
@@ -153,14 +161,14 @@ impl Reloader {
         let (config, _) = loaded?;
         let current = self.state.fleet.load_full();
         let mut restart_required = Vec::new();
-        let (old, new) = (&current.config.gateway, &config.gateway);
-        if old.listen != new.listen {
+        let ((listen, control, threads), new) = (self.running, &config.gateway);
+        if listen != new.listen {
             restart_required.push("gateway.listen");
         }
-        if old.control != new.control {
+        if control != new.control {
             restart_required.push("gateway.control");
         }
-        if old.threads != new.threads {
+        if threads != new.threads {
             restart_required.push("gateway.threads");
         }
         let discovered = discover_models(&config).await;

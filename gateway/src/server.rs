@@ -51,15 +51,18 @@ pub fn run(source: ConfigSource, overrides: Overrides) -> Result<()> {
 
     let conf = ServerConf {
         threads,
-        // Stop accepting at once on SIGTERM, then give streams in flight
-        // time to finish.
-        grace_period_seconds: Some(0),
-        graceful_shutdown_timeout_seconds: Some(30),
+        // SIGTERM: the listeners stop accepting at once, then requests in flight
+        // get up to DRAIN_S to finish (Pingora keeps serving them through its grace
+        // period; `drain_then_exit` ends it early once none is left). Runtimes are
+        // then shut down without waiting (tasks still there are cut).
+        grace_period_seconds: Some(DRAIN_S),
+        graceful_shutdown_timeout_seconds: Some(1),
         upstream_keepalive_pool_size: 1024,
         ..ServerConf::default()
     };
     let mut server = Server::new_with_opt_and_conf(None, conf);
     server.bootstrap();
+    drain_then_exit(server.watch_execution_phase(), state.clone())?;
 
     let mut service_plane = Service::new(
         "cacheroute service plane".to_string(),
@@ -95,6 +98,39 @@ pub fn run(source: ConfigSource, overrides: Overrides) -> Result<()> {
     check_bindable(listen).context("service plane")?;
     check_bindable(control).context("control plane")?;
     server.run_forever()
+}
+
+/// Longest a SIGTERM waits for requests in flight, seconds.
+const DRAIN_S: u64 = 30;
+
+/// On a graceful shutdown (SIGTERM), exit as soon as no service-plane request is
+/// in flight rather than sleeping Pingora's whole grace period. SIGINT never
+/// enters the grace period: it exits at once.
+fn drain_then_exit(
+    mut phases: tokio::sync::broadcast::Receiver<pingora::server::ExecutionPhase>,
+    state: Arc<GatewayState>,
+) -> Result<()> {
+    use pingora::server::ExecutionPhase;
+    use std::sync::atomic::Ordering;
+    std::thread::Builder::new()
+        .name("cacheroute-drain".into())
+        .spawn(move || loop {
+            match phases.blocking_recv() {
+                Ok(ExecutionPhase::ShutdownGracePeriod) => {
+                    // Polled: the count has no waker, and a 10 ms step is nothing
+                    // next to a stream's life.
+                    while state.active_requests.load(Ordering::Acquire) > 0 {
+                        std::thread::sleep(std::time::Duration::from_millis(10));
+                    }
+                    tracing::info!("SIGTERM: no request in flight; exiting");
+                    std::process::exit(0);
+                }
+                Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+            }
+        })
+        .context("starting the drain watcher")?;
+    Ok(())
 }
 
 /// Fail with a clear message before Pingora would panic on a taken port.

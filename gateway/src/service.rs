@@ -108,6 +108,7 @@ impl HttpServerApp for ServicePlane {
                 return None;
             }
         }
+        let _active = ActiveRequest::new(&self.state);
         let keepalive = if *shutdown.borrow() { None } else { Some(60) };
         session.set_keepalive(keepalive);
         let mut ctx = ReqCtx {
@@ -908,6 +909,23 @@ fn prefill_tokens(plan: &Plan, kv: Option<&KvPlan>) -> u64 {
         chunks * k.chunk_size
     });
     total.saturating_sub(cached).max(1)
+}
+
+/// Counts a request in [`GatewayState::active_requests`] while it is handled
+/// (answer streamed and finished included).
+struct ActiveRequest<'a>(&'a GatewayState);
+
+impl<'a> ActiveRequest<'a> {
+    fn new(state: &'a GatewayState) -> Self {
+        state.active_requests.fetch_add(1, Ordering::AcqRel);
+        Self(state)
+    }
+}
+
+impl Drop for ActiveRequest<'_> {
+    fn drop(&mut self) {
+        self.0.active_requests.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// Why a request was not admitted.

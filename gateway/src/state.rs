@@ -43,6 +43,9 @@ pub struct GatewayState {
     pub prefix: crate::prefix::PrefixTrees,
     /// Knowledge requests whose injection was decided (the `hybrid` turn).
     pub knowledge_turn: AtomicU64,
+    /// Service-plane requests being handled now (read, queued, streaming): a
+    /// SIGTERM drain ends when this reaches zero.
+    pub active_requests: AtomicU64,
 }
 
 impl GatewayState {
@@ -71,6 +74,7 @@ impl GatewayState {
             prefix_checks: PrefixChecks::default(),
             prefix: crate::prefix::PrefixTrees::default(),
             knowledge_turn: AtomicU64::new(0),
+            active_requests: AtomicU64::new(0),
         })
     }
 
