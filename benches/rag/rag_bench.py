@@ -976,7 +976,7 @@ def report(a, bench: Bench, rows: list[dict], cmd: str, started: float) -> Path:
             "sizing": vars(bench.fleet.sizing) if bench.fleet.sizing else None,
             "sim_caps": vars(bench.caps), "rows": rows, "knees": list(kn.values()),
             "elapsed_s": time.time() - started, "host_cores": os.cpu_count()}
-    stem.with_suffix(".json").write_text(json.dumps(data, indent=1, default=str))
+    Path(f"{stem}.json").write_text(json.dumps(data, indent=1, default=str))
 
     done = [r for r in rows if not r.get("skipped")]
     policies = list(dict.fromkeys(r["policy"] for r in rows))
@@ -1075,7 +1075,7 @@ def report(a, bench: Bench, rows: list[dict], cmd: str, started: float) -> Path:
            "injected; lag p99 = the loadgen's send lag (wall ms); CPU = host CPU utilisation over "
            "the run. A ⚠ flag marks a run whose host was saturated or whose send lag p99 > "
            f"{a.max_send_lag_ms:g} ms: its TTFTs include the host's own queueing.", ""]
-    stem.with_suffix(".md").write_text("\n".join(md))
+    Path(f"{stem}.md").write_text("\n".join(md))
     return stem
 
 
