@@ -1126,12 +1126,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--keep-work", action="store_true", help="keep the scratch folder (configs, logs, raw results)")
     a = ap.parse_args(argv)
     if a.small:
-        a.blocks, a.requests, a.rates, a.links, a.time_scale = 12, 24, "6", "10", 10.0
-        a.doc_median_bytes, a.doc_max_bytes = 3000.0, 8000
-        a.run_overhead_s = 2.5
+        # Seconds-long defaults; options given on the command line still win.
         given = {x.split("=")[0] for x in (argv if argv is not None else sys.argv[1:]) if x.startswith("--")}
-        if "--policies" not in given:
-            a.policies = "text,kv,adaptive,hybrid,kv@round_robin,vllm-router-round_robin,shared-lmcache"
+        small = {"blocks": 12, "requests": 24, "rates": "6", "links": "10", "time_scale": 10.0,
+                 "doc_median_bytes": 3000.0, "doc_max_bytes": 8000, "run_overhead_s": 2.5,
+                 "policies": "text,kv,adaptive,hybrid,kv@round_robin,vllm-router-round_robin,shared-lmcache"}
+        for k, v in small.items():
+            if "--" + k.replace("_", "-") not in given:
+                setattr(a, k, v)
     try:
         a.rates = [float(x) for x in str(a.rates).split(",") if x.strip()]
         a.links = [float(x) for x in str(a.links).split(",") if x.strip()]

@@ -359,10 +359,10 @@ async fn main() -> Result<()> {
             while sampling.get() {
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 tick += 1;
-                if progress && tick % 2 == 0 {
+                if progress && tick.is_multiple_of(2) {
                     eprintln!("progress {} {} {}", sent_count(), done.get(), total);
                 }
-                if tick % 5 == 0 {
+                if tick.is_multiple_of(5) {
                     let now = host_cpu();
                     if let (Some(a), Some(b)) = (last, now) {
                         if let Some(u) = util(a, b) {
