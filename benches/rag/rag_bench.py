@@ -141,6 +141,18 @@ class Procs:
         if p in self.procs:
             self.procs.remove(p)
 
+    def cpu_s(self) -> float:
+        """User + system CPU seconds of the live processes (USER_HZ = 100)."""
+        total = 0.0
+        for p in self.procs:
+            try:
+                f = Path(f"/proc/{p.pid}/stat").read_text()
+                rest = f[f.rfind(")") + 2:].split()
+                total += (int(rest[11]) + int(rest[12])) / 100.0
+            except (OSError, ValueError, IndexError):
+                pass
+        return total
+
     def stop_all(self) -> None:
         for p in reversed(list(self.procs)):
             self.stop(p)
@@ -754,7 +766,9 @@ class Bench:
             sched = self.work / f"schedule-{tag}.jsonl"
             self.schedule(pol, spec.rate, sched)
             out, summ = self.work / f"results-{tag}.jsonl", self.work / f"summary-{tag}.json"
+            cpu0 = self.procs.cpu_s()
             summary = self.loadgen(base, sched, out, summ, bar_desc)
+            fleet_cpu = self.procs.cpu_s() - cpu0
             records = [json.loads(line) for line in out.read_text().splitlines() if line.strip()]
 
             # What the engines and the KDN say, before they stop.
@@ -789,6 +803,11 @@ class Bench:
             row["cached_tokens_by_tier"] = tiers or None
             row["kdn_bytes"] = kdn_bytes
             row["store_used_bytes"] = store_used
+            # The fleet's own share of the host (all cores = 1.0): tells a run that
+            # saturated the host itself from one that shared it with other work.
+            wall = summary.get("wall_s") or 0
+            row["fleet_cpu_util"] = (fleet_cpu + (summary.get("loadgen_cpu_s") or 0)) / (wall * (os.cpu_count() or 1)) \
+                if wall > 0 else None
             row["work_files"] = {"results": out.name, "schedule": sched.name,
                                  "decisions": declog.name if declog else None}
             return row
@@ -800,7 +819,8 @@ class Bench:
         n = len(self.reqs)
         cmd = [self.a.loadgen, "--url", base, "--schedule", str(sched), "--out", str(out),
                "--summary", str(summ), "--progress", "--timeout-s", "600"]
-        p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        # The summary goes to a file: stdout is not read (so it cannot fill a pipe).
+        p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         bar = tqdm(total=n, desc=desc, unit="req", leave=False, position=1, dynamic_ncols=True)
         err_tail: list[str] = []
 
@@ -818,8 +838,8 @@ class Bench:
                     del err_tail[:-20]
         th = threading.Thread(target=follow, daemon=True)
         th.start()
-        stdout, _ = p.communicate()
-        th.join(5)
+        p.wait()
+        th.join(10)
         bar.update(n - bar.n)
         bar.close()
         if p.returncode != 0:
@@ -1038,6 +1058,17 @@ def report(a, bench: Bench, rows: list[dict], cmd: str, started: float) -> Path:
            f"- TTFT SLO for goodput: {a.slo_ms:g} GPU-ms; knee: mean TTFT > {a.knee_k:g}× the lowest rate's, "
            f"or throughput < 90 % of the offered rate",
            f"- run took {(time.time() - started) / 60:.1f} min on {os.cpu_count()} cores", ""]
+    hi = max((r["rate"] for r in done), default=None)
+    ratios = [r["client_over_gateway"] for r in done if r["rate"] == hi and r.get("client_over_gateway")]
+    if ratios:
+        worst = max(ratios)
+        md += [f"- client vs gateway mean TTFT at the highest rate (λ={hi:g}): {min(ratios):.2f}–{worst:.2f}× "
+               f"({'within' if worst <= 1.10 else 'NOT within'} the 10 % the client may add)"]
+    flagged = sum(1 for r in done if r.get("flags"))
+    if flagged:
+        md += [f"- ⚠ {flagged} of {len(done)} runs flagged (host CPU saturated or send lag p99 > "
+               f"{a.max_send_lag_ms:g} ms): see the flags column"]
+    md += [""]
     md += ["![TTFT vs load](" + ttft_png.name + ")", "", "![KV reuse per routing policy](" + reuse_png.name + ")", ""]
     hdr = ("| policy | λ | ok | mean TTFT | p50 | p99 | gw mean | client/gw | e2e mean | thr | goodput | "
            "KV reuse | modes | GPU s | KDN bytes | lag p99 | CPU | flags |")
@@ -1057,7 +1088,8 @@ def report(a, bench: Bench, rows: list[dict], cmd: str, started: float) -> Path:
                     f"{fmt(r['gateway_ttft_mean_ms'])} | {fmt(r['client_over_gateway'], 2)} | "
                     f"{fmt(r['e2e_mean_ms'])} | {fmt(r['throughput_rps'], 1)} | {fmt(r['goodput_rps'], 1)} | "
                     f"{fmt(r['kv_reuse'], 2)} | {modes} | {fmt(r['gpu_s'], 2)} | {fmt_bytes(r['kdn_bytes'])} | "
-                    f"{fmt(r['send_lag_p99_ms'], 1)} | {fmt(r['host_cpu_util'] and r['host_cpu_util'] * 100)}% | "
+                    f"{fmt(r['send_lag_p99_ms'], 1)} | {fmt(r['host_cpu_util'] and r['host_cpu_util'] * 100)}% "
+                    f"({fmt(r.get('fleet_cpu_util') and r['fleet_cpu_util'] * 100)}%) | "
                     f"{'⚠ ' + '; '.join(r['flags']) if r['flags'] else ''} |")
         md.append("")
         kl = [k for k in kn.values() if k["link_gbps"] == link]
@@ -1073,7 +1105,7 @@ def report(a, bench: Bench, rows: list[dict], cmd: str, started: float) -> Path:
            "tokens sent; modes = the gateway's `x-cacheroute-injection` per request; GPU s = the sims' "
            "prefill seconds (or engine busy time), GPU time; KDN bytes = logical KV bytes the KDN "
            "injected; lag p99 = the loadgen's send lag (wall ms); CPU = host CPU utilisation over "
-           "the run. A ⚠ flag marks a run whose host was saturated or whose send lag p99 > "
+           "the run (in brackets: the bench's own processes' share: fleet, gateway, loadgen). A ⚠ flag marks a run whose host was saturated or whose send lag p99 > "
            f"{a.max_send_lag_ms:g} ms: its TTFTs include the host's own queueing.", ""]
     Path(f"{stem}.md").write_text("\n".join(md))
     return stem
