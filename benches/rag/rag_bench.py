@@ -439,22 +439,26 @@ class Fleet:
         return int(m.group(1)) if m else 0
 
     # sims ----------------------------------------------------------------
-    def sim_args(self, port: int, store: str, seed: int, gpu_blocks: int | None) -> list[str]:
+    def sim_args(self, port: int, store: str, seed: int, gpu_blocks: int | None, tiers: bool = True) -> list[str]:
+        """A sim's command line; `tiers`: with the cache-tier flags (not the producer's,
+        whose only job is to fill the KDN store)."""
         args = [self.a.bin, "sim", "--listen", f"127.0.0.1:{port}", "--model", MODEL,
                 "--profile", str(self.profile), "--time-scale", "1", "--kv-store", store,
                 "--lmcache-model", LMCACHE_MODEL, "--lmcache-scheme", SCHEME,
                 "--chunk-size", str(CHUNK), "--hash-seed", "0", "--seed", str(seed)]
         if gpu_blocks:
             args += ["--num-gpu-blocks", str(gpu_blocks)]
-        if self.caps.local_cpu and self.sizing is not None:
-            args += ["--lmcache-local-cpu-size", f"{self.sizing.cpu_gb:.4f}"]
-        if self.caps.kv_store_gbps and self.a.kv_store_gbps:
+        if tiers and self.caps.local_cpu and self.sizing is not None:
+            gb = self.sizing.cpu_gb
+            args += ["--lmcache-local-cpu-size", str(int(gb)) if self.cpu_gb_integer else f"{gb:.4f}"]
+        if tiers and self.caps.kv_store_gbps and self.a.kv_store_gbps:
             args += ["--kv-store-gbps", str(self.a.kv_store_gbps * self.a.time_scale)]
         return args
 
     def start_producer(self) -> None:
         port = free_port()
-        p = self.procs.start("producer", self.sim_args(port, f"redis://127.0.0.1:{self.kdn_redis}/0", 0, None))
+        p = self.procs.start("producer", self.sim_args(port, f"redis://127.0.0.1:{self.kdn_redis}/0", 0, None,
+                                                            tiers=False))
         self.producer = f"http://127.0.0.1:{port}"
         wait_http(self.producer + "/health", p)
 
@@ -506,6 +510,7 @@ producer = "{self.producer}"
 {targets}"""
 
     kv_bytes_per_token: int = 131072
+    cpu_gb_integer: bool = False
 
     def start_kdn(self, link_gbps: float | None, tag: str) -> tuple[str, subprocess.Popen]:
         port = free_port()
@@ -677,6 +682,7 @@ class Bench:
         q_tokens = max(len(q) for _, q in reqs) // 2 + 64
         prompt_max = max(self.tokens.values()) + q_tokens + a.max_tokens
         f.sizing = size_caches(a, self.tokens, prompt_max, f.kv_bytes_per_token)
+        self.probe_sim_flags()
         f.start_stores()
         lens = sorted(len(b["text"]) for b in blocks)
         toks = sorted(self.tokens.values())
@@ -686,6 +692,32 @@ class Bench:
             print(line)
         caps = ", ".join(k for k, v in vars(self.caps).items() if v) or "none"
         print(f"sim tier flags detected: {caps}; work dir {self.work}", flush=True)
+
+    def probe_sim_flags(self) -> None:
+        """Start one sim with the tier flags the help listed: a flag whose value this
+        sim refuses (another unit or type than assumed) is rounded, then dropped with a
+        warning, rather than failing every run."""
+        f = self.fleet
+        for attempt in range(3):
+            if not (self.caps.local_cpu or self.caps.kv_store_gbps):
+                return
+            port = free_port()
+            args = f.sim_args(port, "memory://probe", 0, f.sizing.gpu_blocks if f.sizing else None)
+            p = self.procs.start("sim-probe", args)
+            try:
+                wait_http(f"http://127.0.0.1:{port}/health", p, timeout=20)
+                return
+            except RuntimeError as e:
+                lines = str(e).splitlines()
+                why = next((x for x in lines if x.startswith("error")), lines[-1] if lines else "")
+                print(f"warning: the sim refused the tier flags ({why[:200]})", file=sys.stderr)
+                if attempt == 0 and f.sizing is not None and self.caps.local_cpu:
+                    f.sizing.cpu_gb = float(max(1, round(f.sizing.cpu_gb)))
+                    f.cpu_gb_integer = True
+                else:
+                    self.caps.local_cpu = self.caps.kv_store_gbps = False
+            finally:
+                self.procs.stop(p)
 
     # schedules -------------------------------------------------------------
     def schedule(self, pol: Policy, rate: float, path: Path) -> None:
