@@ -464,3 +464,67 @@ thread_local! {
 fn sent_count() -> usize {
     SENT.with(|s| s.get())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn content_is_text_not_a_role_or_usage_chunk() {
+        let role_only = json!({"choices": [{"delta": {"role": "assistant", "content": ""}}]});
+        let token = json!({"choices": [{"delta": {"content": " the"}}]});
+        let completion = json!({"choices": [{"text": "ok"}]});
+        let whole = json!({"choices": [{"message": {"content": "hi"}}]});
+        let usage = json!({"choices": [], "usage": {"prompt_tokens": 3}});
+        assert!(!has_content(&role_only));
+        assert!(has_content(&token));
+        assert!(has_content(&completion));
+        assert!(has_content(&whole));
+        assert!(!has_content(&usage));
+    }
+
+    #[test]
+    fn percentiles_and_utilisation() {
+        let xs: Vec<f64> = (1..=100).map(f64::from).collect();
+        assert_eq!(percentile(&xs, 0.5), Some(51.0));
+        assert_eq!(percentile(&xs, 0.99), Some(99.0));
+        assert_eq!(percentile(&[], 0.5), None);
+        assert_eq!(util((10, 100), (60, 200)), Some(0.5));
+        assert_eq!(util((10, 100), (10, 100)), None);
+    }
+
+    #[test]
+    fn schedule_errors_name_the_line() {
+        let dir = std::env::temp_dir().join(format!("loadgen-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let sched = dir.join("s.jsonl");
+        std::fs::write(
+            &sched,
+            "{\"at_ms\": 1, \"body\": {}}\n{\"at_ms\": -1, \"body\": {}}\n",
+        )
+        .unwrap();
+        let args = Args::parse_from([
+            "cacheroute-loadgen",
+            "--url",
+            "http://127.0.0.1:1",
+            "--schedule",
+            sched.to_str().unwrap(),
+            "--out",
+            dir.join("o.jsonl").to_str().unwrap(),
+        ]);
+        let err = read_schedule(&args)
+            .err()
+            .expect("a negative at_ms is refused");
+        assert!(err.to_string().contains("line 2"), "{err}");
+        std::fs::write(
+            &sched,
+            "{\"at_ms\": 5, \"body\": {\"stream\": true}, \"tag\": 7}\n",
+        )
+        .unwrap();
+        let entries = read_schedule(&args).unwrap();
+        assert_eq!(entries.len(), 1);
+        assert!(entries[0].stream && entries[0].tag == json!(7));
+        assert_eq!(entries[0].at, Duration::from_millis(5));
+        std::fs::remove_dir_all(&dir).ok();
+    }
+}
