@@ -3,7 +3,8 @@
 #
 # On a fresh Debian machine with the Rust toolchain, gcc and Python 3 + pip,
 # it installs what is missing (cmake and redis-server from apt, the Python
-# packages openai, httpx, prometheus-client and pytest from pip), builds the
+# packages openai, httpx, prometheus-client, pytest, and matplotlib and tqdm for the
+# RAG bench test, from pip), builds the
 # workspace (dev profile), runs the Rust tests, then the end-to-end suite in
 # tests/ against the freshly built binary. Exits non-zero on any failure.
 set -euo pipefail
@@ -32,7 +33,8 @@ fi
 # --- Python packages ---------------------------------------------------------
 PY=${PYTHON:-python3}
 pip_missing=()
-for pair in openai:openai httpx:httpx prometheus_client:prometheus-client pytest:pytest; do
+for pair in openai:openai httpx:httpx prometheus_client:prometheus-client pytest:pytest \
+    matplotlib:matplotlib tqdm:tqdm; do
   "$PY" -c "import ${pair%%:*}" >/dev/null 2>&1 || pip_missing+=("${pair#*:}")
 done
 if [ ${#pip_missing[@]} -gt 0 ]; then
