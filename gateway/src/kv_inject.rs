@@ -30,6 +30,9 @@ const RESIDENT_MEMORY: Duration = Duration::from_secs(600);
 pub struct KvInjections {
     running: Mutex<HashMap<InjectKey, watch::Receiver<InjectState>>>,
     done: Mutex<HashMap<InjectKey, (String, Instant)>>,
+    /// KV bytes of the injections still running, per target: the gateway's own backlog
+    /// on each KDN → instance link, known at once (the KDN's report lags a sync period).
+    backlog: Mutex<HashMap<String, u64>>,
 }
 
 #[derive(Deserialize)]
@@ -50,6 +53,25 @@ impl KvInjections {
             .map(|(job, _)| job.clone())
     }
 
+    /// KV bytes of the running injections into `target`.
+    pub fn backlog_bytes(&self, target: &str) -> u64 {
+        let backlog = self.backlog.lock().unwrap_or_else(|p| p.into_inner());
+        backlog.get(target).copied().unwrap_or(0)
+    }
+
+    fn add_backlog(&self, target: &str, bytes: u64, add: bool) {
+        let mut backlog = self.backlog.lock().unwrap_or_else(|p| p.into_inner());
+        let b = backlog.entry(target.to_string()).or_default();
+        *b = if add {
+            b.saturating_add(bytes)
+        } else {
+            b.saturating_sub(bytes)
+        };
+        if *b == 0 {
+            backlog.remove(target);
+        }
+    }
+
     /// Remember that `key`'s KV reached its store another way (the engine computed the
     /// prefix in text mode, and LMCache stores what it computes).
     pub fn mark_resident(&self, key: InjectKey, how: &str) {
@@ -68,6 +90,7 @@ impl KvInjections {
         kdn_url: &str,
         token: &str,
         key: InjectKey,
+        bytes: u64,
         timeout: Duration,
     ) -> watch::Receiver<InjectState> {
         let mut running = self.running.lock().unwrap_or_else(|p| p.into_inner());
@@ -81,8 +104,10 @@ impl KvInjections {
         let http = http.clone();
         let url = kdn_url.trim_end_matches('/').to_string();
         let token = token.to_string();
+        self.add_backlog(&key.0, bytes, true);
         tokio::spawn(async move {
             let state = run_job(&http, &url, &token, &key, timeout).await;
+            this.add_backlog(&key.0, bytes, false);
             if let InjectState::Ready { job } = &state {
                 let mut done = this.done.lock().unwrap_or_else(|p| p.into_inner());
                 done.retain(|_, (_, at)| at.elapsed() < RESIDENT_MEMORY);

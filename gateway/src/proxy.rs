@@ -91,17 +91,26 @@ impl PrefixChecks {
     }
 }
 
-fn transfer_path(fleet: &Fleet, kdn: &KdnLive, target: &str) -> TransferPath {
+/// The path from `kdn` to `target`. The link's backlog is the larger of what the KDN
+/// last reported and the gateway's own injections into `target` still running
+/// (`own_backlog_bytes`): under a burst, the report is a sync period old.
+fn transfer_path(
+    fleet: &Fleet,
+    kdn: &KdnLive,
+    target: &str,
+    own_backlog_bytes: u64,
+) -> TransferPath {
     let load = kdn.load.clone().unwrap_or_default();
     let t = load.targets.get(target);
     let gbps = t
         .and_then(|t| t.link_gbps)
         .or_else(|| (load.bandwidth_bytes_per_s > 0.0).then_some(load.bandwidth_bytes_per_s * 8e-9))
         .unwrap_or(DEFAULT_LINK_GBPS);
+    let own_ms = own_backlog_bytes as f64 * 8.0 / (gbps * 1e9) * 1000.0;
     TransferPath {
         link_gbps: gbps,
         rtt_ms: fleet.config.proxy.link_rtt_ms,
-        link_busy_ms: t.map_or(0.0, |t| t.link_backlog_ms),
+        link_busy_ms: t.map_or(0.0, |t| t.link_backlog_ms).max(own_ms),
         kdn_queue_ms: load.queue_wait_ms,
         kdn_pending: load.pending_transfers,
         kdn_bytes_per_sec: load.bandwidth_bytes_per_s,
@@ -189,7 +198,8 @@ pub fn plan_kv(
             total_chunks: if usable { m.chunks } else { 0 },
             kv_bytes_per_token: m.bytes.checked_div(m.tokens).unwrap_or(0),
         },
-        transfer: kdn.map(|k| transfer_path(fleet, k, &target)),
+        transfer: kdn
+            .map(|k| transfer_path(fleet, k, &target, state.injections.backlog_bytes(&target))),
         turn: state
             .knowledge_turn
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed),
@@ -231,6 +241,7 @@ pub fn plan_kv(
                 &kdn.url,
                 &fleet.config.knowledge.kdn_token,
                 key.clone(),
+                m.bytes,
                 timeout,
             );
             (Some(rx), None)
