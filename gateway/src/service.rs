@@ -1238,6 +1238,8 @@ mod tests {
                     resident: vec![],
                 },
             )]),
+            digest: None,
+            text_bytes: 0,
         })
     }
 
