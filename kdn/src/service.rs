@@ -292,7 +292,7 @@ pub struct Kdn {
     prepared_ids: Mutex<HashMap<WarmKey, Vec<u32>>>,
     /// Warm-ups that found the queue full, oldest first: started as others finish.
     /// Bounded by the registry (`max_blocks` × models).
-    deferred: Mutex<VecDeque<WarmKey>>,
+    deferred: Mutex<Deferred>,
     /// Producer URL → when warm-ups may next use it (`warmup_max_share`).
     gates: Mutex<HashMap<String, ShareGate>>,
     /// Registrations admitted (`max_registrations_per_s`, `registration_burst`).
@@ -301,6 +301,46 @@ pub struct Kdn {
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Deferred warm-ups: each pair once (a set beside the order), forgotten when its block
+/// is deleted; entries left in the order by deletes are dropped when they outnumber the
+/// live ones, so the list stays within a small multiple of the registry.
+#[derive(Default)]
+pub struct Deferred {
+    order: VecDeque<WarmKey>,
+    live: HashSet<WarmKey>,
+}
+
+impl Deferred {
+    fn push(&mut self, key: WarmKey) {
+        if self.live.insert(key.clone()) {
+            self.order.push_back(key);
+        }
+        if self.order.len() > 2 * self.live.len() + 64 {
+            let live = &self.live;
+            self.order.retain(|k| live.contains(k));
+        }
+    }
+
+    fn pop(&mut self) -> Option<WarmKey> {
+        while let Some(k) = self.order.pop_front() {
+            if self.live.remove(&k) {
+                return Some(k);
+            }
+        }
+        None
+    }
+
+    fn forget_block(&mut self, id: &str, models: impl Iterator<Item = String>) {
+        for m in models {
+            self.live.remove(&(id.to_string(), m));
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.live.len()
+    }
 }
 
 impl Kdn {
@@ -368,8 +408,10 @@ impl Kdn {
         let mut resume = Vec::new();
         kdn.registry.for_each(|r| {
             for (model, e) in &r.models {
-                if matches!(e.status, BlockStatus::Registered | BlockStatus::Warming)
-                    && kdn.models.contains_key(model)
+                if matches!(
+                    e.status,
+                    BlockStatus::Registered | BlockStatus::Warming | BlockStatus::Deferred
+                ) && kdn.models.contains_key(model)
                 {
                     resume.push((r.id.clone(), model.clone()));
                 }
@@ -635,7 +677,12 @@ impl Kdn {
                 }
             }
         }
-        lock(&self.deferred).extend(deferred);
+        {
+            let mut d = lock(&self.deferred);
+            for k in deferred {
+                d.push(k);
+            }
+        }
         // ids prepared for entries that were not (re)registered are not needed
         let warm_set: HashSet<&WarmKey> = to_warm.iter().collect();
         let unused: Vec<WarmKey> = keys
@@ -729,7 +776,7 @@ impl Kdn {
                 continue;
             }
             if warming.len() >= cap {
-                lock(&self.deferred).push_back(key);
+                lock(&self.deferred).push(key);
                 continue;
             }
             out.push(self.spawn_one(&mut warming, key));
@@ -760,7 +807,7 @@ impl Kdn {
         let cap = self.warm_cap();
         let mut warming = lock(&self.warming);
         while warming.len() < cap {
-            let Some(key) = lock(&self.deferred).pop_front() else {
+            let Some(key) = lock(&self.deferred).pop() else {
                 break;
             };
             let still = self.registry.get(&key.0).is_some_and(|r| {
@@ -995,6 +1042,7 @@ impl Kdn {
             .ok_or_else(|| {
                 KdnError::not_found("knowledge_not_found", format!("knowledge {id:?} not found"))
             })?;
+        lock(&self.deferred).forget_block(id, rec.models.keys().cloned());
         let mut deleted = 0usize;
         let mut target_deleted = 0usize;
         let mut kv_error = None;
@@ -1202,5 +1250,34 @@ impl Kdn {
             })
             .collect();
         json!({"object": "list", "data": data})
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn k(id: &str) -> WarmKey {
+        (id.to_string(), "m".to_string())
+    }
+
+    #[test]
+    fn deferred_warmups_are_kept_once_and_forgotten_with_their_block() {
+        let mut d = Deferred::default();
+        d.push(k("a"));
+        d.push(k("b"));
+        d.push(k("a"));
+        assert_eq!(d.len(), 2);
+        d.forget_block("a", ["m".to_string()].into_iter());
+        assert_eq!(d.pop(), Some(k("b")));
+        assert_eq!(d.pop(), None);
+        // registered-and-deleted blocks do not grow the list without bound
+        for i in 0..10_000 {
+            let id = format!("x{i}");
+            d.push(k(&id));
+            d.forget_block(&id, ["m".to_string()].into_iter());
+        }
+        assert_eq!(d.len(), 0);
+        assert!(d.order.len() <= 64 + 1, "{}", d.order.len());
     }
 }
