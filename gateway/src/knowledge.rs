@@ -58,6 +58,13 @@ pub struct SnapshotBlock {
     pub text: String,
     #[serde(default)]
     pub models: BTreeMap<String, BlockModel>,
+    /// The KDN's digest of title, tags, text and contents (absent from older KDNs): a
+    /// block whose digest the gateway already holds is not fetched again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub digest: Option<String>,
+    /// Size of `text` (known before the text is fetched).
+    #[serde(default)]
+    pub text_bytes: u64,
 }
 
 impl SnapshotBlock {
@@ -440,6 +447,8 @@ mod tests {
                     resident: resident.iter().map(|s| s.to_string()).collect(),
                 },
             )]),
+            digest: None,
+            text_bytes: text.len() as u64,
         })
     }
 

@@ -1256,6 +1256,8 @@ mod tests {
                     resident: vec![],
                 },
             )]),
+            digest: None,
+            text_bytes: 0,
         })
     }
 

@@ -50,6 +50,19 @@ pub struct KdnSection {
     pub batch_chunks: usize,
     /// Warm-ups (producer prefills) running at the same time.
     pub max_concurrent_warmups: usize,
+    /// Warm-ups waiting for a slot; more are `deferred` (warmed when there is room).
+    pub max_pending_warmups: usize,
+    /// Largest share of a producer's time warm-ups may take (0 < share ≤ 1): after a
+    /// warm-up prefill of d seconds the producer gets d × (1 − share) / share seconds
+    /// with no warm-up from this KDN.
+    pub warmup_max_share: f64,
+    /// Blocks registered per second, sustained (token bucket over register and bulk;
+    /// past it: HTTP 429 with Retry-After). 0: no limit.
+    pub max_registrations_per_s: f64,
+    /// Blocks the registration bucket holds (the largest burst, and the largest bulk).
+    pub registration_burst: usize,
+    /// Most blocks the registry holds; registrations past it get HTTP 507. 0: no bound.
+    pub max_blocks: usize,
     /// Limit for one warm-up request to a producer, in seconds.
     pub warmup_timeout_s: f64,
     /// After the producer answers, how long to wait for all chunk keys to appear in the
@@ -109,6 +122,11 @@ impl Default for KdnSection {
             max_queue: 256,
             batch_chunks: 4,
             max_concurrent_warmups: 2,
+            max_pending_warmups: 256,
+            warmup_max_share: 0.5,
+            max_registrations_per_s: 100.0,
+            registration_burst: 1000,
+            max_blocks: 100_000,
             warmup_timeout_s: 600.0,
             warmup_verify_s: 10.0,
             job_history: 1000,
@@ -300,6 +318,15 @@ impl KdnConfig {
         }
         if k.max_concurrent_warmups == 0 {
             bail!("[kdn] max_concurrent_warmups must be at least 1");
+        }
+        if !(k.warmup_max_share > 0.0 && k.warmup_max_share <= 1.0) {
+            bail!("[kdn] warmup_max_share must be in (0, 1] (1: no pause between warm-ups)");
+        }
+        if !(k.max_registrations_per_s.is_finite() && k.max_registrations_per_s >= 0.0) {
+            bail!("[kdn] max_registrations_per_s must be a number ≥ 0 (0: no limit)");
+        }
+        if k.max_registrations_per_s > 0.0 && k.registration_burst == 0 {
+            bail!("[kdn] registration_burst must be at least 1");
         }
         if !(k.warmup_timeout_s > 0.0 && k.warmup_verify_s >= 0.0) {
             bail!("[kdn] warmup_timeout_s must be positive and warmup_verify_s not negative");

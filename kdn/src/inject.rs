@@ -627,7 +627,7 @@ impl Injector {
         self.state().jobs.get(id).cloned()
     }
 
-    async fn open_target(&self, url: &str) -> Result<Arc<dyn KvStore>, StoreError> {
+    pub(crate) async fn open_target(&self, url: &str) -> Result<Arc<dyn KvStore>, StoreError> {
         let mut stores = self.stores.lock().await;
         if let Some(s) = stores.get(url) {
             return Ok(s.clone());

@@ -21,6 +21,7 @@ pub mod config;
 pub mod inject;
 pub mod keys;
 pub mod layout;
+pub mod limits;
 pub mod local_redis;
 pub mod membership;
 pub mod metrics;

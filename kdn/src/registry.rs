@@ -31,14 +31,18 @@ pub enum BlockStatus {
     KvReady,
     /// Warm-up failed (`error` says why); the block can still be used as text.
     Failed,
+    /// Registered while the warm-up queue was full (`max_pending_warmups`): it is warmed
+    /// up when the queue has room again; it can be used as text meanwhile.
+    Deferred,
 }
 
 impl BlockStatus {
-    pub const ALL: [BlockStatus; 4] = [
+    pub const ALL: [BlockStatus; 5] = [
         BlockStatus::Registered,
         BlockStatus::Warming,
         BlockStatus::KvReady,
         BlockStatus::Failed,
+        BlockStatus::Deferred,
     ];
 
     pub fn name(self) -> &'static str {
@@ -47,6 +51,7 @@ impl BlockStatus {
             BlockStatus::Warming => "warming",
             BlockStatus::KvReady => "kv_ready",
             BlockStatus::Failed => "failed",
+            BlockStatus::Deferred => "deferred",
         }
     }
 }
@@ -121,6 +126,44 @@ impl KnowledgeRecord {
     /// Size of the text in bytes.
     pub fn text_bytes(&self) -> usize {
         self.text.len()
+    }
+
+    /// SHA-256 (hex) over everything a gateway copies as text: title, tags, text and each
+    /// model's `content`. Status, residency and timestamps are left out, so the digest
+    /// changes only when the bytes a gateway must fetch change.
+    pub fn content_digest(&self) -> String {
+        use sha2::{Digest, Sha256};
+        let mut h = Sha256::new();
+        // length-prefixed fields, so that moving bytes between fields changes the digest
+        let mut field = |b: &[u8]| {
+            h.update((b.len() as u64).to_le_bytes());
+            h.update(b);
+        };
+        field(self.title.as_deref().unwrap_or("").as_bytes());
+        field(&[u8::from(self.title.is_some())]);
+        for t in &self.tags {
+            field(t.as_bytes());
+        }
+        field(b"\0text");
+        field(self.text.as_bytes());
+        for (name, m) in &self.models {
+            field(name.as_bytes());
+            field(m.content.as_bytes());
+        }
+        hex::encode(h.finalize())
+    }
+
+    /// Whether `other` has the same digest inputs (cheaper than hashing both).
+    fn same_content(&self, other: &KnowledgeRecord) -> bool {
+        self.title == other.title
+            && self.tags == other.tags
+            && self.text == other.text
+            && self.models.len() == other.models.len()
+            && self
+                .models
+                .iter()
+                .zip(&other.models)
+                .all(|((a, x), (b, y))| a == b && x.content == y.content)
     }
 
     /// The API view: `{"id","object","title","text","tags","created_at","models":{name:
@@ -411,6 +454,15 @@ pub enum RegisterError {
     Conflict(String),
     #[error("knowledge id {0:?} appears twice in one registration")]
     Duplicate(String),
+    #[error(
+        "the registry is full: it holds {have} blocks, this registration adds {adding}, and \
+         [kdn] max_blocks is {max}; delete blocks first or raise max_blocks"
+    )]
+    Full {
+        have: usize,
+        adding: usize,
+        max: usize,
+    },
     #[error(transparent)]
     Backend(#[from] RegistryError),
 }
@@ -443,8 +495,22 @@ pub struct Registry {
     /// reader holding the read lock sees a version matching the records.
     counter: AtomicU64,
     index: RwLock<Bm25Index>,
+    /// Chunk key → number of (record, model) entries using it, so that a delete finds
+    /// the keys no other block uses without scanning the registry.
+    key_refs: Mutex<HashMap<String, u32>>,
+    /// Block id → [`KnowledgeRecord::content_digest`], kept with the records.
+    digests: Mutex<HashMap<String, String>>,
+    /// Records visited and key references updated since the start: the work the
+    /// registry did, which tests bound to show a delete is O(its block).
+    work: AtomicU64,
+    /// Most records held (`[kdn] max_blocks`; 0: no bound).
+    max_blocks: std::sync::atomic::AtomicUsize,
     /// Serialises writes so that the backend sees them in memory order.
     write: tokio::sync::Mutex<()>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl Registry {
@@ -458,20 +524,24 @@ impl Registry {
         backend: Arc<dyn RegistryBackend>,
     ) -> Result<Registry, RegistryError> {
         let loaded = backend.load_all().await?;
-        let mut index = Bm25Index::new();
-        let mut records = BTreeMap::new();
-        for r in loaded {
-            index.insert(&r.id, &r.index_text());
-            records.insert(r.id.clone(), r);
-        }
-        Ok(Registry {
+        let reg = Registry {
             backend,
-            records: RwLock::new(records),
+            records: RwLock::new(BTreeMap::new()),
             epoch: random_epoch(),
             counter: AtomicU64::new(0),
-            index: RwLock::new(index),
+            index: RwLock::new(Bm25Index::new()),
+            key_refs: Mutex::default(),
+            digests: Mutex::default(),
+            work: AtomicU64::new(0),
+            max_blocks: std::sync::atomic::AtomicUsize::new(0),
             write: tokio::sync::Mutex::new(()),
-        })
+        };
+        for r in loaded {
+            reg.publish(r);
+        }
+        // loading is not a change a reader could have seen
+        reg.counter.store(0, Ordering::Release);
+        Ok(reg)
     }
 
     /// The current version, `<epoch>-<counter>`: changes with every registered, updated
@@ -501,13 +571,75 @@ impl Registry {
     }
 
     fn publish(&self, r: KnowledgeRecord) {
-        self.index
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(&r.id, &r.index_text());
         let mut records = self.records.write().unwrap_or_else(|p| p.into_inner());
+        let old = records.get(&r.id);
+        let same = old.is_some_and(|o| o.same_content(&r));
+        if !same {
+            self.index
+                .write()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(&r.id, &r.index_text());
+            lock(&self.digests).insert(r.id.clone(), r.content_digest());
+        }
+        self.update_refs(old, Some(&r));
         records.insert(r.id.clone(), r);
         self.counter.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// Move the key references of one record from `old` to `new`, touching only the
+    /// models whose keys changed.
+    fn update_refs(&self, old: Option<&KnowledgeRecord>, new: Option<&KnowledgeRecord>) {
+        let mut refs = lock(&self.key_refs);
+        let mut touched = 0u64;
+        fn keys_of<'a>(r: Option<&'a KnowledgeRecord>, m: &str) -> Option<&'a [String]> {
+            r.and_then(|r| r.models.get(m)).map(|e| e.keys.as_slice())
+        }
+        let models: std::collections::BTreeSet<&String> = old
+            .iter()
+            .chain(new.iter())
+            .flat_map(|r| r.models.keys())
+            .collect();
+        for m in models {
+            let (before, after) = (keys_of(old, m), keys_of(new, m));
+            if before == after {
+                continue;
+            }
+            for k in before.unwrap_or_default() {
+                touched += 1;
+                if let Some(n) = refs.get_mut(k) {
+                    *n -= 1;
+                    if *n == 0 {
+                        refs.remove(k);
+                    }
+                }
+            }
+            for k in after.unwrap_or_default() {
+                touched += 1;
+                *refs.entry(k.clone()).or_default() += 1;
+            }
+        }
+        self.work.fetch_add(touched, Ordering::Relaxed);
+    }
+
+    /// Whether any registered block uses chunk `key`.
+    pub fn key_in_use(&self, key: &str) -> bool {
+        self.work.fetch_add(1, Ordering::Relaxed);
+        lock(&self.key_refs).contains_key(key)
+    }
+
+    /// The content digest of block `id` ([`KnowledgeRecord::content_digest`]).
+    pub fn digest(&self, id: &str) -> Option<String> {
+        lock(&self.digests).get(id).cloned()
+    }
+
+    /// Refuse registrations that would hold more than `max` blocks (0: no bound).
+    pub fn set_max_blocks(&self, max: usize) {
+        self.max_blocks.store(max, Ordering::Relaxed);
+    }
+
+    /// Records visited and key references updated so far (see the field).
+    pub fn work(&self) -> u64 {
+        self.work.load(Ordering::Relaxed)
     }
 
     pub fn len(&self) -> usize {
@@ -535,7 +667,9 @@ impl Registry {
 
     /// Apply `f` to every record without copying.
     pub fn for_each(&self, mut f: impl FnMut(&KnowledgeRecord)) {
-        for r in self.records().values() {
+        let records = self.records();
+        self.work.fetch_add(records.len() as u64, Ordering::Relaxed);
+        for r in records.values() {
             f(r);
         }
     }
@@ -598,6 +732,15 @@ impl Registry {
                 }
             }
         }
+        let max = self.max_blocks.load(Ordering::Relaxed);
+        let adding = out
+            .iter()
+            .filter(|o| matches!(o, Registered::Created(_)))
+            .count();
+        let have = self.len();
+        if max > 0 && adding > 0 && have + adding > max {
+            return Err(RegisterError::Full { have, adding, max });
+        }
         let refs: Vec<&KnowledgeRecord> = changed.iter().collect();
         self.backend.put(&refs).await?;
         for r in changed {
@@ -641,6 +784,8 @@ impl Registry {
             .remove(id);
         let mut records = self.records.write().unwrap_or_else(|p| p.into_inner());
         let removed = records.remove(id);
+        self.update_refs(removed.as_ref(), None);
+        lock(&self.digests).remove(id);
         self.counter.fetch_add(1, Ordering::AcqRel);
         Ok(removed)
     }

@@ -5,7 +5,8 @@
 //! | `POST /v1/knowledge[?wait=true]` | register one block (`{"text", "id"?, "title"?, "tags"?, "models"?, "meta"?, "wait"?}`) |
 //! | `POST /v1/knowledge/bulk[?wait=true]` | register JSONL, one registration per line, all or none |
 //! | `GET /v1/knowledge[?content=true&text=false&keys=true]` | `{"object":"list","data":[record…]}` |
-//! | `GET /v1/knowledge/snapshot` | every record with its content, versioned: `ETag`, `If-None-Match` → 304 |
+//! | `GET /v1/knowledge/snapshot[?text=false]` | every record with its content (or, `text=false`, its metadata and content digest), versioned: `ETag`, `If-None-Match` → 304 |
+//! | `GET /v1/knowledge/contents?ids=a,b` | the named records whole, with digests (≤ 256 ids) |
 //! | `GET /v1/knowledge/search?q=…[&k=5]` | BM25 over title, tags, text |
 //! | `GET /v1/knowledge/{id}[?keys=true]` | one record, with each model's padded `content` |
 //! | `DELETE /v1/knowledge/{id}[?keep_kv=true]` | delete (and drop its KDN-store chunks) |
@@ -42,7 +43,12 @@ use crate::service::{InjectRequest, Kdn, KdnError, RegisterRequest};
 
 impl IntoResponse for KdnError {
     fn into_response(self) -> Response {
-        (self.status, Json(self.body())).into_response()
+        let mut resp = (self.status, Json(self.body())).into_response();
+        if let Some(s) = self.retry_after_s {
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(s));
+        }
+        resp
     }
 }
 
@@ -103,6 +109,7 @@ async fn register(
     let req: RegisterRequest = serde_json::from_value(v)
         .map_err(|e| KdnError::bad_request("invalid_registration", e.to_string()))?;
     let wait = req.wait || flag(&q, "wait", false);
+    kdn.admit_registrations(1)?;
     let (records, created) = kdn.register(vec![req], wait).await?;
     let detail = Detail {
         content: true,
@@ -124,6 +131,7 @@ async fn register_bulk(
     let body = body.map_err(body_error)?;
     let text = std::str::from_utf8(&body)
         .map_err(|_| KdnError::bad_request("invalid_body", "the body is not UTF-8"))?;
+    kdn.admit_registrations(text.lines().filter(|l| !l.trim().is_empty()).count())?;
     let records = kdn.register_jsonl(text, flag(&q, "wait", false)).await?;
     let detail = Detail {
         omit_text: true,
@@ -166,7 +174,11 @@ fn etag_matches(if_none_match: &HeaderValue, etag: &str) -> bool {
 
 /// `GET /v1/knowledge/snapshot`: what a gateway syncs from. The version is checked
 /// before anything is copied, so polling an unchanged registry costs next to nothing.
-async fn snapshot(State(kdn): State<Arc<Kdn>>, headers: HeaderMap) -> Response {
+/// With `?text=false` (what gateways ask for) each block comes without its text and
+/// contents but with its content `digest`: a gateway fetches the text of the blocks
+/// whose digest it has not seen from `/v1/knowledge/contents`, so an unchanged block's
+/// text is never sent twice.
+async fn snapshot(State(kdn): State<Arc<Kdn>>, headers: HeaderMap, q: Q) -> Response {
     let etag = format!("\"{}\"", kdn.registry.version());
     if let Some(inm) = headers.get(header::IF_NONE_MATCH) {
         if etag_matches(inm, &etag) {
@@ -175,12 +187,16 @@ async fn snapshot(State(kdn): State<Arc<Kdn>>, headers: HeaderMap) -> Response {
     }
     // records and version read together: the tag always describes this body
     let (version, records) = kdn.registry.snapshot();
+    let with_text = flag(&q, "text", true);
     let detail = Detail {
-        content: true,
+        content: with_text,
         keys: false,
-        omit_text: false,
+        omit_text: !with_text,
     };
-    let blocks: Vec<Value> = records.iter().map(|r| r.to_json(detail)).collect();
+    let blocks: Vec<Value> = records
+        .iter()
+        .map(|r| with_digest(&kdn, r, detail))
+        .collect();
     (
         StatusCode::OK,
         [(header::ETAG, format!("\"{version}\""))],
@@ -188,10 +204,57 @@ async fn snapshot(State(kdn): State<Arc<Kdn>>, headers: HeaderMap) -> Response {
             "object": "knowledge.snapshot",
             "kdn_id": kdn.id,
             "version": version,
+            "text": with_text,
             "blocks": blocks,
         })),
     )
         .into_response()
+}
+
+/// A record's view with its content digest.
+fn with_digest(kdn: &Kdn, r: &crate::registry::KnowledgeRecord, detail: Detail) -> Value {
+    let mut v = r.to_json(detail);
+    v["digest"] = json!(kdn
+        .registry
+        .digest(&r.id)
+        .unwrap_or_else(|| r.content_digest()));
+    v
+}
+
+/// Most ids one `GET /v1/knowledge/contents` names.
+pub const MAX_CONTENT_IDS: usize = 256;
+
+/// `GET /v1/knowledge/contents?ids=a,b,…`: the named blocks whole (text, each model's
+/// content, digest), for gateways filling in a text-less snapshot. Unknown ids are left
+/// out (deleted since the snapshot).
+async fn contents(State(kdn): State<Arc<Kdn>>, q: Q) -> Result<Json<Value>, KdnError> {
+    let ids: Vec<&str> = q
+        .get("ids")
+        .map(|s| s.split(',').filter(|s| !s.is_empty()).collect())
+        .unwrap_or_default();
+    if ids.is_empty() {
+        return Err(KdnError::bad_request(
+            "missing_ids",
+            "give the block ids as ?ids=a,b,…",
+        ));
+    }
+    if ids.len() > MAX_CONTENT_IDS {
+        return Err(KdnError::bad_request(
+            "too_many_ids",
+            format!("{} ids; at most {MAX_CONTENT_IDS} per request", ids.len()),
+        ));
+    }
+    let detail = Detail {
+        content: true,
+        keys: false,
+        omit_text: false,
+    };
+    let data: Vec<Value> = ids
+        .iter()
+        .filter_map(|id| kdn.registry.get(id))
+        .map(|r| with_digest(&kdn, &r, detail))
+        .collect();
+    Ok(Json(json!({"object": "list", "data": data})))
 }
 
 async fn search(State(kdn): State<Arc<Kdn>>, q: Q) -> Result<Json<Value>, KdnError> {
@@ -374,6 +437,7 @@ pub fn router(kdn: Arc<Kdn>) -> Router {
         )
         .route("/v1/knowledge/search", get(search))
         .route("/v1/knowledge/snapshot", get(snapshot))
+        .route("/v1/knowledge/contents", get(contents))
         .route("/v1/knowledge/{id}", get(show).delete(delete))
         .route("/v1/knowledge/{id}/warm", post(warm))
         .route(

@@ -1,7 +1,7 @@
 //! The KDN's logic, independent of HTTP: registration (layout, keys, registry), warm-up
 //! through a producer, deletion, inject requests and load.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -18,6 +18,7 @@ use crate::config::{is_store_url, KdnConfig, ModelConfig};
 use crate::inject::{BlockSpec, Injector, InjectorConfig, Job, SubmitError, Target};
 use crate::keys::{chunk_keys_all_ranks, KeyParams};
 use crate::layout::layout_knowledge;
+use crate::limits::{Refused, ShareGate, TokenBucket};
 use crate::metrics::KdnMetrics;
 use crate::registry::{
     redact_url, BlockStatus, KnowledgeRecord, ModelEntry, RegisterError, Registered, Registry,
@@ -34,6 +35,8 @@ pub struct KdnError {
     /// A stable machine-readable code, e.g. `text_empty`, `unknown_model`.
     pub code: &'static str,
     pub message: String,
+    /// Seconds to answer in `Retry-After` (429, 503).
+    pub retry_after_s: Option<u64>,
 }
 
 impl KdnError {
@@ -48,6 +51,7 @@ impl KdnError {
             kind,
             code,
             message: message.into(),
+            retry_after_s: None,
         }
     }
 
@@ -250,7 +254,7 @@ impl ModelRuntime {
 }
 
 /// Ids that name endpoints under `/v1/knowledge/`: such a block could not be read back.
-const RESERVED_IDS: [&str; 3] = ["bulk", "search", "snapshot"];
+const RESERVED_IDS: [&str; 4] = ["bulk", "search", "snapshot", "contents"];
 
 fn valid_id(id: &str) -> bool {
     !RESERVED_IDS.contains(&id)
@@ -286,6 +290,57 @@ pub struct Kdn {
     warming: Mutex<HashMap<WarmKey, watch::Receiver<bool>>>,
     /// Prefix ids computed at registration, used once by the warm-up.
     prepared_ids: Mutex<HashMap<WarmKey, Vec<u32>>>,
+    /// Warm-ups that found the queue full, oldest first: started as others finish.
+    /// Bounded by the registry (`max_blocks` × models).
+    deferred: Mutex<Deferred>,
+    /// Producer URL → when warm-ups may next use it (`warmup_max_share`).
+    gates: Mutex<HashMap<String, ShareGate>>,
+    /// Registrations admitted (`max_registrations_per_s`, `registration_burst`).
+    registrations: Mutex<TokenBucket>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Deferred warm-ups: each pair once (a set beside the order), forgotten when its block
+/// is deleted; entries left in the order by deletes are dropped when they outnumber the
+/// live ones, so the list stays within a small multiple of the registry.
+#[derive(Default)]
+pub struct Deferred {
+    order: VecDeque<WarmKey>,
+    live: HashSet<WarmKey>,
+}
+
+impl Deferred {
+    fn push(&mut self, key: WarmKey) {
+        if self.live.insert(key.clone()) {
+            self.order.push_back(key);
+        }
+        if self.order.len() > 2 * self.live.len() + 64 {
+            let live = &self.live;
+            self.order.retain(|k| live.contains(k));
+        }
+    }
+
+    fn pop(&mut self) -> Option<WarmKey> {
+        while let Some(k) = self.order.pop_front() {
+            if self.live.remove(&k) {
+                return Some(k);
+            }
+        }
+        None
+    }
+
+    fn forget_block(&mut self, id: &str, models: impl Iterator<Item = String>) {
+        for m in models {
+            self.live.remove(&(id.to_string(), m));
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.live.len()
+    }
 }
 
 impl Kdn {
@@ -302,6 +357,7 @@ impl Kdn {
                 .await
                 .context("opening the knowledge registry")?,
         );
+        registry.set_max_blocks(config.kdn.max_blocks);
         let store = open_store(&config.kdn.store)
             .await
             .with_context(|| format!("opening the KDN store {}", redact_url(&config.kdn.store)))?;
@@ -327,6 +383,10 @@ impl Kdn {
                 link_gbps: t.link_gbps,
             })
             .collect();
+        let bucket = TokenBucket::new(
+            config.kdn.max_registrations_per_s,
+            config.kdn.registration_burst,
+        );
         let kdn = Arc::new(Kdn {
             id: config.kdn.id_or_default(),
             warm_sem: Arc::new(Semaphore::new(config.kdn.max_concurrent_warmups.max(1))),
@@ -340,13 +400,18 @@ impl Kdn {
             http: reqwest::Client::new(),
             warming: Mutex::default(),
             prepared_ids: Mutex::default(),
+            deferred: Mutex::default(),
+            gates: Mutex::default(),
+            registrations: Mutex::new(bucket),
         });
         // warm-ups a previous process left unfinished
         let mut resume = Vec::new();
         kdn.registry.for_each(|r| {
             for (model, e) in &r.models {
-                if matches!(e.status, BlockStatus::Registered | BlockStatus::Warming)
-                    && kdn.models.contains_key(model)
+                if matches!(
+                    e.status,
+                    BlockStatus::Registered | BlockStatus::Warming | BlockStatus::Deferred
+                ) && kdn.models.contains_key(model)
                 {
                     resume.push((r.id.clone(), model.clone()));
                 }
@@ -498,6 +563,39 @@ impl Kdn {
         ))
     }
 
+    /// Admit `n` registrations through the `max_registrations_per_s` bucket (HTTP
+    /// callers; preload files are the operator's own and are not counted).
+    pub fn admit_registrations(&self, n: usize) -> Result<(), KdnError> {
+        let k = &self.config.kdn;
+        match lock(&self.registrations).take(n, Instant::now()) {
+            Ok(()) => Ok(()),
+            Err(Refused::TooMany { burst }) => Err(KdnError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "invalid_request_error",
+                "too_many_blocks",
+                format!(
+                    "{n} blocks in one registration; this KDN admits at most {burst} at once \
+                     ([kdn] registration_burst): split the bulk"
+                ),
+            )),
+            Err(Refused::Later(s)) => {
+                let mut e = KdnError::new(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "rate_limit_error",
+                    "rate_limited",
+                    format!(
+                        "registration rate exceeded: this KDN admits {} blocks a second with \
+                         bursts of {} ([kdn] max_registrations_per_s, registration_burst); \
+                         retry in {s:.1} s",
+                        k.max_registrations_per_s, k.registration_burst
+                    ),
+                );
+                e.retry_after_s = Some(s.ceil().max(1.0) as u64);
+                Err(e)
+            }
+        }
+    }
+
     /// Register blocks, all or none: everything is validated, laid out and keyed before
     /// anything is stored. Warm-ups start in the background; with `wait` this returns
     /// when they finished. Returns the records and whether any was created.
@@ -527,10 +625,20 @@ impl Kdn {
         .map_err(|e| KdnError::internal(format!("registration task: {e}")))??;
         let mut records = Vec::with_capacity(prepared.len());
         {
+            // warm-ups past the queue's room are registered `deferred` (no task, no
+            // prepared ids kept): the queue, not the registration rate, bounds the
+            // producer's backlog
+            let mut room = self.warm_room();
             let mut cache = self.prepared_ids.lock().unwrap_or_else(|p| p.into_inner());
-            for (rec, ids) in prepared {
-                for (model, ids) in rec.models.keys().zip(ids) {
-                    cache.insert((rec.id.clone(), model.clone()), ids);
+            for (mut rec, ids) in prepared {
+                for ((model, entry), ids) in rec.models.iter_mut().zip(ids) {
+                    if room > 0 {
+                        room -= 1;
+                        cache.insert((rec.id.clone(), model.clone()), ids);
+                    } else {
+                        entry.status = BlockStatus::Deferred;
+                        entry.error = Some(self.deferred_reason());
+                    }
                 }
                 records.push(rec);
             }
@@ -544,6 +652,12 @@ impl Kdn {
             match e {
                 RegisterError::Conflict(_) => KdnError::conflict("id_conflict", e.to_string()),
                 RegisterError::Duplicate(_) => KdnError::bad_request("duplicate_id", e.to_string()),
+                RegisterError::Full { .. } => KdnError::new(
+                    StatusCode::INSUFFICIENT_STORAGE,
+                    "capacity_error",
+                    "registry_full",
+                    e.to_string(),
+                ),
                 RegisterError::Backend(e) => KdnError::unavailable(
                     "registry_unavailable",
                     format!("the registry could not store the knowledge: {e}"),
@@ -552,12 +666,21 @@ impl Kdn {
         })?;
         let created = outcome.iter().any(|o| matches!(o, Registered::Created(_)));
         let mut to_warm = Vec::new();
+        let mut deferred = Vec::new();
         for o in &outcome {
             let r = o.record();
             for (model, e) in &r.models {
-                if e.status == BlockStatus::Registered {
-                    to_warm.push((r.id.clone(), model.clone()));
+                match e.status {
+                    BlockStatus::Registered => to_warm.push((r.id.clone(), model.clone())),
+                    BlockStatus::Deferred => deferred.push((r.id.clone(), model.clone())),
+                    _ => {}
                 }
+            }
+        }
+        {
+            let mut d = lock(&self.deferred);
+            for k in deferred {
+                d.push(k);
             }
         }
         // ids prepared for entries that were not (re)registered are not needed
@@ -620,30 +743,90 @@ impl Kdn {
         Ok(self.register(reqs, wait).await?.0)
     }
 
+    /// Warm-ups queued or running at most: `max_concurrent_warmups` +
+    /// `max_pending_warmups`.
+    fn warm_cap(&self) -> usize {
+        self.config.kdn.max_concurrent_warmups.max(1) + self.config.kdn.max_pending_warmups
+    }
+
+    /// Warm-ups that can be queued now.
+    fn warm_room(&self) -> usize {
+        self.warm_cap().saturating_sub(lock(&self.warming).len())
+    }
+
+    fn deferred_reason(&self) -> String {
+        format!(
+            "warm-up deferred: {} warm-ups are already queued or running ([kdn] \
+             max_concurrent_warmups + max_pending_warmups); it starts when they finish (use \
+             the block as text meanwhile)",
+            self.warm_cap()
+        )
+    }
+
     /// Start warm-ups of (block, model) pairs (one at a time per pair); returns a receiver
-    /// per pair that turns true when its warm-up finished.
+    /// per pair started or already running, which turns true when its warm-up finished.
+    /// Pairs past the queue's room wait in the deferred list (no receiver).
     pub fn spawn_warmups(self: &Arc<Self>, pairs: Vec<WarmKey>) -> Vec<watch::Receiver<bool>> {
         let mut out = Vec::new();
-        let mut warming = self.warming.lock().unwrap_or_else(|p| p.into_inner());
+        let cap = self.warm_cap();
+        let mut warming = lock(&self.warming);
         for key in pairs {
             if let Some(rx) = warming.get(&key) {
                 out.push(rx.clone());
                 continue;
             }
-            let (tx, rx) = watch::channel(false);
-            warming.insert(key.clone(), rx.clone());
-            out.push(rx);
-            let me = self.clone();
-            tokio::spawn(async move {
-                me.warm(&key.0, &key.1).await;
-                me.warming
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .remove(&key);
-                tx.send_replace(true);
-            });
+            if warming.len() >= cap {
+                lock(&self.deferred).push(key);
+                continue;
+            }
+            out.push(self.spawn_one(&mut warming, key));
         }
         out
+    }
+
+    fn spawn_one(
+        self: &Arc<Self>,
+        warming: &mut HashMap<WarmKey, watch::Receiver<bool>>,
+        key: WarmKey,
+    ) -> watch::Receiver<bool> {
+        let (tx, rx) = watch::channel(false);
+        warming.insert(key.clone(), rx.clone());
+        let me = self.clone();
+        tokio::spawn(async move {
+            me.warm(&key.0, &key.1).await;
+            lock(&me.warming).remove(&key);
+            tx.send_replace(true);
+            me.start_deferred();
+        });
+        rx
+    }
+
+    /// Move deferred warm-ups into the queue while it has room (each is looked at once:
+    /// O(1) per warm-up finished, amortised).
+    fn start_deferred(self: &Arc<Self>) {
+        let cap = self.warm_cap();
+        let mut warming = lock(&self.warming);
+        while warming.len() < cap {
+            let Some(key) = lock(&self.deferred).pop() else {
+                break;
+            };
+            let still = self.registry.get(&key.0).is_some_and(|r| {
+                r.models.get(&key.1).is_some_and(|e| {
+                    matches!(
+                        e.status,
+                        BlockStatus::Deferred | BlockStatus::Registered | BlockStatus::Warming
+                    )
+                })
+            });
+            if still && !warming.contains_key(&key) {
+                self.spawn_one(&mut warming, key);
+            }
+        }
+    }
+
+    /// Warm-ups queued or running, and deferred (for `/v1/load` and tests).
+    pub fn warmup_counts(&self) -> (usize, usize) {
+        (lock(&self.warming).len(), lock(&self.deferred).len())
     }
 
     async fn set_status(&self, id: &str, model: &str, status: BlockStatus, error: Option<String>) {
@@ -746,6 +929,16 @@ impl Kdn {
             }
         };
         let url = format!("{}/v1/completions", producer.trim_end_matches('/'));
+        // the producer may also serve traffic: warm-ups take at most warmup_max_share
+        // of its time
+        let pause = lock(&self.gates)
+            .entry(producer.clone())
+            .or_default()
+            .wait(Instant::now());
+        if !pause.is_zero() {
+            tokio::time::sleep(pause).await;
+        }
+        let prefill_started = Instant::now();
         let body = json!({
             "model": cfg.name,
             "prompt": ids,
@@ -767,6 +960,11 @@ impl Kdn {
             return Err(format!("producer {url} answered HTTP {status}: {excerpt}"));
         }
         let _ = resp.bytes().await;
+        lock(&self.gates).entry(producer.clone()).or_default().ran(
+            prefill_started.elapsed(),
+            Instant::now(),
+            self.config.kdn.warmup_max_share,
+        );
         // the producer's LMCache stores after the prefill; give it a moment
         let deadline = Instant::now() + Duration::from_secs_f64(self.config.kdn.warmup_verify_s);
         loop {
@@ -830,8 +1028,11 @@ impl Kdn {
     }
 
     /// Delete a block from the registry and (unless `keep_kv`) its chunks from the KDN
-    /// store, except chunks that another registered block also uses. Chunks copied into
-    /// target stores are left to those instances' caches.
+    /// store and from the `memory://` targets it was injected into, except chunks that
+    /// another registered block also uses. O(the block's keys): the registry counts
+    /// references per key, so nothing else is scanned. Chunks copied into Redis targets
+    /// are left to those instances' LMCache (it may hold the same keys from its own
+    /// prefills, and evicts them itself).
     pub async fn delete(&self, id: &str, keep_kv: bool) -> Result<Value, KdnError> {
         let rec = self
             .registry
@@ -841,29 +1042,50 @@ impl Kdn {
             .ok_or_else(|| {
                 KdnError::not_found("knowledge_not_found", format!("knowledge {id:?} not found"))
             })?;
+        lock(&self.deferred).forget_block(id, rec.models.keys().cloned());
         let mut deleted = 0usize;
+        let mut target_deleted = 0usize;
         let mut kv_error = None;
         if !keep_kv {
-            let mut referenced = HashSet::new();
-            self.registry.for_each(|r| {
-                for m in r.models.values() {
-                    referenced.extend(m.keys.iter().cloned());
-                }
-            });
             let mut seen = HashSet::new();
-            for k in rec.models.values().flat_map(|m| m.keys.iter()) {
-                if referenced.contains(k) || !seen.insert(k.clone()) {
+            let keys: Vec<String> = rec
+                .models
+                .values()
+                .flat_map(|m| m.keys.iter())
+                .filter(|k| !self.registry.key_in_use(k) && seen.insert(k.as_str()))
+                .cloned()
+                .collect();
+            match self.store.delete_chunks(&keys).await {
+                Ok(n) => deleted = n,
+                Err(e) => {
+                    kv_error = Some(format!(
+                        "deleting chunks from the KDN store {}: {e}",
+                        redact_url(&self.config.kdn.store)
+                    ))
+                }
+            }
+            let resident: HashSet<&String> = rec
+                .models
+                .values()
+                .flat_map(|m| m.resident.iter())
+                .collect();
+            for name in resident {
+                let url = self
+                    .targets
+                    .iter()
+                    .find(|t| &t.name == name)
+                    .map_or(name.as_str(), |t| t.url.as_str());
+                if !url.starts_with("memory://") {
                     continue;
                 }
-                match self.store.delete_chunk(k).await {
-                    Ok(true) => deleted += 1,
-                    Ok(false) => {}
+                let r = match self.injector.open_target(url).await {
+                    Ok(t) => t.delete_chunks(&keys).await,
+                    Err(e) => Err(e),
+                };
+                match r {
+                    Ok(n) => target_deleted += n,
                     Err(e) => {
-                        kv_error = Some(format!(
-                            "deleting chunks from the KDN store {}: {e}",
-                            redact_url(&self.config.kdn.store)
-                        ));
-                        break;
+                        kv_error.get_or_insert(format!("deleting chunks from target {name}: {e}"));
                     }
                 }
             }
@@ -873,6 +1095,7 @@ impl Kdn {
             "object": "knowledge.deleted",
             "deleted": true,
             "kv_chunks_deleted": deleted,
+            "target_chunks_deleted": target_deleted,
             "kv_error": kv_error,
         }))
     }
@@ -977,6 +1200,9 @@ impl Kdn {
         let snap = self.injector.load(&self.targets);
         let mut v = serde_json::to_value(snap).expect("serialisable");
         v["knowledge_blocks"] = json!(self.registry.len());
+        let (warming, deferred) = self.warmup_counts();
+        v["warmups_queued"] = json!(warming);
+        v["warmups_deferred"] = json!(deferred);
         v["kdn_id"] = json!(self.id);
         v
     }
@@ -1024,5 +1250,34 @@ impl Kdn {
             })
             .collect();
         json!({"object": "list", "data": data})
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn k(id: &str) -> WarmKey {
+        (id.to_string(), "m".to_string())
+    }
+
+    #[test]
+    fn deferred_warmups_are_kept_once_and_forgotten_with_their_block() {
+        let mut d = Deferred::default();
+        d.push(k("a"));
+        d.push(k("b"));
+        d.push(k("a"));
+        assert_eq!(d.len(), 2);
+        d.forget_block("a", ["m".to_string()].into_iter());
+        assert_eq!(d.pop(), Some(k("b")));
+        assert_eq!(d.pop(), None);
+        // registered-and-deleted blocks do not grow the list without bound
+        for i in 0..10_000 {
+            let id = format!("x{i}");
+            d.push(k(&id));
+            d.forget_block(&id, ["m".to_string()].into_iter());
+        }
+        assert_eq!(d.len(), 0);
+        assert!(d.order.len() <= 64 + 1, "{}", d.order.len());
     }
 }

@@ -130,6 +130,16 @@ pub trait KvStore: Send + Sync {
     /// readers). Returns whether anything was there.
     async fn delete_chunk(&self, key: &str) -> Result<bool, StoreError>;
 
+    /// [`delete_chunk`](Self::delete_chunk) for many keys (one round trip where the
+    /// store allows); returns how many had something to delete.
+    async fn delete_chunks(&self, keys: &[String]) -> Result<usize, StoreError> {
+        let mut n = 0;
+        for k in keys {
+            n += usize::from(self.delete_chunk(k).await?);
+        }
+        Ok(n)
+    }
+
     /// Bytes and chunks read and written through this handle.
     fn io_stats(&self) -> IoStats;
 }
@@ -156,6 +166,9 @@ impl<T: KvStore + ?Sized> KvStore for Arc<T> {
     }
     async fn delete_chunk(&self, key: &str) -> Result<bool, StoreError> {
         (**self).delete_chunk(key).await
+    }
+    async fn delete_chunks(&self, keys: &[String]) -> Result<usize, StoreError> {
+        (**self).delete_chunks(keys).await
     }
     fn io_stats(&self) -> IoStats {
         (**self).io_stats()
@@ -315,6 +328,22 @@ impl KvStore for RedisStore {
         Ok(a + b > 0)
     }
 
+    async fn delete_chunks(&self, keys: &[String]) -> Result<usize, StoreError> {
+        if keys.is_empty() {
+            return Ok(0);
+        }
+        // metadata first in each DEL, as delete_chunk does; one pipeline for the block
+        let mut pipe = redis::pipe();
+        for k in keys {
+            pipe.cmd("DEL")
+                .arg(redis_metadata_key(k))
+                .arg(redis_kv_bytes_key(k));
+        }
+        let mut conn = self.conn.clone();
+        let counts: Vec<i64> = pipe.query_async(&mut conn).await?;
+        Ok(counts.into_iter().filter(|&c| c > 0).count())
+    }
+
     fn io_stats(&self) -> IoStats {
         self.counters.snapshot()
     }
@@ -434,6 +463,21 @@ impl KvStore for MemoryStore {
         let a = entries.remove(&redis_metadata_key(key)).is_some();
         let b = entries.remove(&redis_kv_bytes_key(key)).is_some();
         Ok(a || b)
+    }
+
+    async fn delete_chunks(&self, keys: &[String]) -> Result<usize, StoreError> {
+        let mut entries = self.entries_mut();
+        let mut n = 0;
+        for k in keys {
+            let a = entries.remove(&redis_metadata_key(k)).is_some();
+            let b = entries.remove(&redis_kv_bytes_key(k)).is_some();
+            n += usize::from(a || b);
+        }
+        // a store emptied by deletes gives its table's memory back
+        if entries.is_empty() {
+            entries.shrink_to_fit();
+        }
+        Ok(n)
     }
 
     fn io_stats(&self) -> IoStats {
@@ -705,17 +749,37 @@ mod tests {
 
 /// Process-wide named in-memory stores, so that components running in one
 /// process (`cacheroute demo`) can share a store by URL: `memory://NAME`.
-fn memory_stores() -> &'static std::sync::Mutex<std::collections::HashMap<String, MemoryStore>> {
-    static STORES: std::sync::OnceLock<
-        std::sync::Mutex<std::collections::HashMap<String, MemoryStore>>,
-    > = std::sync::OnceLock::new();
+/// The table holds weak references: a store nobody uses any more (every handle
+/// dropped) is freed with its data, and its name is forgotten.
+type NamedStores = std::collections::HashMap<String, std::sync::Weak<MemoryInner>>;
+
+fn memory_stores() -> &'static std::sync::Mutex<NamedStores> {
+    static STORES: std::sync::OnceLock<std::sync::Mutex<NamedStores>> = std::sync::OnceLock::new();
     STORES.get_or_init(Default::default)
 }
 
-/// The in-memory store named `name` in this process (created on first use).
+/// The in-memory store named `name` in this process: the one a live handle holds, or a
+/// new empty one (a store whose handles were all dropped is gone).
 pub fn named_memory_store(name: &str) -> MemoryStore {
     let mut stores = memory_stores().lock().unwrap_or_else(|p| p.into_inner());
-    stores.entry(name.to_string()).or_default().clone()
+    // forget names whose store was freed, so the table does not grow with them
+    stores.retain(|_, w| w.strong_count() > 0);
+    if let Some(inner) = stores.get(name).and_then(std::sync::Weak::upgrade) {
+        return MemoryStore { inner };
+    }
+    let store = MemoryStore::default();
+    stores.insert(name.to_string(), Arc::downgrade(&store.inner));
+    store
+}
+
+/// Names of the in-memory stores alive in this process.
+pub fn named_memory_stores() -> Vec<String> {
+    let stores = memory_stores().lock().unwrap_or_else(|p| p.into_inner());
+    stores
+        .iter()
+        .filter(|(_, w)| w.strong_count() > 0)
+        .map(|(n, _)| n.clone())
+        .collect()
 }
 
 /// Open a store by URL: `redis://host:port[/db]` (also `rediss://`, `unix://`)
@@ -749,5 +813,12 @@ mod open_store_tests {
         assert!(b.exists("k").await.unwrap());
         assert!(!c.exists("k").await.unwrap());
         assert!(open_store("s3://x").await.is_err());
+        // a store is freed with its last handle: reopening the name gives an empty one
+        assert!(named_memory_stores().contains(&"other-test".to_string()));
+        drop(c);
+        assert!(!named_memory_stores().contains(&"other-test".to_string()));
+        drop((a, b));
+        let again = open_store("memory://shared-test").await.unwrap();
+        assert!(!again.exists("k").await.unwrap());
     }
 }
