@@ -920,6 +920,50 @@ mod tests {
     }
 
     #[test]
+    fn prompt_arrays_of_mixed_shapes_are_refused() {
+        for p in [
+            r#"[1,"a"]"#,
+            r#"["a",1]"#,
+            "[[1],2]",
+            "[1.5]",
+            "[-1]",
+            "[4294967296]",
+            "[[1,\"a\"]]",
+        ] {
+            let body = format!(r#"{{"model":"m","prompt":{p}}}"#);
+            let err = parse(Route::Completions, &body).unwrap_err();
+            assert_eq!(err.status, 400, "{p}");
+        }
+        let body = r#"{"model":"m","prompt":[]}"#;
+        assert!(matches!(
+            parse(Route::Completions, body),
+            Ok(CompletionBody::Completions(CompletionRequest { prompt: Prompt::Texts(t), .. })) if t.is_empty()
+        ));
+    }
+
+    #[test]
+    fn lists_past_their_bound_are_refused_with_a_clear_code() {
+        let msgs = vec![r#"{"role":"user","content":"x"}"#; de::MAX_MESSAGES + 1].join(",");
+        let body = format!(r#"{{"model":"m","messages":[{msgs}]}}"#);
+        let err = parse(Route::Chat, &body).unwrap_err();
+        assert_eq!((err.status, err.code), (400, "too_many_items"));
+        let ones = vec!["1"; de::MAX_VALUE_NODES + 1].join(",");
+        let body = format!(r#"{{"model":"m","prompt":"x","extra":[{ones}]}}"#);
+        let err = parse(Route::Completions, &body).unwrap_err();
+        assert_eq!((err.status, err.code), (400, "too_many_items"));
+        // The budget is per body: the next one parses.
+        assert!(parse(
+            Route::Completions,
+            r#"{"model":"m","prompt":"x","extra":[1,2]}"#
+        )
+        .is_ok());
+        // A long token prompt is not bounded by the item count.
+        let ids = vec!["7"; de::MAX_VALUE_NODES + 1].join(",");
+        let body = format!(r#"{{"model":"m","prompt":[{ids}]}}"#);
+        assert!(parse(Route::Completions, &body).is_ok());
+    }
+
+    #[test]
     fn bad_inputs_are_400_with_precise_codes() {
         let cases = [
             (Route::Chat, "{not json", "invalid_json"),
