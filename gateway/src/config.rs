@@ -654,4 +654,24 @@ mod tests {
         let s = c.pools[0].settings(&c.upstream);
         assert_eq!((s.policy, s.max_retries), (BalancePolicy::RoundRobin, 1));
     }
+
+    #[test]
+    fn first_byte_timeout_falls_back_to_a_capped_read_timeout() {
+        let pools = "[[pools]]\nname='a'\n[[pools.instances]]\nurl='http://h:1'\n";
+        let c = Config::parse(pools).unwrap();
+        let s = c.pools[0].settings(&c.upstream);
+        // Unset: the read timeout (600 s by default), at most two minutes.
+        assert_eq!(
+            s.first_byte_ms(None, 600_000),
+            DEFAULT_FIRST_BYTE_TIMEOUT_MS
+        );
+        assert_eq!(s.first_byte_ms(None, 500), 500);
+        // Set: the instance's, else the pool's, else [upstream]'s.
+        let c = Config::parse(&format!("[upstream]\nfirst_byte_timeout_ms=700\n{pools}")).unwrap();
+        let s = c.pools[0].settings(&c.upstream);
+        assert_eq!(s.first_byte_ms(None, 600_000), 700);
+        assert_eq!(s.first_byte_ms(Some(900), 600_000), 900);
+        assert!(Config::parse(&format!("[upstream]\nfirst_byte_timeout_ms=0\n{pools}")).is_err());
+        assert!(Config::parse(&format!("[gateway]\nheader_timeout_ms=0\n{pools}")).is_err());
+    }
 }
