@@ -185,6 +185,15 @@ pub struct GatewaySection {
     pub decision_history: usize,
     /// Append one JSON line per decision to this file ("-": stdout; "": off).
     pub log_decisions: String,
+    /// Longest time from a request's first byte to the end of its header; past
+    /// it the connection is answered 408 and closed (slow-header clients).
+    pub header_timeout_ms: u64,
+    /// Longest time to read a request's whole body; past it: 408 and close.
+    pub body_timeout_ms: u64,
+    /// Largest request header (request line included) answered; larger: 431.
+    pub max_header_bytes: usize,
+    /// Longest request target (path and query) answered; longer: 414.
+    pub max_uri_bytes: usize,
 }
 
 impl Default for GatewaySection {
@@ -201,6 +210,10 @@ impl Default for GatewaySection {
             max_hops: 4,
             decision_history: 256,
             log_decisions: String::new(),
+            header_timeout_ms: 10_000,
+            body_timeout_ms: 60_000,
+            max_header_bytes: 64 * 1024,
+            max_uri_bytes: 8 * 1024,
         }
     }
 }
@@ -211,6 +224,10 @@ pub struct UpstreamDefaults {
     pub policy: BalancePolicy,
     pub connect_timeout_ms: u64,
     pub read_timeout_ms: u64,
+    /// Longest wait for the engine's response header after the request was
+    /// sent (a hung engine); `read_timeout_ms` bounds each read after it.
+    /// Unset: `read_timeout_ms`, at most DEFAULT_FIRST_BYTE_TIMEOUT_MS.
+    pub first_byte_timeout_ms: Option<u64>,
     pub max_retries: usize,
     pub health_check_interval_ms: u64,
     pub health_path: String,
@@ -227,6 +244,7 @@ impl Default for UpstreamDefaults {
             policy: BalancePolicy::LeastInflight,
             connect_timeout_ms: 2_000,
             read_timeout_ms: 600_000,
+            first_byte_timeout_ms: None,
             max_retries: 2,
             health_check_interval_ms: 2_000,
             health_path: "/health".into(),
@@ -259,6 +277,8 @@ pub struct PoolConfig {
     pub connect_timeout_ms: Option<u64>,
     #[serde(default)]
     pub read_timeout_ms: Option<u64>,
+    #[serde(default)]
+    pub first_byte_timeout_ms: Option<u64>,
     #[serde(default)]
     pub max_retries: Option<usize>,
     /// Requests in flight per instance (like vLLM's `max_num_seqs`); 0 = unbounded.
@@ -294,6 +314,8 @@ pub struct InstanceConfig {
     pub connect_timeout_ms: Option<u64>,
     #[serde(default)]
     pub read_timeout_ms: Option<u64>,
+    #[serde(default)]
+    pub first_byte_timeout_ms: Option<u64>,
     /// The KDN injection target of this instance's store (overrides the pool's).
     #[serde(default)]
     pub kv_target: Option<String>,
@@ -309,6 +331,7 @@ impl InstanceConfig {
             weight: 1,
             connect_timeout_ms: None,
             read_timeout_ms: None,
+            first_byte_timeout_ms: None,
             kv_target: None,
             max_inflight: None,
         }
@@ -346,6 +369,8 @@ pub struct PoolSettings {
     pub policy: BalancePolicy,
     pub connect_timeout_ms: u64,
     pub read_timeout_ms: u64,
+    /// Explicitly set (pool, then `[upstream]`); see [`PoolSettings::first_byte_ms`].
+    pub first_byte_timeout_ms: Option<u64>,
     pub max_retries: usize,
     pub max_inflight: u64,
     pub queue_size: u64,
@@ -358,11 +383,28 @@ impl PoolConfig {
             policy: self.policy.unwrap_or(d.policy),
             connect_timeout_ms: self.connect_timeout_ms.unwrap_or(d.connect_timeout_ms),
             read_timeout_ms: self.read_timeout_ms.unwrap_or(d.read_timeout_ms),
+            first_byte_timeout_ms: self.first_byte_timeout_ms.or(d.first_byte_timeout_ms),
             max_retries: self.max_retries.unwrap_or(d.max_retries),
             max_inflight: self.max_inflight.unwrap_or(d.max_inflight),
             queue_size: self.queue_size.unwrap_or(d.queue_size),
             queue_timeout_ms: self.queue_timeout_ms.unwrap_or(d.queue_timeout_ms),
         }
+    }
+}
+
+/// The first-byte deadline when none is set: a hung engine is given up on
+/// after two minutes even though a stream may pause for `read_timeout_ms`.
+/// (A non-streamed generation longer than this needs `first_byte_timeout_ms`.)
+pub const DEFAULT_FIRST_BYTE_TIMEOUT_MS: u64 = 120_000;
+
+impl PoolSettings {
+    /// The first-byte deadline of an instance of this pool: its own setting,
+    /// the pool's, `[upstream]`'s, else its read timeout capped at
+    /// DEFAULT_FIRST_BYTE_TIMEOUT_MS.
+    pub fn first_byte_ms(&self, instance: Option<u64>, read_timeout_ms: u64) -> u64 {
+        instance
+            .or(self.first_byte_timeout_ms)
+            .unwrap_or(read_timeout_ms.min(DEFAULT_FIRST_BYTE_TIMEOUT_MS))
     }
 }
 
@@ -425,6 +467,12 @@ impl Config {
         if g.max_body_bytes == 0 {
             bail!("gateway.max_body_bytes must be at least 1");
         }
+        if g.header_timeout_ms == 0 || g.body_timeout_ms == 0 {
+            bail!("gateway.header_timeout_ms and gateway.body_timeout_ms must be at least 1");
+        }
+        if g.max_header_bytes < 1024 || g.max_uri_bytes < 64 {
+            bail!("gateway.max_header_bytes must be at least 1024 and gateway.max_uri_bytes at least 64");
+        }
         let u = &self.upstream;
         if u.health_check_interval_ms == 0 {
             bail!("upstream.health_check_interval_ms must be at least 1");
@@ -483,7 +531,11 @@ impl Config {
                 bail!("pool `{}` has no instances", pool.name);
             }
             let s = pool.settings(u);
-            if s.connect_timeout_ms == 0 || s.read_timeout_ms == 0 || s.queue_timeout_ms == 0 {
+            if s.connect_timeout_ms == 0
+                || s.read_timeout_ms == 0
+                || s.first_byte_timeout_ms == Some(0)
+                || s.queue_timeout_ms == 0
+            {
                 bail!("pool `{}`: timeouts must be at least 1 ms", pool.name);
             }
             if pool.models.iter().any(|m| m.is_empty()) {
@@ -501,7 +553,10 @@ impl Config {
                         inst.weight
                     );
                 }
-                if inst.connect_timeout_ms == Some(0) || inst.read_timeout_ms == Some(0) {
+                if inst.connect_timeout_ms == Some(0)
+                    || inst.read_timeout_ms == Some(0)
+                    || inst.first_byte_timeout_ms == Some(0)
+                {
                     bail!(
                         "pool `{}`: instance {} has a timeout of 0 ms",
                         pool.name,
@@ -598,5 +653,25 @@ mod tests {
         .unwrap();
         let s = c.pools[0].settings(&c.upstream);
         assert_eq!((s.policy, s.max_retries), (BalancePolicy::RoundRobin, 1));
+    }
+
+    #[test]
+    fn first_byte_timeout_falls_back_to_a_capped_read_timeout() {
+        let pools = "[[pools]]\nname='a'\n[[pools.instances]]\nurl='http://h:1'\n";
+        let c = Config::parse(pools).unwrap();
+        let s = c.pools[0].settings(&c.upstream);
+        // Unset: the read timeout (600 s by default), at most two minutes.
+        assert_eq!(
+            s.first_byte_ms(None, 600_000),
+            DEFAULT_FIRST_BYTE_TIMEOUT_MS
+        );
+        assert_eq!(s.first_byte_ms(None, 500), 500);
+        // Set: the instance's, else the pool's, else [upstream]'s.
+        let c = Config::parse(&format!("[upstream]\nfirst_byte_timeout_ms=700\n{pools}")).unwrap();
+        let s = c.pools[0].settings(&c.upstream);
+        assert_eq!(s.first_byte_ms(None, 600_000), 700);
+        assert_eq!(s.first_byte_ms(Some(900), 600_000), 900);
+        assert!(Config::parse(&format!("[upstream]\nfirst_byte_timeout_ms=0\n{pools}")).is_err());
+        assert!(Config::parse(&format!("[gateway]\nheader_timeout_ms=0\n{pools}")).is_err());
     }
 }

@@ -210,8 +210,10 @@ pub struct PoolInstance {
     /// `host:port`, the Host header sent upstream.
     pub host_header: String,
     pub connect_timeout: Duration,
-    /// Longest wait for any one read (first byte included) or write.
+    /// Longest wait for any one read or write after the response header.
     pub read_timeout: Duration,
+    /// Longest wait for the response header once the request is sent.
+    pub first_byte_timeout: Duration,
     /// `cacheroute_upstream_inflight{pool,upstream}`, resolved once.
     inflight_gauge: IntGauge,
     /// Metric handles of this instance's successful requests, resolved once.
@@ -531,6 +533,10 @@ impl FleetBuilder {
                     read_timeout: Duration::from_millis(
                         ic.read_timeout_ms.unwrap_or(settings.read_timeout_ms),
                     ),
+                    first_byte_timeout: Duration::from_millis(settings.first_byte_ms(
+                        ic.first_byte_timeout_ms,
+                        ic.read_timeout_ms.unwrap_or(settings.read_timeout_ms),
+                    )),
                     state,
                     inflight_gauge,
                     metrics: Arc::new(InstanceMetrics::new(metrics, &url.base)),

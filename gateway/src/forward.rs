@@ -77,6 +77,14 @@ pub async fn exchange(
     // upstream side, as a tuned reverse proxy does (Pingora's h1 client
     // flushes the header on its own).
     let request = upstream_request_bytes(session, inst, request_headers, &body);
+    // A large body is written after the header from where it is, not copied
+    // next to it: a copy would double its memory (one more write is nothing
+    // next to the many a large body takes anyway).
+    let tail: &[u8] = if body.len() > INLINE_BODY_MAX {
+        &body
+    } else {
+        &[]
+    };
     let mut up = loop {
         let (stream, reused) = match inst.state.idle.take() {
             Some(stream) => (stream, true),
@@ -92,7 +100,7 @@ pub async fn exchange(
         // cannot take a byte of its next request.
         let sent = tokio::select! {
             biased;
-            r = send(stream, &peer, &request, inst.read_timeout) => r,
+            r = send(stream, &peer, &request, tail, inst) => r,
             gone = watch_client(session) => return Err(client_gone(gone)),
         };
         match sent {
@@ -165,10 +173,15 @@ async fn send(
     mut stream: pingora::protocols::Stream,
     peer: &pingora::prelude::HttpPeer,
     request: &[u8],
-    timeout: Duration,
+    tail: &[u8],
+    inst: &PoolInstance,
 ) -> Result<Http1Session> {
+    let timeout = inst.read_timeout;
     let written = async {
         stream.write_all(request).await?;
+        if !tail.is_empty() {
+            stream.write_all(tail).await?;
+        }
         stream.flush().await
     };
     match tokio::time::timeout(timeout, written).await {
@@ -183,10 +196,16 @@ async fn send(
         Err(_) => return Error::e_explain(WriteTimedout, "writing the request upstream"),
     }
     let mut up = Http1Session::new_with_options(stream, peer);
-    up.read_timeout = Some(timeout);
+    // A hung engine is given up on at the first-byte deadline; once it has
+    // answered, each read of the (streamed) body gets the inter-chunk timeout.
+    up.read_timeout = Some(inst.first_byte_timeout);
     up.read_response().await?;
+    up.read_timeout = Some(timeout);
     Ok(up)
 }
+
+/// Bodies up to this size leave in the same write as the header.
+const INLINE_BODY_MAX: usize = 64 * 1024;
 
 /// How long an exchange runs before the gateway starts watching for the client
 /// going away.
@@ -220,7 +239,8 @@ fn failed(error: Box<Error>) -> ExchangeError {
 }
 
 /// The request as it goes on the wire: the client's headers minus the
-/// per-connection ones, our Host and Content-Length, then the body.
+/// per-connection ones, our Host and Content-Length, then the body when it is
+/// at most INLINE_BODY_MAX (a larger one is written after it, from where it is).
 fn upstream_request_bytes(
     session: &Session,
     inst: &PoolInstance,
@@ -229,7 +249,9 @@ fn upstream_request_bytes(
 ) -> Vec<u8> {
     let down = session.req_header();
     let path = down.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
-    let mut buf = Vec::with_capacity(256 + body.len() + down.headers.len() * 48);
+    let inline = body.len() <= INLINE_BODY_MAX;
+    let body_room = if inline { body.len() } else { 0 };
+    let mut buf = Vec::with_capacity(256 + body_room + down.headers.len() * 48);
     buf.extend_from_slice(down.method.as_str().as_bytes());
     buf.push(b' ');
     buf.extend_from_slice(path.as_bytes());
@@ -254,7 +276,9 @@ fn upstream_request_bytes(
     buf.extend_from_slice(b"\r\ncontent-length: ");
     buf.extend_from_slice(body.len().to_string().as_bytes());
     buf.extend_from_slice(b"\r\n\r\n");
-    buf.extend_from_slice(body);
+    if inline {
+        buf.extend_from_slice(body);
+    }
     buf
 }
 

@@ -171,7 +171,7 @@ impl Reloader {
         if threads != new.threads {
             restart_required.push("gateway.threads");
         }
-        let discovered = discover_models(&config).await;
+        let discovered = discover_models(&config, &memo.discovered).await;
         let version = current.version + 1;
         let fleet = self
             .state
@@ -226,7 +226,7 @@ impl Reloader {
     async fn refresh_discovery(&self) {
         let mut memo = self.memo.lock().await;
         let current = self.state.fleet.load_full();
-        let discovered = discover_models(&current.config).await;
+        let discovered = discover_models(&current.config, &memo.discovered).await;
         if discovered == memo.discovered {
             return;
         }
@@ -255,8 +255,13 @@ impl Reloader {
 }
 
 /// Ask every instance of the pools without a model list for its models.
-/// An instance that does not answer contributes nothing (for now).
-pub async fn discover_models(config: &Config) -> BTreeMap<String, Vec<String>> {
+/// An instance that does not answer keeps the models it reported last
+/// (`previous`): an outage or a restart is then a 503 with Retry-After from
+/// the health checks, not a `model_not_found` for the models it served.
+pub async fn discover_models(
+    config: &Config,
+    previous: &BTreeMap<String, Vec<String>>,
+) -> BTreeMap<String, Vec<String>> {
     let urls: Vec<String> = config
         .pools
         .iter()
@@ -274,7 +279,7 @@ pub async fn discover_models(config: &Config) -> BTreeMap<String, Vec<String>> {
         .timeout(DISCOVERY_TIMEOUT)
         .build()
     else {
-        return out;
+        return previous.clone();
     };
     let answers = futures::future::join_all(urls.iter().map(|u| fetch_models(&client, u))).await;
     for (url, models) in urls.into_iter().zip(answers) {
@@ -283,7 +288,10 @@ pub async fn discover_models(config: &Config) -> BTreeMap<String, Vec<String>> {
                 out.insert(url, m);
             }
             Err(e) => {
-                tracing::warn!(instance = %url, error = %format!("{e:#}"), "model discovery failed")
+                tracing::warn!(instance = %url, error = %format!("{e:#}"), "model discovery failed");
+                if let Some(last) = previous.get(&url) {
+                    out.insert(url, last.clone());
+                }
             }
         }
     }

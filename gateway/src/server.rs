@@ -36,7 +36,7 @@ pub fn run(source: ConfigSource, overrides: Overrides) -> Result<()> {
     let metrics = Arc::new(Metrics::new());
     let (state, discovered) = rt.block_on(async {
         let builder = FleetBuilder::new(&config.upstream);
-        let discovered = discover_models(&config).await;
+        let discovered = discover_models(&config, &Default::default()).await;
         let fleet = builder.build(config, 1, &discovered, &metrics).await?;
         anyhow::Ok((GatewayState::new(fleet, builder, metrics), discovered))
     })?;

@@ -61,6 +61,9 @@ pub struct ReqCtx {
     kv_note: Option<String>,
     /// What happened on the way (fallbacks).
     notes: Vec<String>,
+    /// The body's framing was broken or it came too slowly: the answer is
+    /// the last thing on this connection.
+    body_refused: bool,
 }
 
 /// What the filters decided for one completion request.
@@ -99,17 +102,33 @@ impl HttpServerApp for ServicePlane {
         mut session: Session,
         shutdown: &ShutdownWatch,
     ) -> Option<ReusedHttpStream> {
-        match session.read_request().await {
-            Ok(true) => {}
+        let limits = HeadLimits::of(&self.state.fleet.load().config.gateway);
+        // Pipelined requests (RFC 9112 §9.3.2) are answered one after the
+        // other, in order: Pingora carries the bytes read past this request
+        // over to the next session on the connection.
+        session.set_pipelining_enabled(true);
+        // The header's deadline runs from its first byte (a kept-alive
+        // connection's idle wait happened before this session; see
+        // `wait_next_request`) or from the accept.
+        let head = fast_timeout::fast_timeout(limits.header_timeout, session.read_request()).await;
+        let refused = match head {
+            Ok(Ok(true)) => check_head(&session, &limits),
             // The client closed an idle keep-alive connection.
-            Ok(false) => return None,
-            Err(e) => {
-                tracing::debug!(error = %e, "reading a request failed");
-                return None;
-            }
+            Ok(Ok(false)) => return None,
+            Ok(Err(e)) => head_error(&e),
+            Err(_) => Some(HeadRefusal::timeout(limits.header_timeout)),
+        };
+        if let Some(refusal) = refused {
+            self.refuse_head(&mut session, refusal).await;
+            lingering_close(session).await;
+            return None;
         }
         let _active = ActiveRequest::new(&self.state);
-        let keepalive = if *shutdown.borrow() { None } else { Some(60) };
+        let keepalive = if *shutdown.borrow() {
+            None
+        } else {
+            Some(KEEPALIVE_SECS)
+        };
         session.set_keepalive(keepalive);
         let mut ctx = ReqCtx {
             start: Instant::now(),
@@ -121,22 +140,231 @@ impl HttpServerApp for ServicePlane {
             injection: None,
             kv_note: None,
             notes: Vec::new(),
+            body_refused: false,
         };
         let result = self.route_request(&mut session, &mut ctx).await;
         self.record(&ctx, result.is_err());
+        if session.body_bytes_read() > COLLECT_AFTER_BYTES {
+            // A large body's buffers are freed by now (the request's state
+            // goes with `ctx`); have mimalloc return them to the OS at once
+            // rather than when this thread next allocates enough.
+            drop(ctx.plan.take());
+            // SAFETY: mi_collect only walks mimalloc's own heaps.
+            unsafe { libmimalloc_sys::mi_collect(true) };
+        }
         if let Err(e) = result {
             tracing::debug!(error = %e, "request ended early");
             return None;
         }
+        if ctx.body_refused {
+            lingering_close(session).await;
+            return None;
+        }
         let settings = HttpPersistentSettings::for_session(&session);
-        match session.finish().await {
-            Ok(stream) => stream.map(|s| ReusedHttpStream::from_reusable_stream(s, settings)),
-            Err(_) => None,
+        let reusable = session.finish().await.ok()??;
+        wait_next_request(reusable, settings).await
+    }
+}
+
+/// Close a connection after an error answer without losing that answer: stop
+/// sending, then read and drop what the client still sends (bounded), so that
+/// closing with unread bytes does not reset the connection before the client
+/// has read the answer (RFC 9112 §9.6).
+async fn lingering_close(session: Session) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    const LINGER: Duration = Duration::from_secs(2);
+    const LINGER_BYTES: usize = 4 << 20;
+    let Session::H1(h1) = session else {
+        return;
+    };
+    let mut stream = h1.into_inner();
+    if stream.shutdown().await.is_err() {
+        return;
+    }
+    let drain = async {
+        let mut buf = [0u8; 16 * 1024];
+        let mut left = LINGER_BYTES;
+        while left > 0 {
+            match stream.read(&mut buf).await {
+                Ok(n) if n > 0 => left = left.saturating_sub(n),
+                _ => break,
+            }
+        }
+    };
+    let _ = fast_timeout::fast_timeout(LINGER, drain).await;
+}
+
+/// Bodies larger than this make the worker give memory back after the request.
+const COLLECT_AFTER_BYTES: usize = 4 << 20;
+
+/// Seconds a kept-alive connection may stay idle between requests.
+const KEEPALIVE_SECS: u64 = 60;
+
+/// Wait on a kept-alive connection for the first bytes of its next request and
+/// hand them to the next session as its prefix, so that the next header's
+/// deadline counts from its first byte, not from the end of the idle wait. It
+/// is the read Pingora would have made itself: no extra syscall.
+async fn wait_next_request(
+    reusable: pingora::protocols::http::ReusableHttpStream,
+    mut settings: HttpPersistentSettings,
+) -> Option<ReusedHttpStream> {
+    use tokio::io::AsyncReadExt;
+    let (mut stream, prefix) = reusable.into_parts();
+    let prefix = match prefix {
+        // Pipelined bytes are already here.
+        Some(p) => p,
+        None => {
+            let mut buf = BytesMut::with_capacity(HEADER_BUF_SIZE);
+            let idle = Duration::from_secs(KEEPALIVE_SECS);
+            match fast_timeout::fast_timeout(idle, stream.read_buf(&mut buf)).await {
+                Ok(Ok(n)) if n > 0 => buf,
+                // Closed, failed or idle too long: the connection ends.
+                _ => return None,
+            }
+        }
+    };
+    settings.set_pipelined_prefix(prefix);
+    Some(ReusedHttpStream::new(stream, Some(settings)))
+}
+
+/// The first read of a request header (Pingora's own initial size).
+const HEADER_BUF_SIZE: usize = 4096;
+
+/// The service plane's bounds on a request header, from `[gateway]`.
+#[derive(Clone, Copy)]
+struct HeadLimits {
+    header_timeout: Duration,
+    max_header_bytes: usize,
+    max_uri_bytes: usize,
+}
+
+impl HeadLimits {
+    fn of(gw: &crate::config::GatewaySection) -> HeadLimits {
+        HeadLimits {
+            header_timeout: Duration::from_millis(gw.header_timeout_ms),
+            max_header_bytes: gw.max_header_bytes,
+            max_uri_bytes: gw.max_uri_bytes,
         }
     }
 }
 
+/// A request header the gateway answers with an error, then closes.
+struct HeadRefusal {
+    status: u16,
+    code: &'static str,
+    message: String,
+}
+
+impl HeadRefusal {
+    fn timeout(t: Duration) -> HeadRefusal {
+        HeadRefusal {
+            status: 408,
+            code: "request_timeout",
+            message: format!(
+                "the request header was not received within {} ms",
+                t.as_millis()
+            ),
+        }
+    }
+
+    fn too_large(what: &str) -> HeadRefusal {
+        HeadRefusal {
+            status: 431,
+            code: "header_too_large",
+            message: format!("request header fields too large: {what}"),
+        }
+    }
+}
+
+/// Bounds Pingora does not apply itself: the header's size (it allows 1 MiB)
+/// and the request target's length.
+fn check_head(session: &Session, limits: &HeadLimits) -> Option<HeadRefusal> {
+    let req = session.req_header();
+    let target = req.raw_path().len();
+    if target > limits.max_uri_bytes {
+        return Some(HeadRefusal {
+            status: 414,
+            code: "uri_too_long",
+            message: format!(
+                "the request target is {target} bytes; the limit is {}",
+                limits.max_uri_bytes
+            ),
+        });
+    }
+    let size = session
+        .as_http1()
+        .map_or(0, |h1| h1.get_headers_raw_bytes().len());
+    if size > limits.max_header_bytes {
+        return Some(HeadRefusal::too_large(&format!(
+            "{size} bytes; the limit is {}",
+            limits.max_header_bytes
+        )));
+    }
+    None
+}
+
+/// What to answer when Pingora could not read a request header: the client
+/// learns why instead of seeing a reset. `None`: the client is gone.
+fn head_error(e: &Error) -> Option<HeadRefusal> {
+    let cause = e.cause.as_ref().map(|c| c.to_string()).unwrap_or_default();
+    let context = e.context.as_ref().map(|c| c.as_str()).unwrap_or_default();
+    match e.etype() {
+        ReadTimedout => Some(HeadRefusal {
+            status: 408,
+            code: "request_timeout",
+            message: "the request header was not received in time".into(),
+        }),
+        InvalidHTTPHeader if context.starts_with("Request header larger than") => {
+            Some(HeadRefusal::too_large("over 1 MiB"))
+        }
+        InvalidHTTPHeader if cause.contains("too many headers") => {
+            Some(HeadRefusal::too_large("too many header fields"))
+        }
+        InvalidHTTPHeader => Some(HeadRefusal {
+            status: 400,
+            code: "invalid_request",
+            message: format!("malformed request header: {}", cause_or(&cause, context)),
+        }),
+        _ => {
+            tracing::debug!(error = %e, "reading a request failed");
+            None
+        }
+    }
+}
+
+fn cause_or<'a>(cause: &'a str, context: &'a str) -> &'a str {
+    if cause.is_empty() {
+        // The context of a framing error names it (it may quote the header: keep it short).
+        context
+            .get(..context.len().min(200))
+            .unwrap_or("bad framing")
+    } else {
+        cause
+    }
+}
+
 impl ServicePlane {
+    /// Answer a refused request header with OpenAI error JSON and close.
+    async fn refuse_head(&self, session: &mut Session, r: HeadRefusal) {
+        let err = ApiError::new(r.status, "invalid_request_error", r.code, r.message);
+        let body = Bytes::from(err.to_json());
+        let written = async {
+            let mut resp = ResponseHeader::build(r.status, Some(3))?;
+            resp.insert_header("content-type", "application/json")?;
+            resp.insert_header("content-length", body.len().to_string())?;
+            // Pingora closes the connection after an error response.
+            session.write_error_response(resp, body).await
+        };
+        if let Err(e) = written.await {
+            tracing::debug!(error = %e, "answering a refused request header failed");
+        }
+        self.state
+            .metrics
+            .requests
+            .with_label_values(&["other", status_label(r.status).as_ref(), ""])
+            .inc();
+    }
+
     /// Metrics of one finished request. Successful completions use the
     /// instance's pre-resolved series; the rest look their labels up.
     fn record(&self, ctx: &ReqCtx, failed: bool) {
@@ -274,10 +502,14 @@ impl ServicePlane {
     ) -> Result<()> {
         // Every request keeps the fleet it started with, through reloads.
         let fleet = self.state.fleet.load_full();
-        let limit = fleet.config.gateway.max_body_bytes;
-        let raw = match read_body(session, limit).await? {
+        let gw = &fleet.config.gateway;
+        let deadline = Duration::from_millis(gw.body_timeout_ms);
+        let raw = match read_body(session, gw.max_body_bytes, deadline).await? {
             Ok(b) => b,
-            Err(err) => return self.reject(session, ctx, err).await,
+            Err(err) => {
+                ctx.body_refused = matches!(err.status, 400 | 408);
+                return self.reject(session, ctx, err).await;
+            }
         };
         let plan = match self.plan(session, &fleet, route, raw).await {
             Ok(p) => p,
@@ -728,7 +960,16 @@ impl ServicePlane {
                 connect_errors.join("; ")
             );
         }
-        self.reject(session, ctx, err).await
+        // Worth a retry once a health check may have seen an instance back.
+        let retry_after = fleet
+            .config
+            .upstream
+            .health_check_interval_ms
+            .div_ceil(1000)
+            .clamp(1, 60)
+            .to_string();
+        self.reject_with(session, ctx, err, &[("retry-after", retry_after.as_str())])
+            .await
     }
 
     /// The outcome of waiting for a KV injection: ready, or text after the deadline
@@ -1147,6 +1388,7 @@ async fn wait_kv(
 async fn read_body(
     session: &mut Session,
     limit: usize,
+    deadline: Duration,
 ) -> Result<std::result::Result<Bytes, ApiError>> {
     let declared = session
         .req_header()
@@ -1169,13 +1411,59 @@ async fn read_body(
         session.write_continue_response().await?;
     }
     let mut buf = BytesMut::with_capacity(declared.unwrap_or(4096).min(limit));
-    while let Some(chunk) = session.read_request_body().await? {
-        if buf.len() + chunk.len() > limit {
-            return Ok(Err(ApiError::body_too_large(limit)));
+    let read = async {
+        while let Some(chunk) = session.read_request_body().await? {
+            if buf.len() + chunk.len() > limit {
+                return Ok(false);
+            }
+            buf.extend_from_slice(&chunk);
         }
-        buf.extend_from_slice(&chunk);
+        Ok::<_, Box<Error>>(true)
+    };
+    let refusal = match fast_timeout::fast_timeout(deadline, read).await {
+        Ok(Ok(true)) => return Ok(Ok(buf.freeze())),
+        Ok(Ok(false)) => return Ok(Err(ApiError::body_too_large(limit))),
+        Ok(Err(e)) => match body_error(&e) {
+            Some(refusal) => refusal,
+            None => return Err(e),
+        },
+        Err(_) => ApiError::new(
+            408,
+            "invalid_request_error",
+            "request_timeout",
+            format!(
+                "the request body was not received within {} ms",
+                deadline.as_millis()
+            ),
+        ),
+    };
+    // The rest of the body cannot be trusted or waited for: answer, then close.
+    session.set_keepalive(None);
+    Ok(Err(refusal))
+}
+
+/// A body that could not be read: 400 for broken framing, 408 for a stalled
+/// client; `None` when the client went away (nothing to answer).
+fn body_error(e: &Error) -> Option<ApiError> {
+    match e.etype() {
+        ReadTimedout => Some(ApiError::new(
+            408,
+            "invalid_request_error",
+            "request_timeout",
+            "the request body stalled",
+        )),
+        ErrorType::Custom(kind) if matches!(*kind, "InvalidChunk" | "InvalidTrailerEnd") => {
+            Some(ApiError::bad_request(
+                "invalid_framing",
+                format!("malformed chunked request body: {e}"),
+            ))
+        }
+        InvalidHTTPHeader => Some(ApiError::bad_request(
+            "invalid_framing",
+            format!("malformed request body framing: {e}"),
+        )),
+        _ => None,
     }
-    Ok(Ok(buf.freeze()))
 }
 
 fn models_json(fleet: &Fleet) -> Vec<u8> {
