@@ -92,8 +92,16 @@ def test_demo_kv_hit(procs, cr_bin):
         # the gateway's own retrieval: "RAG": true and just the question
         wait_until(lambda: '"blocks": %d' % len(blocks) in c.get(f"http://127.0.0.1:{cport}/debug/knowledge").text,
                    timeout=30, what="the gateway synced the KDN's registry")
+        def kdn_idle():
+            # the gateway's view of its KDN: up, no copy pending or running (the
+            # previous request's injection counts against the overload thresholds)
+            ks = c.get(f"http://127.0.0.1:{cport}/debug/knowledge").json()["kdns"]
+            return all(k["up"] and k["load"] and k["load"]["pending_transfers"] == 0
+                       and k["load"]["active_transfers"] == 0 for k in ks) and len(ks) == 1
+
         for bid in [b["id"] for b in blocks][:: max(1, len(blocks) // 5)]:
             m = recs[bid]["models"][MODEL]
+            wait_until(kdn_idle, timeout=30, what="the gateway sees its KDN up and idle")
             r = c.post(base + "/v1/chat/completions", json={
                 "model": MODEL, "max_tokens": 4, "RAG": True,
                 "messages": [{"role": "user", "content": questions[bid]}]})
@@ -102,11 +110,11 @@ def test_demo_kv_hit(procs, cr_bin):
             # 512-token blocks sit on the per-forward floor, where adaptive may pick
             # either mode: the demo runs with `--injection kv`, so KV it must be, with
             # the handle the sim checks and every knowledge token a cache hit.
-            assert r.headers["x-cacheroute-injection"] == "kv", r.headers
             rid = int(r.headers["x-cacheroute-decision"])
             d = wait_until(lambda: next((x for x in c.get(f"http://127.0.0.1:{cport}/debug/strategy",
                                                           params={"n": 200}).json()["data"]
                                          if x["id"] == rid), None), timeout=5, what=f"decision {rid}")
+            assert r.headers["x-cacheroute-injection"] == "kv", json.dumps(d)[:3000]
             assert d["injection"]["mode"] == "kv" and d["injection"]["strategy"] == "kv", d["injection"]
             assert r.json()["usage"]["prompt_tokens_details"]["cached_tokens"] == max(gpu_hit(r), m["tokens"])
 
