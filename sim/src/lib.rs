@@ -25,7 +25,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
-use tokenizer::Tokenizer;
+use tokenizer::TokenizerChoice;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
@@ -53,9 +53,11 @@ pub struct SimArgs {
     /// No engine delays at all: answer at once (a fast upstream for overhead benchmarks).
     #[arg(long)]
     pub zero_latency: bool,
-    /// HuggingFace tokenizer.json for real token ids (default: a deterministic approximation).
-    #[arg(long)]
-    pub tokenizer: Option<PathBuf>,
+    /// Token ids: `auto` (exact Llama-3 ids, embedded, for a --model or --lmcache-model
+    /// that looks like Llama-3; else the approximation), `approx` (the deterministic
+    /// approximation), or the path of a HuggingFace tokenizer.json.
+    #[arg(long, default_value = "auto", value_name = "FILE|approx|auto")]
+    pub tokenizer: TokenizerChoice,
     /// Most sequences running at once.
     #[arg(long, default_value_t = 256)]
     pub max_num_seqs: usize,
@@ -117,7 +119,7 @@ impl Default for SimArgs {
             profile: None,
             time_scale: 1.0,
             zero_latency: false,
-            tokenizer: None,
+            tokenizer: TokenizerChoice::Auto,
             max_num_seqs: 256,
             max_num_batched_tokens: 8192,
             max_model_len: 131072,
@@ -262,13 +264,16 @@ async fn build_state(
     let profile =
         CalibrationProfile::from_json(&text).context("parsing the calibration profile")?;
     let cost = CostModel::fit(&profile).context("fitting the calibration profile")?;
-    let tokenizer = match &args.tokenizer {
-        Some(p) => Tokenizer::from_file(p)?,
-        None => {
-            let v = profile.config.vocab_size;
-            Tokenizer::approx(if v == 0 { 128256 } else { v as u32 })
-        }
+    let vocab = match profile.config.vocab_size {
+        0 => tokenizer::LLAMA3_VOCAB_SIZE,
+        v => u32::try_from(v).unwrap_or(u32::MAX),
     };
+    let mut names = vec![args.model.as_str()];
+    names.extend(args.lmcache_model.as_deref());
+    let tokenizer = args
+        .tokenizer
+        .resolve(&names, vocab)
+        .context("--tokenizer")?;
     let sched_cfg = SchedulerConfig {
         max_num_seqs: args.max_num_seqs,
         max_num_batched_tokens: args.max_num_batched_tokens,
@@ -301,7 +306,7 @@ async fn build_state(
         max_model_len: args.max_model_len,
         zero_latency: args.zero_latency,
         seed: args.seed,
-        tokenizer: Arc::new(tokenizer),
+        tokenizer,
         engine,
         metrics,
         cost,

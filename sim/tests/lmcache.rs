@@ -257,7 +257,7 @@ async fn token_id_prompt_hits_chunks_written_by_another_sim() {
     )
     .await;
     assert_eq!(w.cached(), 0);
-    let ids = Tokenizer::approx(128256).encode(&text);
+    let ids = Tokenizer::llama3().unwrap().encode(&text);
     let n = ids.len() as u64;
     assert_eq!(w.prompt_tokens(), n);
     assert!(n > 1000);
@@ -715,7 +715,7 @@ async fn two_sims_share_a_real_redis() {
     assert_eq!(metric(&two, "vllm:prefix_cache_hits_total"), full_chunks(n));
 
     // what the first sim wrote, as LMCache's redis:// connector lays it out
-    let ids = Tokenizer::approx(128256).encode_chat(&[
+    let ids = Tokenizer::llama3().unwrap().encode_chat(&[
         cacheroute_sim::tokenizer::ChatMessage {
             role: "system".into(),
             content: long_text(600),
