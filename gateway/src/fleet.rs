@@ -14,7 +14,7 @@ use anyhow::{Context, Result};
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use cacheroute_filters::balance::{self, BalancePolicy, Candidate};
-use cacheroute_filters::cost_model::CostModel;
+use cacheroute_filters::cost_model::{builtin_profile, CostModel, BUILTIN_PROFILES};
 use cacheroute_filters::injection::{InjectionStrategy, ReleasePolicy};
 use cacheroute_filters::openai::Route;
 use cacheroute_kdn::tokenizer::{looks_like_llama3, Tokenizer, TokenizerChoice, LLAMA3_VOCAB_SIZE};
@@ -597,15 +597,29 @@ impl FleetBuilder {
     }
 }
 
-/// The built-in profile: Llama-3-8B on one H100 (conf/profiles/).
-const BUILTIN_PROFILE: &str = include_str!("../../conf/profiles/h100-llama3-8b.json");
+/// The default profile: Llama-3-8B on one H100 (conf/profiles/).
+const DEFAULT_PROFILE: &str = "h100-llama3-8b";
 
-/// A pool's cost model from a profile file ("" = the built-in one).
+/// A pool's cost model from a shipped profile's short name (`h100-llama3-8b`,
+/// `h100x8-llama3-70b-tp8`, `rtx5090x8-llama3-70b`...; "" = `h100-llama3-8b`) or a file.
 fn load_profile(path: &str) -> Result<CostModel> {
-    let text = if path.is_empty() {
-        BUILTIN_PROFILE.to_string()
+    let name = if path.is_empty() {
+        DEFAULT_PROFILE
     } else {
-        std::fs::read_to_string(path).with_context(|| format!("profile {path}"))?
+        path
+    };
+    let text = match builtin_profile(name) {
+        Some(json) => json.to_string(),
+        None => std::fs::read_to_string(path).with_context(|| {
+            format!(
+                "profile {path} (not a file, nor a shipped profile: {})",
+                BUILTIN_PROFILES
+                    .iter()
+                    .map(|(n, _)| *n)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        })?,
     };
     CostModel::from_profile_json(&text).map_err(|e| {
         anyhow::anyhow!(

@@ -32,6 +32,28 @@ use tokio::task::JoinHandle;
 /// The embedded default profile: Llama-3-8B on one H100.
 pub const DEFAULT_PROFILE_JSON: &str = include_str!("../../conf/profiles/h100-llama3-8b.json");
 
+/// The profile JSON for `--profile`: a shipped profile's short name, or a file.
+fn profile_json(profile: Option<&std::path::Path>) -> anyhow::Result<String> {
+    use cacheroute_filters::cost_model::{builtin_profile, BUILTIN_PROFILES};
+    let Some(p) = profile else {
+        return Ok(DEFAULT_PROFILE_JSON.to_string());
+    };
+    if let Some(json) = p.to_str().and_then(builtin_profile) {
+        return Ok(json.to_string());
+    }
+    std::fs::read_to_string(p).with_context(|| {
+        format!(
+            "reading profile {} (not a file, nor a shipped profile: {})",
+            p.display(),
+            BUILTIN_PROFILES
+                .iter()
+                .map(|(n, _)| *n)
+                .collect::<Vec<_>>()
+                .join(", ")
+        )
+    })
+}
+
 /// KV block size in tokens (vLLM's default).
 pub const BLOCK_SIZE: u64 = 16;
 
@@ -44,8 +66,10 @@ pub struct SimArgs {
     /// Model name served (what `/v1/models` lists and requests must name).
     #[arg(long, default_value = "llama3-8b")]
     pub model: String,
-    /// Calibration profile JSON (default: the embedded H100 Llama-3-8B profile).
-    #[arg(long)]
+    /// Calibration profile: a shipped profile's short name (h100-llama3-8b,
+    /// h100x8-llama3-70b-tp8, rtx5090x8-llama3-70b, h100-llama3-70b-8layers) or a JSON
+    /// file (default: h100-llama3-8b, embedded).
+    #[arg(long, value_name = "NAME|FILE")]
     pub profile: Option<PathBuf>,
     /// Run X times faster than real time (e.g. 50 for tests).
     #[arg(long, default_value_t = 1.0)]
@@ -67,8 +91,9 @@ pub struct SimArgs {
     /// Longest prompt + completion accepted.
     #[arg(long, default_value_t = 131072)]
     pub max_model_len: u64,
-    /// KV cache size in 16-token blocks (default: what an 80 GB GPU at 0.9 utilization
-    /// holds after the profile model's bf16 weights and 2 GB of activations).
+    /// KV cache size in 16-token blocks (default: what the profile's GPUs (`gpus` ×
+    /// `gpu_memory_gb`; absent: one 80 GB GPU) at 0.9 utilization hold after the model's
+    /// bf16 weights and 2 GB of activations per GPU).
     #[arg(long)]
     pub num_gpu_blocks: Option<u64>,
     /// Seed of the generated filler text.
@@ -233,11 +258,18 @@ impl Drop for SimHandle {
 }
 
 fn default_num_gpu_blocks(profile: &CalibrationProfile, kv_bytes_per_token: u64) -> u64 {
-    const GPU_BYTES: f64 = 80e9;
+    // all the profile's GPUs together (a multi-GPU profile's KV bytes are the whole model's)
+    let gpus = profile.gpus.unwrap_or(1).clamp(1, 1024) as f64;
+    let per_gpu = profile
+        .gpu_memory_gb
+        .filter(|g| g.is_finite() && *g > 0.0)
+        .unwrap_or(80.0)
+        * 1e9;
+    let memory = gpus * per_gpu;
     const UTILIZATION: f64 = 0.9;
-    const ACTIVATIONS: f64 = 2e9;
+    let activations = 2e9 * gpus;
     let weights = profile.config.approx_params() as f64 * 2.0;
-    let kv = (GPU_BYTES * UTILIZATION - weights - ACTIVATIONS).max(GPU_BYTES * 0.1);
+    let kv = (memory * UTILIZATION - weights - activations).max(memory * 0.1);
     ((kv / (kv_bytes_per_token.max(1) * BLOCK_SIZE) as f64) as u64).max(1024)
 }
 
@@ -256,11 +288,7 @@ async fn build_state(
         "--max-num-batched-tokens must be at least 1"
     );
     anyhow::ensure!(args.max_model_len > 1, "--max-model-len must be at least 2");
-    let text = match &args.profile {
-        Some(p) => std::fs::read_to_string(p)
-            .with_context(|| format!("reading profile {}", p.display()))?,
-        None => DEFAULT_PROFILE_JSON.to_string(),
-    };
+    let text = profile_json(args.profile.as_deref())?;
     let profile =
         CalibrationProfile::from_json(&text).context("parsing the calibration profile")?;
     let cost = CostModel::fit(&profile).context("fitting the calibration profile")?;

@@ -641,6 +641,36 @@ async fn llama3_models_count_exact_tokens_by_default() {
 }
 
 #[tokio::test]
+async fn shipped_profiles_are_chosen_by_short_name() {
+    for (name, kv_bytes) in [
+        ("h100-llama3-8b", 131_072),
+        ("h100x8-llama3-70b-tp8", 327_680),
+        ("rtx5090x8-llama3-70b", 327_680),
+    ] {
+        let h = sim(SimArgs {
+            profile: Some(name.into()),
+            zero_latency: true,
+            ..args()
+        })
+        .await;
+        assert_eq!(h.cost_model().kv_bytes_per_token, kv_bytes, "{name}");
+        h.stop().await;
+    }
+    let e = spawn(SimArgs {
+        profile: Some("h100-llama3-9b".into()),
+        ..args()
+    })
+    .await
+    .err()
+    .expect("an unknown name fails");
+    let e = format!("{e:#}");
+    assert!(
+        e.contains("h100-llama3-9b") && e.contains("rtx5090x8-llama3-70b"),
+        "{e}"
+    );
+}
+
+#[tokio::test]
 async fn bad_tokenizer_or_profile_fails_to_start() {
     let a = SimArgs {
         tokenizer: TokenizerChoice::parse("/nonexistent/tokenizer.json"),
