@@ -532,6 +532,31 @@ mod tests {
     }
 
     #[test]
+    fn proxy_tokenizer_is_auto_approx_or_a_file() {
+        let pool = "[[pools]]\nname='a'\n[[pools.instances]]\nurl='http://h:1'\n";
+        let parse = |proxy: &str| {
+            Config::parse(&format!("{proxy}{pool}"))
+                .unwrap()
+                .proxy
+                .tokenizer
+        };
+        assert_eq!(parse(""), TokenizerChoice::Auto);
+        assert_eq!(parse("[proxy]\ntokenizer = ''\n"), TokenizerChoice::Auto);
+        assert_eq!(
+            parse("[proxy]\ntokenizer = 'auto'\n"),
+            TokenizerChoice::Auto
+        );
+        assert_eq!(
+            parse("[proxy]\ntokenizer = 'approx'\n"),
+            TokenizerChoice::Approx
+        );
+        assert_eq!(
+            parse("[proxy]\ntokenizer = '/m/tokenizer.json'\n"),
+            TokenizerChoice::File("/m/tokenizer.json".into())
+        );
+    }
+
+    #[test]
     fn url_parsing() {
         let u = InstanceUrl::parse("http://127.0.0.1:8000/").unwrap();
         assert_eq!(
