@@ -277,6 +277,7 @@ def test_startup_in_any_order_converges(procs, cr_bin, sim, gateway, redis_serve
         time.sleep(0.5)
         gw = start_gateway()
     k.register("basalt")
+    k.wait_kv_ready("basalt")
     wait_synced(gw, [k.id], blocks=1)
     with client() as c:
         members = c.get(control + "/v1/members").json()["data"]
@@ -286,9 +287,13 @@ def test_startup_in_any_order_converges(procs, cr_bin, sim, gateway, redis_serve
         fam = scrape(control + "/metrics")
         return [sample_sum(fam, "cacheroute_members", lambda l, k=k: l == {"kind": k}) for k in ("kdn", "agent")]
     wait_until(lambda: members_gauge() == [1, 0], timeout=10, what="cacheroute_members kdn 1, agent 0")
-    r = ask(gw, "basalt", injection="text")
-    assert r.status_code == 200 and r.headers["x-cacheroute-knowledge"] == "basalt"
-    assert r.headers["x-cacheroute-kdn"] == k.id
+    # the sync that first brought the block may predate its kv_ready (warm-up is fast):
+    # wait for the one that says so
+    def via_the_kdn():
+        r = ask(gw, "basalt", injection="text")
+        assert r.status_code == 200 and r.headers["x-cacheroute-knowledge"] == "basalt"
+        return r if r.headers["x-cacheroute-kdn"] == k.id else None
+    wait_until(via_the_kdn, timeout=15, interval=0.1, what="the gateway schedules basalt via the KDN")
 
     # The gateway restarts: the KDN's heartbeat registers it again.
     gw.proc.stop()

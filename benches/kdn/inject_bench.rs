@@ -173,7 +173,7 @@ async fn main() {
         name: "llama3-8b".into(),
         lmcache_model: "meta-llama/Meta-Llama-3-8B-Instruct".into(),
         template: Default::default(),
-        tokenizer: None,
+        tokenizer: cacheroute_kdn::tokenizer::TokenizerChoice::Approx,
         vocab_size: 128256,
         scheme: "lmcache-0.3.15".into(),
         hash_algorithm: "sha256_cbor".into(),

@@ -10,6 +10,9 @@
 //!   error) least-squares fit over the points clearly above the small-size floor; the floor
 //!   (eager PyTorch's fixed per-forward overhead) is then chosen, among the measured values,
 //!   to minimise the mean relative error over all points.
+//!   `a` may come out below 0 only when that floor is above 0 (a floor, then a ramp: e.g.
+//!   the reconstructed 8×RTX 5090 profile, whose short prompts cost one pass over the
+//!   weights); otherwise negative coefficients are dropped and the fit redone.
 //! * **cached prefill**, `S` new tokens on top of `P` tokens already in the KV cache:
 //!   `cached = max(floor_c, a + lin·S + attn·S²/2 + ctx_attn·S·P)`. `a`, `lin`, `attn` are
 //!   shared with prefill; `ctx_attn` (cost of one new-token × cached-token attention pair)
@@ -23,6 +26,35 @@
 
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
+
+/// The profiles shipped in `conf/profiles/`, embedded, by short name (the file name
+/// without `.json`): what `--profile NAME` / `profile = "NAME"` select.
+pub const BUILTIN_PROFILES: &[(&str, &str)] = &[
+    (
+        "h100-llama3-8b",
+        include_str!("../../conf/profiles/h100-llama3-8b.json"),
+    ),
+    (
+        "h100-llama3-70b-8layers",
+        include_str!("../../conf/profiles/h100-llama3-70b-8layers.json"),
+    ),
+    (
+        "h100x8-llama3-70b-tp8",
+        include_str!("../../conf/profiles/h100x8-llama3-70b-tp8.json"),
+    ),
+    (
+        "rtx5090x8-llama3-70b",
+        include_str!("../../conf/profiles/rtx5090x8-llama3-70b.json"),
+    ),
+];
+
+/// The JSON of a shipped profile by short name (see [`BUILTIN_PROFILES`]).
+pub fn builtin_profile(name: &str) -> Option<&'static str> {
+    BUILTIN_PROFILES
+        .iter()
+        .find(|(n, _)| *n == name)
+        .map(|(_, json)| *json)
+}
 
 /// Errors while reading a profile or fitting a model.
 #[derive(Debug, thiserror::Error)]
@@ -81,6 +113,10 @@ pub struct CalibrationProfile {
     pub model: String,
     pub config: ModelConfig,
     pub kv_bytes_per_token: Option<u64>,
+    /// GPUs the model is spread over (tensor/pipeline parallel; absent: 1).
+    pub gpus: Option<u64>,
+    /// Memory of one GPU in GB (1e9 bytes; absent: 80, an H100).
+    pub gpu_memory_gb: Option<f64>,
     pub prefill_b1_ms: BTreeMap<String, serde_json::Value>,
     pub prefill_batched_ms: BTreeMap<String, serde_json::Value>,
     pub cached_prefill_ms: BTreeMap<String, serde_json::Value>,
@@ -382,9 +418,15 @@ fn relative_lstsq(rows: &[Vec<f64>], y: &[f64]) -> Option<Vec<f64>> {
     Some((0..n).map(|i| m[i][n] / m[i][i] / scale[i]).collect())
 }
 
-/// Least squares over the columns selected by `use_col`, dropping columns whose coefficient
-/// comes out negative (in the order given by `drop_order`) until all are non-negative.
-fn nonneg_fit(rows: &[Vec<f64>], y: &[f64], drop_order: &[usize]) -> Option<Vec<f64>> {
+/// Least squares, dropping columns whose coefficient comes out negative (in the order
+/// given by `drop_order`) until all are non-negative, except column `free` (if any),
+/// which may stay negative.
+fn nonneg_fit(
+    rows: &[Vec<f64>],
+    y: &[f64],
+    drop_order: &[usize],
+    free: Option<usize>,
+) -> Option<Vec<f64>> {
     let n = rows.first()?.len();
     let mut active: Vec<bool> = vec![true; n];
     loop {
@@ -401,14 +443,15 @@ fn nonneg_fit(rows: &[Vec<f64>], y: &[f64], drop_order: &[usize]) -> Option<Vec<
         for (k, &j) in cols.iter().enumerate() {
             full[j] = beta[k];
         }
-        match drop_order.iter().find(|&&j| active[j] && full[j] < 0.0) {
+        let negative = |j: usize| full[j] < 0.0 && Some(j) != free;
+        match drop_order.iter().find(|&&j| active[j] && negative(j)) {
             Some(&j) => active[j] = false,
             None => {
-                if full.iter().any(|c| *c < 0.0) {
+                if (0..n).any(negative) {
                     // a negative column not in drop_order: give up on it too
-                    for j in 0..n {
-                        if full[j] < 0.0 {
-                            active[j] = false;
+                    for (j, a) in active.iter_mut().enumerate() {
+                        if negative(j) {
+                            *a = false;
                         }
                     }
                     continue;
@@ -495,10 +538,15 @@ impl CostModel {
             }
             big
         };
-        let fit_lin = |big: &[PrefillPoint]| -> Result<Vec<f64>, CostModelError> {
+        // `negative_intercept`: let the intercept go below 0 (a ramp that starts past a
+        // floor: short prompts on the floor, long ones on the line); only kept when a
+        // floor above 0 holds predictions up (see below).
+        let fit_lin = |big: &[PrefillPoint],
+                       negative_intercept: bool|
+         -> Result<Vec<f64>, CostModelError> {
             let rows: Vec<Vec<f64>> = big.iter().map(row).collect();
             let y: Vec<f64> = big.iter().map(|p| p.ms).collect();
-            let beta = nonneg_fit(&rows, &y, &[2, 0, 1])
+            let beta = nonneg_fit(&rows, &y, &[2, 0, 1], negative_intercept.then_some(0))
                 .ok_or_else(|| CostModelError::Fit("prefill least squares is singular".into()))?;
             if beta[1] <= 0.0 && beta[2] <= 0.0 {
                 return Err(CostModelError::Fit(
@@ -515,14 +563,24 @@ impl CostModel {
                 })
                 .collect()
         };
-        let mut beta = fit_lin(&select(&|p| p.ms >= 2.0 * min_ms))?;
-        let mut floor = best_floor(&compute_all(&beta), &meas);
-        // refine once: slope from the points clearly above the fitted floor
-        let refined = select(&|p| p.ms >= 1.5 * floor);
-        if refined.len() >= 3 {
-            beta = fit_lin(&refined)?;
-            floor = best_floor(&compute_all(&beta), &meas);
-        }
+        let fit_prefill = |negative_intercept: bool| -> Result<(Vec<f64>, f64), CostModelError> {
+            let mut beta = fit_lin(&select(&|p| p.ms >= 2.0 * min_ms), negative_intercept)?;
+            let mut floor = best_floor(&compute_all(&beta), &meas);
+            // refine once: slope from the points clearly above the fitted floor
+            let refined = select(&|p| p.ms >= 1.5 * floor);
+            if refined.len() >= 3 {
+                beta = fit_lin(&refined, negative_intercept)?;
+                floor = best_floor(&compute_all(&beta), &meas);
+            }
+            Ok((beta, floor))
+        };
+        // A negative intercept is kept only with a floor that keeps every prediction
+        // positive (and the line rising): then max(floor, line) is a floor followed by a
+        // ramp, e.g. a profile whose short prompts cost a fixed weight pass.
+        let (beta, floor) = match fit_prefill(true)? {
+            (b, f) if b[0] >= 0.0 || (f > 0.0 && b[1] > 0.0) => (b, f),
+            _ => fit_prefill(false)?,
+        };
         let (a, lin, attn) = (beta[0], beta[1], beta[2]);
 
         // ---- cached prefill: max(floor_c, a + lin·S + attn·S²/2 + k·S·P)
@@ -565,7 +623,7 @@ impl CostModel {
                 })
                 .collect();
             let y: Vec<f64> = decode.iter().map(|d| d.ms).collect();
-            let beta = nonneg_fit(&rows, &y, &[1, 2, 0])
+            let beta = nonneg_fit(&rows, &y, &[1, 2, 0], None)
                 .ok_or_else(|| CostModelError::Fit("decode least squares is singular".into()))?;
             (beta[0], beta[1], beta[2])
         } else if let Some(m) = median(decode.iter().map(|d| d.ms).collect()) {

@@ -682,7 +682,6 @@ mod tests {
     use super::*;
 
     const P8B: &str = include_str!("../../conf/profiles/h100-llama3-8b.json");
-    const P70B: &str = include_str!("../../conf/profiles/h100-llama3-70b-8layers.json");
 
     /// The adaptive predictor's TTFT against every single-request point of a profile:
     /// text mode = a cold prefill of N tokens (`prefill_b1_ms`), KV mode = C resident
@@ -751,7 +750,7 @@ mod tests {
 
     #[test]
     fn predictor_mape_on_the_shipped_profiles_is_under_15_percent() {
-        for (name, profile) in [("h100-llama3-8b", P8B), ("h100-llama3-70b-8layers", P70B)] {
+        for (name, profile) in crate::cost_model::BUILTIN_PROFILES {
             let (text, kv, text_loo, kv_loo, n) = predictor_mape(profile);
             println!(
                 "{name}: predicted TTFT MAPE over {n} points: in-sample text {text:.1}%, kv {kv:.1}%; \

@@ -35,6 +35,14 @@
 //!
 //! The KDN still re-tokenizes the padded prefix and checks the count, so a tokenizer
 //! where this does not hold fails registration loudly instead of silently missing.
+//!
+//! **Trimming.** Meta's Llama-3 template writes `message['content'] | trim`: Jinja's
+//! `trim` is Python's `str.strip()`, which removes leading and trailing whitespace as
+//! Python defines it ([`python_trim`]). [`render_chat`] and [`knowledge_prefix`] do the
+//! same for [`ChatTemplate::Llama3`] ([`ChatTemplate::message_content`]), so the token
+//! counts and prefixes computed here are the engine's. Registered knowledge content
+//! starts with [`KNOWLEDGE_PREAMBLE`] and ends with the trimmed text or a padding unit,
+//! so trimming leaves it unchanged. ChatML (Qwen's template) does not trim.
 
 use serde::{Deserialize, Serialize};
 
@@ -96,6 +104,15 @@ impl ChatTemplate {
         }
     }
 
+    /// A message's content as the template writes it: Llama-3 trims it (Meta's
+    /// template: `message['content'] | trim`), the others keep it as is.
+    pub fn message_content(self, content: &str) -> &str {
+        match self {
+            ChatTemplate::Llama3 => python_trim(content),
+            ChatTemplate::Chatml | ChatTemplate::Plain => content,
+        }
+    }
+
     /// Whether the engine lets the tokenizer add its special tokens (BOS) when it
     /// tokenizes text in this layout: not for chat templates (the Llama-3 template writes
     /// `<|begin_of_text|>` itself, ChatML has no BOS), yes for plain completions.
@@ -135,13 +152,22 @@ pub const PADDING_UNIT: &str = " the";
 /// What follows the knowledge content in the [`ChatTemplate::Plain`] layout.
 pub const PLAIN_SEPARATOR: &str = "\n\n";
 
+/// Whitespace as Python's `str.isspace()` sees it: Rust's [`char::is_whitespace`] plus
+/// the four information separators U+001C..U+001F (Python's `strip()` removes them).
+pub fn is_python_space(c: char) -> bool {
+    c.is_whitespace() || ('\u{1c}'..='\u{1f}').contains(&c)
+}
+
+/// Python's `str.strip()` (Jinja's `trim` filter, as chat templates use it).
+pub fn python_trim(s: &str) -> &str {
+    s.trim_matches(is_python_space)
+}
+
 /// Normalise knowledge text as the registry stores it: CRLF and CR become LF, and
-/// leading and trailing whitespace is removed (case and inner whitespace are kept).
+/// leading and trailing whitespace is removed as [`python_trim`] does (case and inner
+/// whitespace are kept).
 pub fn normalize_knowledge_text(text: &str) -> String {
-    text.replace("\r\n", "\n")
-        .replace('\r', "\n")
-        .trim()
-        .to_string()
+    python_trim(&text.replace("\r\n", "\n").replace('\r', "\n")).to_string()
 }
 
 /// The content of the knowledge message: [`KNOWLEDGE_PREAMBLE`], the (normalised) text,
@@ -158,9 +184,10 @@ pub fn knowledge_message_content(text: &str, padding: usize) -> String {
 }
 
 /// The knowledge prefix as the engine sees it: the template head + `content` (the
-/// output of [`knowledge_message_content`]). Tokenize it with
-/// [`ChatTemplate::add_special_tokens`].
+/// output of [`knowledge_message_content`]), trimmed where the template trims. Tokenize
+/// it with [`ChatTemplate::add_special_tokens`].
 pub fn knowledge_prefix(template: ChatTemplate, content: &str) -> String {
+    let content = template.message_content(content);
     let head = template.head();
     let mut s = String::with_capacity(head.len() + content.len());
     s.push_str(head);
@@ -182,7 +209,7 @@ impl<'a> Message<'a> {
 }
 
 /// Render a whole prompt with the generation prompt, as the engine's chat template
-/// does. With the knowledge layout, `messages[0]` is `system` with the registered
+/// does (Llama-3 trims each message's content, as Meta's template does). With the knowledge layout, `messages[0]` is `system` with the registered
 /// content. For [`ChatTemplate::Plain`], the message contents are joined with
 /// [`PLAIN_SEPARATOR`] (roles are not written).
 pub fn render_chat(template: ChatTemplate, messages: &[Message<'_>]) -> String {
@@ -194,7 +221,7 @@ pub fn render_chat(template: ChatTemplate, messages: &[Message<'_>]) -> String {
                 s.push_str("<|start_header_id|>");
                 s.push_str(m.role);
                 s.push_str("<|end_header_id|>\n\n");
-                s.push_str(m.content);
+                s.push_str(python_trim(m.content));
                 s.push_str("<|eot_id|>");
             }
             s.push_str("<|start_header_id|>assistant<|end_header_id|>\n\n");
@@ -271,6 +298,54 @@ mod tests {
             &[Message::new("system", "K"), Message::new("user", "Q")],
         );
         assert_eq!(plain, "K\n\nQ");
+    }
+
+    #[test]
+    fn llama3_trims_message_content_like_python_strip() {
+        let chat = render_chat(
+            ChatTemplate::Llama3,
+            &[
+                Message::new("system", "\n  K \t"),
+                Message::new("user", "\u{1f}\u{a0}U\u{3000}\n\n"),
+            ],
+        );
+        assert_eq!(
+            chat,
+            "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nK<|eot_id|>\
+             <|start_header_id|>user<|end_header_id|>\n\nU<|eot_id|>\
+             <|start_header_id|>assistant<|end_header_id|>\n\n"
+        );
+        // inner whitespace stays; ChatML and plain keep the content as is
+        assert_eq!(python_trim(" a \n b "), "a \n b");
+        assert_eq!(
+            python_trim("\u{200b}x"),
+            "\u{200b}x",
+            "ZWSP is not whitespace"
+        );
+        assert_eq!(
+            render_chat(ChatTemplate::Chatml, &[Message::new("user", " U ")]),
+            "<|im_start|>user\n U <|im_end|>\n<|im_start|>assistant\n"
+        );
+        assert_eq!(
+            render_chat(ChatTemplate::Plain, &[Message::new("user", " U ")]),
+            " U "
+        );
+        // the knowledge prefix stays a prefix of the rendered chat, trimmed alike
+        let content = knowledge_message_content("Some text.", 2);
+        assert_eq!(ChatTemplate::Llama3.message_content(&content), content);
+        for raw in [
+            content.clone(),
+            format!("{content}\n "),
+            format!(" {content}"),
+        ] {
+            let prefix = knowledge_prefix(ChatTemplate::Llama3, &raw);
+            let chat = render_chat(
+                ChatTemplate::Llama3,
+                &[Message::new("system", &raw), Message::new("user", "Q")],
+            );
+            assert!(chat.starts_with(&format!("{prefix}<|eot_id|>")), "{raw:?}");
+        }
+        assert_eq!(normalize_knowledge_text("\u{1c} a \u{1f}"), "a");
     }
 
     #[test]

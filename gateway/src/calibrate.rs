@@ -2,15 +2,16 @@
 //! how well it fits, before trusting it for decisions.
 
 use anyhow::{Context, Result};
-use cacheroute_filters::cost_model::{CalibrationProfile, CostModel};
+use cacheroute_filters::cost_model::{builtin_profile, CalibrationProfile, CostModel};
 use clap::Subcommand;
 use std::path::{Path, PathBuf};
 
 #[derive(Subcommand)]
 pub enum CalibrateCommand {
-    /// Fit the cost model to PROFILE.json (the format of conf/profiles/) and
-    /// print the fitted coefficients and each curve's error (MAPE), in-sample
-    /// and on held-out points (leave-one-out).
+    /// Fit the cost model to PROFILE (a JSON file in the format of conf/profiles/,
+    /// or a shipped profile's short name such as rtx5090x8-llama3-70b) and print the
+    /// fitted coefficients and each curve's error (MAPE), in-sample and on held-out
+    /// points (leave-one-out).
     Fit {
         profile: PathBuf,
         /// Print the fitted model and the report as JSON.
@@ -27,8 +28,11 @@ pub fn run(cmd: CalibrateCommand) -> Result<()> {
 }
 
 fn fit_report(path: &Path, json: bool) -> Result<String> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("cannot read profile {}", path.display()))?;
+    let text = match path.to_str().and_then(builtin_profile) {
+        Some(json) => json.to_string(),
+        None => std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read profile {}", path.display()))?,
+    };
     let profile = CalibrationProfile::from_json(&text)
         .with_context(|| format!("profile {}", path.display()))?;
     let report =
@@ -78,8 +82,18 @@ mod tests {
 
     #[test]
     fn fits_the_shipped_profiles() {
-        for name in ["h100-llama3-8b.json", "h100-llama3-70b-8layers.json"] {
+        for (short, _) in cacheroute_filters::cost_model::BUILTIN_PROFILES {
+            let name = &format!("{short}.json");
+            // by path and by short name alike
             let text = fit_report(&profile(name), false).unwrap();
+            assert_eq!(
+                text.lines().skip(1).collect::<Vec<_>>(),
+                fit_report(Path::new(short), false)
+                    .unwrap()
+                    .lines()
+                    .skip(1)
+                    .collect::<Vec<_>>()
+            );
             for curve in ["prefill", "cached_prefill", "decode", "h2d", "LOO MAPE"] {
                 assert!(text.contains(curve), "{name}: no {curve} in\n{text}");
             }

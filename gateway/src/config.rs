@@ -9,6 +9,7 @@ use cacheroute_filters::balance::BalancePolicy;
 use cacheroute_filters::injection::{InjectionStrategy, ReleasePolicy};
 use cacheroute_filters::prompt::ChatTemplate;
 use cacheroute_filters::scheduler::SchedulerConfig;
+use cacheroute_kdn::tokenizer::TokenizerChoice;
 use serde::{Deserialize, Serialize};
 use std::collections::HashSet;
 use std::net::SocketAddr;
@@ -47,17 +48,20 @@ pub struct ProxySection {
     pub kv_deadline_ms: u64,
     /// Limit of one injection job the gateway asks a KDN for.
     pub inject_timeout_ms: u64,
-    /// GPU profile of the instances (JSON, as conf/profiles/); "" = the built-in
-    /// H100 Llama-3-8B profile.
+    /// GPU profile of the instances: a shipped profile's short name (`h100-llama3-8b`,
+    /// `h100x8-llama3-70b-tp8`, `rtx5090x8-llama3-70b`, `h100-llama3-70b-8layers`) or a
+    /// JSON file as in conf/profiles/; "" = `h100-llama3-8b`.
     pub profile: String,
     /// Chat template family of the served models; a block registered for another
     /// template goes as text (counted as a prefix mismatch).
     pub template: ChatTemplate,
     /// Per served model name, a template other than `template`.
     pub templates: std::collections::BTreeMap<String, ChatTemplate>,
-    /// The models' tokenizer.json, to check that a rendered prefix has the registered
-    /// token count; "" = the deterministic approximation the KDN and sim use.
-    pub tokenizer: String,
+    /// The models' tokenizer, to check that a rendered prefix has the registered token
+    /// count: "auto" (or ""; the default) = the embedded exact Llama-3 tokenizer for
+    /// models whose name looks like Llama-3 and the approximation for others, as the
+    /// KDN and sim do by default; "approx"; or the path of a tokenizer.json.
+    pub tokenizer: TokenizerChoice,
     /// Also send the KV handle in the body as `kv_transfer_params`.
     pub kv_transfer_params: bool,
     /// Round-trip time of a KDN → instance link, ms (for the predictions).
@@ -87,7 +91,7 @@ impl Default for ProxySection {
             profile: String::new(),
             template: ChatTemplate::Llama3,
             templates: Default::default(),
-            tokenizer: String::new(),
+            tokenizer: TokenizerChoice::Auto,
             kv_transfer_params: false,
             link_rtt_ms: 0.5,
             store_gbps: 0.0,
@@ -599,6 +603,31 @@ mod tests {
         assert_eq!(c.pools[0].instances.len(), 2);
         assert_eq!(c.gateway, GatewaySection::default());
         assert_eq!(c.upstream, UpstreamDefaults::default());
+    }
+
+    #[test]
+    fn proxy_tokenizer_is_auto_approx_or_a_file() {
+        let pool = "[[pools]]\nname='a'\n[[pools.instances]]\nurl='http://h:1'\n";
+        let parse = |proxy: &str| {
+            Config::parse(&format!("{proxy}{pool}"))
+                .unwrap()
+                .proxy
+                .tokenizer
+        };
+        assert_eq!(parse(""), TokenizerChoice::Auto);
+        assert_eq!(parse("[proxy]\ntokenizer = ''\n"), TokenizerChoice::Auto);
+        assert_eq!(
+            parse("[proxy]\ntokenizer = 'auto'\n"),
+            TokenizerChoice::Auto
+        );
+        assert_eq!(
+            parse("[proxy]\ntokenizer = 'approx'\n"),
+            TokenizerChoice::Approx
+        );
+        assert_eq!(
+            parse("[proxy]\ntokenizer = '/m/tokenizer.json'\n"),
+            TokenizerChoice::File("/m/tokenizer.json".into())
+        );
     }
 
     #[test]

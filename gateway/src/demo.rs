@@ -12,6 +12,7 @@ use crate::reload::{ConfigSource, Overrides};
 use anyhow::{Context, Result};
 use cacheroute_kdn::config::KdnConfig;
 use cacheroute_kdn::service::{InjectRequest, Kdn, RegisterRequest};
+use cacheroute_kdn::tokenizer::TokenizerChoice;
 use clap::Args;
 use std::io::Write;
 use std::net::SocketAddr;
@@ -61,6 +62,10 @@ pub struct DemoArgs {
     #[arg(long, default_value = "adaptive",
           value_parser = ["adaptive", "text", "kv", "hybrid", "iws"])]
     injection: String,
+    /// Token ids of sims, KDN and gateway: `auto` (exact Llama-3 ids, embedded, for a
+    /// Llama-3 model name; else the approximation), `approx`, or a tokenizer.json.
+    #[arg(long, default_value = "auto", value_name = "FILE|approx|auto")]
+    tokenizer: TokenizerChoice,
 }
 
 /// One corpus block's question.
@@ -130,10 +135,20 @@ store = "{SIM1_STORE}"
         model = args.model,
         producer = sims[0],
     );
-    KdnConfig::from_toml(&toml).context("the demo's KDN configuration")
+    let mut cfg = KdnConfig::from_toml(&toml).context("the demo's KDN configuration")?;
+    for m in &mut cfg.models {
+        m.tokenizer = args.tokenizer.clone();
+    }
+    Ok(cfg)
 }
 
-pub fn run(args: DemoArgs) -> Result<()> {
+pub fn run(mut args: DemoArgs) -> Result<()> {
+    // the gateway's config file lives in the temp dir: give it an absolute path
+    if let TokenizerChoice::File(p) = &args.tokenizer {
+        if p.is_relative() {
+            args.tokenizer = TokenizerChoice::File(std::env::current_dir()?.join(p));
+        }
+    }
     let sims: Vec<SocketAddr> = (0..2)
         .map(|i| SocketAddr::from(([127, 0, 0, 1], args.sim_port + i)))
         .collect();
@@ -146,7 +161,11 @@ pub fn run(args: DemoArgs) -> Result<()> {
     let sim_args: Vec<cacheroute_sim::SimArgs> = sims
         .iter()
         .zip([KDN_STORE, SIM1_STORE])
-        .map(|(addr, store)| demo_sim_args(*addr, &args.model, args.time_scale, store))
+        .map(|(addr, store)| {
+            let mut a = demo_sim_args(*addr, &args.model, args.time_scale, store);
+            a.tokenizer = args.tokenizer.clone();
+            a
+        })
         .collect();
     let model = args.model.clone();
     std::thread::Builder::new()
@@ -194,11 +213,12 @@ pub fn run(args: DemoArgs) -> Result<()> {
     write!(
         f,
         "[gateway]\nlisten = \"{}\"\ncontrol = \"{}\"\n\n[upstream]\nhealth_check_interval_ms = 1000\n\n\
-         [knowledge]\nsync_interval_ms = 500\n\n[proxy]\ninjection = \"{}\"\n\n[[kdns]]\nurl = \"http://{}\"\n\n\
+         [knowledge]\nsync_interval_ms = 500\n\n[proxy]\ninjection = \"{}\"\ntokenizer = {}\n\n[[kdns]]\nurl = \"http://{}\"\n\n\
          [[pools]]\nname = \"demo\"\nmodels = [\"{}\"]\n{}",
         args.listen,
         args.control,
         args.injection,
+        toml::Value::String(args.tokenizer.describe()),
         kdn_addr,
         args.model,
         sims.iter()

@@ -14,10 +14,10 @@ use anyhow::{Context, Result};
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use cacheroute_filters::balance::{self, BalancePolicy, Candidate};
-use cacheroute_filters::cost_model::CostModel;
+use cacheroute_filters::cost_model::{builtin_profile, CostModel, BUILTIN_PROFILES};
 use cacheroute_filters::injection::{InjectionStrategy, ReleasePolicy};
 use cacheroute_filters::openai::Route;
-use cacheroute_kdn::tokenizer::Tokenizer;
+use cacheroute_kdn::tokenizer::{looks_like_llama3, Tokenizer, TokenizerChoice, LLAMA3_VOCAB_SIZE};
 use pingora::http::RequestHeader;
 use pingora::lb::discovery::ServiceDiscovery;
 use pingora::lb::health_check::{HealthCheck, HttpHealthCheck};
@@ -322,8 +322,10 @@ impl Pool {
 pub struct Fleet {
     pub version: u64,
     pub config: Config,
-    /// Tokenizer of the served models (prefix checks).
-    pub tokenizer: Arc<Tokenizer>,
+    /// Tokenizer of each served model (prefix checks), from `[proxy] tokenizer`.
+    tokenizers: HashMap<String, Arc<Tokenizer>>,
+    /// For a model no pool lists: the configured file, or the approximation.
+    fallback_tokenizer: Arc<Tokenizer>,
     pub pools: Vec<Pool>,
     by_model: HashMap<String, Vec<usize>>,
     /// Union of the models of every pool, sorted.
@@ -331,6 +333,21 @@ pub struct Fleet {
 }
 
 impl Fleet {
+    /// The tokenizer of `model`: the one resolved for it at build time; for a model no
+    /// pool lists (a proxy trusting an upstream scheduler), `auto` still gives Llama-3
+    /// names the exact tokenizer (already loaded, or loaded once now).
+    pub fn tokenizer_of(&self, model: &str) -> Arc<Tokenizer> {
+        if let Some(t) = self.tokenizers.get(model) {
+            return t.clone();
+        }
+        if self.config.proxy.tokenizer == TokenizerChoice::Auto && looks_like_llama3(model) {
+            if let Ok(t) = Tokenizer::llama3() {
+                return t;
+            }
+        }
+        self.fallback_tokenizer.clone()
+    }
+
     /// Pools serving `model`, in config order.
     pub fn pools_for(&self, model: &str) -> &[usize] {
         self.by_model.get(model).map(Vec::as_slice).unwrap_or(&[])
@@ -598,15 +615,31 @@ impl FleetBuilder {
         }
         let mut models: Vec<String> = by_model.keys().cloned().collect();
         models.sort();
-        let tokenizer = Arc::new(if config.proxy.tokenizer.is_empty() {
-            Tokenizer::approx(128_256)
-        } else {
-            Tokenizer::from_file(&config.proxy.tokenizer)
-                .with_context(|| format!("proxy.tokenizer {}", config.proxy.tokenizer))?
-        });
+        // Parsing a tokenizer.json (the embedded Llama-3 one: once per process) blocks.
+        let choice = config.proxy.tokenizer.clone();
+        let names = models.clone();
+        let (tokenizers, fallback_tokenizer) = tokio::task::spawn_blocking(move || {
+            let fallback = match &choice {
+                TokenizerChoice::File(_) => choice.resolve(&[], LLAMA3_VOCAB_SIZE)?,
+                _ => Arc::new(Tokenizer::approx(LLAMA3_VOCAB_SIZE)),
+            };
+            let mut by_name = HashMap::with_capacity(names.len());
+            for m in names {
+                let t = match &choice {
+                    TokenizerChoice::File(_) => fallback.clone(),
+                    _ => choice.resolve(&[&m], LLAMA3_VOCAB_SIZE)?,
+                };
+                by_name.insert(m, t);
+            }
+            anyhow::Ok((by_name, fallback))
+        })
+        .await
+        .context("loading tokenizers")?
+        .with_context(|| format!("proxy.tokenizer {}", config.proxy.tokenizer))?;
         Ok(Fleet {
             version,
-            tokenizer,
+            tokenizers,
+            fallback_tokenizer,
             config,
             pools,
             by_model,
@@ -615,15 +648,29 @@ impl FleetBuilder {
     }
 }
 
-/// The built-in profile: Llama-3-8B on one H100 (conf/profiles/).
-const BUILTIN_PROFILE: &str = include_str!("../../conf/profiles/h100-llama3-8b.json");
+/// The default profile: Llama-3-8B on one H100 (conf/profiles/).
+const DEFAULT_PROFILE: &str = "h100-llama3-8b";
 
-/// A pool's cost model from a profile file ("" = the built-in one).
+/// A pool's cost model from a shipped profile's short name (`h100-llama3-8b`,
+/// `h100x8-llama3-70b-tp8`, `rtx5090x8-llama3-70b`...; "" = `h100-llama3-8b`) or a file.
 fn load_profile(path: &str) -> Result<CostModel> {
-    let text = if path.is_empty() {
-        BUILTIN_PROFILE.to_string()
+    let name = if path.is_empty() {
+        DEFAULT_PROFILE
     } else {
-        std::fs::read_to_string(path).with_context(|| format!("profile {path}"))?
+        path
+    };
+    let text = match builtin_profile(name) {
+        Some(json) => json.to_string(),
+        None => std::fs::read_to_string(path).with_context(|| {
+            format!(
+                "profile {path} (not a file, nor a shipped profile: {})",
+                BUILTIN_PROFILES
+                    .iter()
+                    .map(|(n, _)| *n)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        })?,
     };
     CostModel::from_profile_json(&text).map_err(|e| {
         anyhow::anyhow!(

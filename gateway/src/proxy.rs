@@ -79,7 +79,7 @@ impl PrefixChecks {
         }
         let t = fleet.config.proxy.template_of(model);
         let ids = fleet
-            .tokenizer
+            .tokenizer_of(model)
             .encode_with(&knowledge_prefix(t, content), t.add_special_tokens());
         let ok = ids.len() as u64 == tokens;
         let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());

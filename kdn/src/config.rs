@@ -9,6 +9,7 @@ use cacheroute_filters::prompt::ChatTemplate;
 use serde::{Deserialize, Serialize};
 
 use crate::keys::{chunk_keys, HashAlgorithm, KeyParams, KeyScheme};
+use crate::tokenizer::TokenizerChoice;
 
 /// The whole KDN configuration file.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -177,11 +178,12 @@ pub struct ModelConfig {
     /// Chat template family the prompt layout follows.
     #[serde(default = "default_template")]
     pub template: ChatTemplate,
-    /// The model's HuggingFace `tokenizer.json` (default: the deterministic
-    /// approximation that `cacheroute sim` also uses without `--tokenizer`).
+    /// The model's tokenizer: `auto` (default: the embedded exact Llama-3 tokenizer when
+    /// `name` or `lmcache_model` looks like Llama-3, else the deterministic approximation,
+    /// as `cacheroute sim` does), `approx`, or the path of a HuggingFace `tokenizer.json`.
     #[serde(default)]
-    pub tokenizer: Option<PathBuf>,
-    /// Vocabulary size of the approximation (ignored with `tokenizer`).
+    pub tokenizer: TokenizerChoice,
+    /// Vocabulary size of the approximation (ignored by exact tokenizers).
     #[serde(default = "default_vocab_size")]
     pub vocab_size: u32,
     /// LMCache key scheme: an exact release (`lmcache-0.3.15`) or a family.
@@ -287,7 +289,9 @@ impl KdnConfig {
             }
         };
         for m in &mut cfg.models {
-            m.tokenizer = m.tokenizer.as_ref().map(rel);
+            if let TokenizerChoice::File(p) = &m.tokenizer {
+                m.tokenizer = TokenizerChoice::File(rel(p));
+            }
         }
         cfg.kdn.preload = cfg.kdn.preload.iter().map(rel).collect();
         cfg.validate()

@@ -56,12 +56,31 @@ pub fn layout_knowledge(
     chunk_size: usize,
 ) -> Result<PrefixLayout, LayoutError> {
     let chunk_size = chunk_size.max(1);
+    match layout_padded(template, tokenizer, text, chunk_size, 0) {
+        // With no padding the text's own last character meets what follows the message
+        // (byte-level BPE glues "." to "\n\n", or to a "<|" that is not a special
+        // token); a whole chunk more of padding units ends the content on a unit.
+        Err(LayoutError::NotAPrefix) => {
+            layout_padded(template, tokenizer, text, chunk_size, chunk_size)
+        }
+        r => r,
+    }
+}
+
+/// [`layout_knowledge`] with `extra` padding units on top of the ones that align.
+fn layout_padded(
+    template: ChatTemplate,
+    tokenizer: &Tokenizer,
+    text: &str,
+    chunk_size: usize,
+    extra: usize,
+) -> Result<PrefixLayout, LayoutError> {
     let bare = knowledge_message_content(text, 0);
     let bare_ids = encode(tokenizer, template, &knowledge_prefix(template, &bare));
     if bare_ids.is_empty() {
         return Err(LayoutError::Empty);
     }
-    let mut padding = padding_for(bare_ids.len(), chunk_size);
+    let mut padding = padding_for(bare_ids.len(), chunk_size) + extra;
     let mut tries = 0;
     let (content, token_ids) = loop {
         let content = knowledge_message_content(text, padding);
@@ -115,9 +134,23 @@ mod tests {
         (French for \"Iron Lady\"), it was constructed as the centrepiece of the 1889 World's \
         Fair. 😀 Ünïcödé, tabs\tand  double  spaces; numbers 1234567 and 3.14159!";
 
+    /// The approximation and Meta's Llama-3 tokenizer (embedded): the layout must hold
+    /// under both.
+    fn tokenizers() -> Vec<std::sync::Arc<Tokenizer>> {
+        vec![
+            std::sync::Arc::new(Tokenizer::approx(128256)),
+            Tokenizer::llama3().unwrap(),
+        ]
+    }
+
     #[test]
     fn padding_unit_is_one_token_and_does_not_merge() {
-        let tok = Tokenizer::approx(128256);
+        for tok in tokenizers() {
+            padding_unit_case(&tok);
+        }
+    }
+
+    fn padding_unit_case(tok: &Tokenizer) {
         assert_eq!(tok.encode_with(PADDING_UNIT, false).len(), 1);
         for left in ["word", "end.", "x)", "1999", "é", "\"quoted\""] {
             let base = tok.encode_with(left, false);
@@ -136,27 +169,48 @@ mod tests {
 
     #[test]
     fn prefix_is_whole_chunks_and_a_prefix_of_the_chat() {
-        let tok = Tokenizer::approx(128256);
+        for tok in tokenizers() {
+            whole_chunks_case(&tok);
+        }
+    }
+
+    fn whole_chunks_case(tok: &Tokenizer) {
         for template in ChatTemplate::ALL {
             for chunk in [1, 16, 256] {
                 for text in [TEXT, "x", "Short fact."] {
-                    let l = layout_knowledge(template, &tok, text, chunk).unwrap();
+                    let l = layout_knowledge(template, tok, text, chunk).unwrap();
                     assert_eq!(l.token_ids.len() % chunk, 0, "{template} {chunk}");
-                    assert!(l.padding < chunk);
+                    // a whole chunk more when the text's own end would merge
+                    assert!(l.padding < 2 * chunk);
                     assert!(l.content.ends_with(&PADDING_UNIT.repeat(l.padding)));
                     let prefix = knowledge_prefix(template, &l.content);
-                    assert_eq!(encode(&tok, template, &prefix), l.token_ids);
+                    assert_eq!(encode(tok, template, &prefix), l.token_ids);
                 }
             }
         }
+    }
+
+    #[test]
+    fn text_ending_in_punctuation_gets_a_chunk_of_padding_when_aligned() {
+        // Llama-3's pre-tokenizer glues "\n\n" to a trailing "." (plain layout): with
+        // no padding the registered prefix would not be a prefix of the prompt
+        let tok = Tokenizer::llama3().unwrap();
+        let l = layout_knowledge(ChatTemplate::Plain, &tok, "Short fact.", 1).unwrap();
+        assert_eq!(l.padding, 1);
+        assert!(l.content.ends_with("fact. the"));
     }
 
     /// What the sim (and vLLM with the Llama-3 template) tokenizes for a chat request
     /// starts with the registered prefix ids.
     #[test]
     fn llama3_chat_tokens_start_with_the_registered_prefix() {
-        let tok = Tokenizer::approx(128256);
-        let l = layout_knowledge(ChatTemplate::Llama3, &tok, TEXT, 16).unwrap();
+        for tok in tokenizers() {
+            chat_prefix_case(&tok);
+        }
+    }
+
+    fn chat_prefix_case(tok: &Tokenizer) {
+        let l = layout_knowledge(ChatTemplate::Llama3, tok, TEXT, 16).unwrap();
         assert_eq!(l.token_ids[0], crate::tokenizer::BOS_ID);
         for question in [
             "What is the Eiffel Tower?",

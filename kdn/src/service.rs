@@ -24,7 +24,7 @@ use crate::registry::{
     redact_url, BlockStatus, KnowledgeRecord, ModelEntry, RegisterError, Registered, Registry,
 };
 use crate::store::{open_store, KvStore};
-use crate::tokenizer::Tokenizer;
+use crate::tokenizer::{Tokenizer, TokenizerChoice};
 
 /// An error answered as `{"error":{"message","type","code"}}`.
 #[derive(Debug, Clone, PartialEq)]
@@ -174,14 +174,14 @@ pub struct ModelRuntime {
 impl ModelRuntime {
     pub fn new(cfg: &ModelConfig) -> anyhow::Result<ModelRuntime> {
         let key_params = cfg.key_params()?;
-        let tokenizer = match &cfg.tokenizer {
-            Some(p) => Tokenizer::from_file(p).with_context(|| format!("model {}", cfg.name))?,
-            None => Tokenizer::approx(cfg.vocab_size),
-        };
+        let tokenizer = cfg
+            .tokenizer
+            .resolve(&[&cfg.name, &cfg.lmcache_model], cfg.vocab_size)
+            .with_context(|| format!("model {}", cfg.name))?;
         Ok(ModelRuntime {
             cfg: cfg.clone(),
             key_params,
-            tokenizer: Arc::new(tokenizer),
+            tokenizer,
         })
     }
 
@@ -1239,7 +1239,11 @@ impl Kdn {
                     "object": "kdn.model",
                     "lmcache_model": c.lmcache_model,
                     "template": c.template,
-                    "tokenizer": if c.tokenizer.is_some() { "tokenizer.json" } else { "approximation" },
+                    "tokenizer": match (&c.tokenizer, m.tokenizer.is_exact()) {
+                        (TokenizerChoice::File(_), _) => "tokenizer.json",
+                        (_, true) => "llama3",
+                        (_, false) => "approximation",
+                    },
                     "scheme": c.scheme,
                     "chunk_size": c.chunk_size,
                     "dtype": c.dtype,

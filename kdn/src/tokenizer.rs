@@ -1,9 +1,16 @@
-//! Token ids for prompts: a real HuggingFace `tokenizer.json`, or a deterministic
-//! approximation when none is given.
+//! Token ids for prompts: Meta's Llama-3 tokenizer (embedded), any HuggingFace
+//! `tokenizer.json`, or a deterministic approximation.
 //!
-//! The approximation (no tokenizer file) splits text into BPE-like pieces and hashes each
-//! piece to an id, so that it yields token **ids** (not only counts) that are the same in
-//! every process and on every machine:
+//! **Which one** ([`TokenizerChoice`], the `--tokenizer` / `tokenizer =` settings of sim,
+//! KDN, gateway and demo): `auto` (the default) gives a model whose name looks like
+//! Llama-3 ([`looks_like_llama3`]) the exact Llama-3 tokenizer embedded in this crate
+//! ([`Tokenizer::llama3`]: `conf/tokenizers/llama3/tokenizer.json`, parsed once per process
+//! on first use and shared), and any other model the approximation; `approx` forces the
+//! approximation; anything else is the path of a `tokenizer.json`.
+//!
+//! **The approximation** splits text into BPE-like pieces and hashes each piece to an id,
+//! so that it yields token **ids** (not only counts) that are the same in every process
+//! and on every machine:
 //!
 //! * Llama-3 special tokens written in the text (`<|begin_of_text|>` = 128000,
 //!   `<|end_of_text|>` = 128001, `<|start_header_id|>` = 128006, `<|end_header_id|>` =
@@ -19,10 +26,20 @@
 //!   `<|begin_of_text|>`.
 //!
 //! On English technical text this gives about 3 characters per token (Llama-3's own
-//! tokenizer: about 4), so prompt token counts run roughly 30% high; pass `--tokenizer`
-//! for exact ids.
+//! tokenizer: about 4), so prompt token counts run roughly 30% high.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
+
+/// Meta's Llama-3 `tokenizer.json` (Meta-Llama-3-8B-Instruct; provenance, sha256 and
+/// licences in `conf/tokenizers/llama3/NOTICE.md`). Embedded so that every binary counts
+/// Llama-3 tokens exactly with no file to ship beside it.
+pub const LLAMA3_TOKENIZER_JSON: &[u8] =
+    include_bytes!("../../conf/tokenizers/llama3/tokenizer.json");
+
+/// Vocabulary size of Llama-3 (128,000 BPE tokens + 256 special tokens); the
+/// approximation's default.
+pub const LLAMA3_VOCAB_SIZE: u32 = 128_256;
 
 /// `<|begin_of_text|>`.
 pub const BOS_ID: u32 = 128000;
@@ -64,6 +81,98 @@ pub fn fnv1a64(bytes: &[u8]) -> u64 {
     h
 }
 
+/// Whether a model name looks like a Llama-3 model (`llama3-8b`, `Llama-3.1-70B`,
+/// `meta-llama/Meta-Llama-3-8B-Instruct`, `llama_3`…; case-insensitive): "llama", at most
+/// one `-`, `_`, `.` or space, then "3" not followed by another digit (so `llama-30b`,
+/// a Llama-1 size, is not one).
+pub fn looks_like_llama3(name: &str) -> bool {
+    let lower = name.to_ascii_lowercase();
+    let b = lower.as_bytes();
+    let mut from = 0;
+    while let Some(i) = lower[from..].find("llama") {
+        let mut j = from + i + 5;
+        if matches!(b.get(j), Some(b'-' | b'_' | b'.' | b' ')) {
+            j += 1;
+        }
+        if b.get(j) == Some(&b'3') && !b.get(j + 1).is_some_and(u8::is_ascii_digit) {
+            return true;
+        }
+        from += i + 5;
+    }
+    false
+}
+
+/// Which tokenizer a model gets: the `--tokenizer` / `tokenizer =` setting.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum TokenizerChoice {
+    /// Exact Llama-3 for a model whose name looks like Llama-3, else the approximation.
+    #[default]
+    Auto,
+    /// The approximation, whatever the model.
+    Approx,
+    /// A HuggingFace `tokenizer.json`.
+    File(PathBuf),
+}
+
+impl TokenizerChoice {
+    /// `auto` (or empty), `approx`, or a path.
+    pub fn parse(s: &str) -> TokenizerChoice {
+        match s.trim() {
+            "" | "auto" => TokenizerChoice::Auto,
+            "approx" => TokenizerChoice::Approx,
+            _ => TokenizerChoice::File(PathBuf::from(s)),
+        }
+    }
+
+    /// The setting as written (`auto`, `approx` or the path).
+    pub fn describe(&self) -> String {
+        match self {
+            TokenizerChoice::Auto => "auto".into(),
+            TokenizerChoice::Approx => "approx".into(),
+            TokenizerChoice::File(p) => p.display().to_string(),
+        }
+    }
+
+    /// The tokenizer for a model known by `names` (served name, vLLM `--model`…): a file
+    /// is loaded; `auto` gives the shared Llama-3 tokenizer when any name looks like
+    /// Llama-3; otherwise the approximation with `vocab_size`.
+    pub fn resolve(&self, names: &[&str], vocab_size: u32) -> anyhow::Result<Arc<Tokenizer>> {
+        match self {
+            TokenizerChoice::File(p) => Ok(Arc::new(Tokenizer::from_file(p)?)),
+            TokenizerChoice::Auto if names.iter().any(|n| looks_like_llama3(n)) => {
+                Tokenizer::llama3()
+            }
+            _ => Ok(Arc::new(Tokenizer::approx(vocab_size))),
+        }
+    }
+}
+
+impl std::str::FromStr for TokenizerChoice {
+    type Err = std::convert::Infallible;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(TokenizerChoice::parse(s))
+    }
+}
+
+impl std::fmt::Display for TokenizerChoice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.describe())
+    }
+}
+
+impl serde::Serialize for TokenizerChoice {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.describe())
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for TokenizerChoice {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        Ok(TokenizerChoice::parse(&s))
+    }
+}
+
 /// Text to token ids.
 pub enum Tokenizer {
     /// A HuggingFace `tokenizer.json`.
@@ -87,6 +196,25 @@ impl Tokenizer {
         Tokenizer::Approx {
             vocab_size: vocab_size.max(2),
         }
+    }
+
+    /// The embedded Llama-3 tokenizer, parsed on the first call and shared by every
+    /// caller in the process (parsing the 9 MB JSON is the costly part).
+    pub fn llama3() -> anyhow::Result<Arc<Tokenizer>> {
+        static LLAMA3: OnceLock<Result<Arc<Tokenizer>, String>> = OnceLock::new();
+        LLAMA3
+            .get_or_init(|| {
+                tokenizers::Tokenizer::from_bytes(LLAMA3_TOKENIZER_JSON)
+                    .map(|t| Arc::new(Tokenizer::Hf(Box::new(t))))
+                    .map_err(|e| e.to_string())
+            })
+            .clone()
+            .map_err(|e| anyhow::anyhow!("loading the embedded Llama-3 tokenizer: {e}"))
+    }
+
+    /// Whether this is a real tokenizer (not the approximation).
+    pub fn is_exact(&self) -> bool {
+        matches!(self, Tokenizer::Hf(_))
     }
 
     /// Load a HuggingFace `tokenizer.json`.

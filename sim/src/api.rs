@@ -29,6 +29,9 @@ pub struct CompletionRequest {
     pub include_usage: bool,
     pub max_tokens: Option<u64>,
     pub prompt: Prompt,
+    /// vLLM's `add_special_tokens`: whether the tokenizer adds BOS to the (rendered)
+    /// prompt; vLLM's default is yes for completions, no for chat (the template has it).
+    pub add_special_tokens: bool,
     /// vLLM's `kv_transfer_params` (an object; its content is not interpreted, except
     /// LMCache's `"lmcache.skip_save": true`).
     pub kv_transfer_params: Option<serde_json::Map<String, Value>>,
@@ -317,6 +320,10 @@ pub fn parse_request(endpoint: Endpoint, body: &Value) -> Result<CompletionReque
         }
         Endpoint::Completions => parse_prompt(body.get("prompt"))?,
     };
+    let add_special_tokens = match body.get("add_special_tokens") {
+        None | Some(Value::Null) => endpoint == Endpoint::Completions,
+        Some(_) => opt_bool(body, "add_special_tokens")?,
+    };
     let max_tokens = match endpoint {
         Endpoint::Chat => match opt_u64(body, "max_completion_tokens")? {
             Some(n) => Some(n),
@@ -340,6 +347,7 @@ pub fn parse_request(endpoint: Endpoint, body: &Value) -> Result<CompletionReque
         include_usage,
         max_tokens,
         prompt,
+        add_special_tokens,
         kv_transfer_params,
     })
 }
@@ -528,10 +536,20 @@ mod tests {
         let r = parse_request(Endpoint::Chat, &b).unwrap();
         assert_eq!(r.max_tokens, Some(5));
         assert!(r.stream && r.include_usage);
+        assert!(!r.add_special_tokens, "chat: the template writes BOS");
         let Prompt::Chat(m) = r.prompt else { panic!() };
         assert_eq!(m[1].content, "a\nb");
         let r = parse_request(Endpoint::Completions, &json!({"prompt": ["x"]})).unwrap();
         assert_eq!(r.prompt, Prompt::Text("x".into()));
+        assert!(r.add_special_tokens, "completions: BOS by default");
+        let no = json!({"prompt": "x", "add_special_tokens": false});
+        assert!(
+            !parse_request(Endpoint::Completions, &no)
+                .unwrap()
+                .add_special_tokens
+        );
+        let bad = json!({"prompt": "x", "add_special_tokens": "no"});
+        assert!(parse_request(Endpoint::Completions, &bad).is_err());
         assert_eq!(r.max_tokens, None);
         let r = parse_request(Endpoint::Completions, &json!({"prompt": [1, 2, 3]})).unwrap();
         assert_eq!(r.prompt, Prompt::Ids(vec![1, 2, 3]));

@@ -27,12 +27,34 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
-use tokenizer::Tokenizer;
+use tokenizer::TokenizerChoice;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 /// The embedded default profile: Llama-3-8B on one H100.
 pub const DEFAULT_PROFILE_JSON: &str = include_str!("../../conf/profiles/h100-llama3-8b.json");
+
+/// The profile JSON for `--profile`: a shipped profile's short name, or a file.
+fn profile_json(profile: Option<&std::path::Path>) -> anyhow::Result<String> {
+    use cacheroute_filters::cost_model::{builtin_profile, BUILTIN_PROFILES};
+    let Some(p) = profile else {
+        return Ok(DEFAULT_PROFILE_JSON.to_string());
+    };
+    if let Some(json) = p.to_str().and_then(builtin_profile) {
+        return Ok(json.to_string());
+    }
+    std::fs::read_to_string(p).with_context(|| {
+        format!(
+            "reading profile {} (not a file, nor a shipped profile: {})",
+            p.display(),
+            BUILTIN_PROFILES
+                .iter()
+                .map(|(n, _)| *n)
+                .collect::<Vec<_>>()
+                .join(", ")
+        )
+    })
+}
 
 /// KV block size in tokens (vLLM's default).
 pub const BLOCK_SIZE: u64 = 16;
@@ -46,8 +68,10 @@ pub struct SimArgs {
     /// Model name served (what `/v1/models` lists and requests must name).
     #[arg(long, default_value = "llama3-8b")]
     pub model: String,
-    /// Calibration profile JSON (default: the embedded H100 Llama-3-8B profile).
-    #[arg(long)]
+    /// Calibration profile: a shipped profile's short name (h100-llama3-8b,
+    /// h100x8-llama3-70b-tp8, rtx5090x8-llama3-70b, h100-llama3-70b-8layers) or a JSON
+    /// file (default: h100-llama3-8b, embedded).
+    #[arg(long, value_name = "NAME|FILE")]
     pub profile: Option<PathBuf>,
     /// Run X times faster than real time (e.g. 50 for tests).
     #[arg(long, default_value_t = 1.0)]
@@ -55,9 +79,11 @@ pub struct SimArgs {
     /// No engine delays at all: answer at once (a fast upstream for overhead benchmarks).
     #[arg(long)]
     pub zero_latency: bool,
-    /// HuggingFace tokenizer.json for real token ids (default: a deterministic approximation).
-    #[arg(long)]
-    pub tokenizer: Option<PathBuf>,
+    /// Token ids: `auto` (exact Llama-3 ids, embedded, for a --model or --lmcache-model
+    /// that looks like Llama-3; else the approximation), `approx` (the deterministic
+    /// approximation), or the path of a HuggingFace tokenizer.json.
+    #[arg(long, default_value = "auto", value_name = "FILE|approx|auto")]
+    pub tokenizer: TokenizerChoice,
     /// Most sequences running at once.
     #[arg(long, default_value_t = 256)]
     pub max_num_seqs: usize,
@@ -67,8 +93,9 @@ pub struct SimArgs {
     /// Longest prompt + completion accepted.
     #[arg(long, default_value_t = 131072)]
     pub max_model_len: u64,
-    /// KV cache size in 16-token blocks (default: what an 80 GB GPU at 0.9 utilization
-    /// holds after the profile model's bf16 weights and 2 GB of activations).
+    /// KV cache size in 16-token blocks (default: what the profile's GPUs (`gpus` ×
+    /// `gpu_memory_gb`; absent: one 80 GB GPU) at 0.9 utilization hold after the model's
+    /// bf16 weights and 2 GB of activations per GPU).
     #[arg(long)]
     pub num_gpu_blocks: Option<u64>,
     /// Seed of the generated filler text.
@@ -129,7 +156,7 @@ impl Default for SimArgs {
             profile: None,
             time_scale: 1.0,
             zero_latency: false,
-            tokenizer: None,
+            tokenizer: TokenizerChoice::Auto,
             max_num_seqs: 256,
             max_num_batched_tokens: 8192,
             max_model_len: 131072,
@@ -248,11 +275,18 @@ impl Drop for SimHandle {
 }
 
 fn default_num_gpu_blocks(profile: &CalibrationProfile, kv_bytes_per_token: u64) -> u64 {
-    const GPU_BYTES: f64 = 80e9;
+    // all the profile's GPUs together (a multi-GPU profile's KV bytes are the whole model's)
+    let gpus = profile.gpus.unwrap_or(1).clamp(1, 1024) as f64;
+    let per_gpu = profile
+        .gpu_memory_gb
+        .filter(|g| g.is_finite() && *g > 0.0)
+        .unwrap_or(80.0)
+        * 1e9;
+    let memory = gpus * per_gpu;
     const UTILIZATION: f64 = 0.9;
-    const ACTIVATIONS: f64 = 2e9;
+    let activations = 2e9 * gpus;
     let weights = profile.config.approx_params() as f64 * 2.0;
-    let kv = (GPU_BYTES * UTILIZATION - weights - ACTIVATIONS).max(GPU_BYTES * 0.1);
+    let kv = (memory * UTILIZATION - weights - activations).max(memory * 0.1);
     ((kv / (kv_bytes_per_token.max(1) * BLOCK_SIZE) as f64) as u64).max(1024)
 }
 
@@ -271,21 +305,20 @@ async fn build_state(
         "--max-num-batched-tokens must be at least 1"
     );
     anyhow::ensure!(args.max_model_len > 1, "--max-model-len must be at least 2");
-    let text = match &args.profile {
-        Some(p) => std::fs::read_to_string(p)
-            .with_context(|| format!("reading profile {}", p.display()))?,
-        None => DEFAULT_PROFILE_JSON.to_string(),
-    };
+    let text = profile_json(args.profile.as_deref())?;
     let profile =
         CalibrationProfile::from_json(&text).context("parsing the calibration profile")?;
     let cost = CostModel::fit(&profile).context("fitting the calibration profile")?;
-    let tokenizer = match &args.tokenizer {
-        Some(p) => Tokenizer::from_file(p)?,
-        None => {
-            let v = profile.config.vocab_size;
-            Tokenizer::approx(if v == 0 { 128256 } else { v as u32 })
-        }
+    let vocab = match profile.config.vocab_size {
+        0 => tokenizer::LLAMA3_VOCAB_SIZE,
+        v => u32::try_from(v).unwrap_or(u32::MAX),
     };
+    let mut names = vec![args.model.as_str()];
+    names.extend(args.lmcache_model.as_deref());
+    let tokenizer = args
+        .tokenizer
+        .resolve(&names, vocab)
+        .context("--tokenizer")?;
     let sched_cfg = SchedulerConfig {
         max_num_seqs: args.max_num_seqs,
         max_num_batched_tokens: args.max_num_batched_tokens,
@@ -324,7 +357,7 @@ async fn build_state(
         max_model_len: args.max_model_len,
         zero_latency: args.zero_latency,
         seed: args.seed,
-        tokenizer: Arc::new(tokenizer),
+        tokenizer,
         engine,
         metrics,
         cost,

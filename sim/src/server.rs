@@ -11,7 +11,7 @@ use crate::engine::{
 use crate::filler;
 use crate::lmcache::{LmCache, Lookup};
 use crate::metrics::SimMetrics;
-use crate::tokenizer::Tokenizer;
+use crate::tokenizer::{render_llama3_chat, Tokenizer};
 use crate::PrefixCache;
 use axum::body::{Body, Bytes};
 use axum::extract::{DefaultBodyLimit, State};
@@ -463,13 +463,14 @@ async fn accept(
     req: CompletionRequest,
     handle: Option<&KvHandleIn>,
 ) -> Result<Accepted, ApiError> {
-    fn encode(tok: &Tokenizer, prompt: &Prompt) -> Vec<u32> {
+    fn encode(tok: &Tokenizer, prompt: &Prompt, add_special_tokens: bool) -> Vec<u32> {
         match prompt {
-            Prompt::Chat(msgs) => tok.encode_chat(msgs),
-            Prompt::Text(t) => tok.encode(t),
+            Prompt::Chat(msgs) => tok.encode_with(&render_llama3_chat(msgs), add_special_tokens),
+            Prompt::Text(t) => tok.encode_with(t, add_special_tokens),
             Prompt::Ids(ids) => ids.clone(),
         }
     }
+    let add = req.add_special_tokens;
     let text_len = match &req.prompt {
         Prompt::Chat(msgs) => msgs.iter().map(|m| m.content.len()).sum(),
         Prompt::Text(t) => t.len(),
@@ -477,11 +478,11 @@ async fn accept(
     };
     // small prompts inline (cheap); large ones off the async threads
     let ids = if text_len < 16 << 10 {
-        encode(&st.tokenizer, &req.prompt)
+        encode(&st.tokenizer, &req.prompt, add)
     } else {
         let tok = st.tokenizer.clone();
         let prompt = req.prompt.clone();
-        tokio::task::spawn_blocking(move || encode(&tok, &prompt))
+        tokio::task::spawn_blocking(move || encode(&tok, &prompt, add))
             .await
             .map_err(|e| ApiError::internal(format!("tokenizer task failed: {e}")))?
     };

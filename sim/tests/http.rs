@@ -1,5 +1,6 @@
 //! The sim over real HTTP on 127.0.0.1 ephemeral ports.
 
+use cacheroute_sim::tokenizer::TokenizerChoice;
 use cacheroute_sim::{spawn, SimArgs, SimHandle};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
@@ -626,7 +627,7 @@ async fn hf_tokenizer_file_is_used() {
     )
     .unwrap();
     let h = sim(SimArgs {
-        tokenizer: Some(path),
+        tokenizer: TokenizerChoice::File(path),
         zero_latency: true,
         ..args()
     })
@@ -646,9 +647,93 @@ async fn hf_tokenizer_file_is_used() {
 }
 
 #[tokio::test]
+async fn llama3_models_count_exact_tokens_by_default() {
+    // Meta's Llama-3 ids: "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n
+    // Hello<|eot_id|>" is [128000, 128006, 882, 128007, 271, 9906, 128009] and the
+    // generation prompt adds [128006, 78191, 128007, 271]: 11 tokens.
+    let chat = json!({"messages": [{"role": "user", "content": "  Hello\n"}], "max_tokens": 1});
+    // raw completions: BOS + "Hello world" (9906, 1917)
+    let text = json!({"prompt": "Hello world", "max_tokens": 1});
+    let usage = |v: Value| v["usage"]["prompt_tokens"].as_u64().unwrap();
+    for (model, lmcache_model, tokenizer, want_chat, want_text) in [
+        ("llama3-8b", None, TokenizerChoice::Auto, Some(11), Some(3)),
+        // the vLLM --model string counts too
+        (
+            "served",
+            Some("meta-llama/Meta-Llama-3.1-8B-Instruct"),
+            TokenizerChoice::Auto,
+            Some(11),
+            Some(3),
+        ),
+        // not Llama-3, or the approximation asked for: not Meta's counts
+        ("m", None, TokenizerChoice::Auto, None, None),
+        ("llama3-8b", None, TokenizerChoice::Approx, None, None),
+    ] {
+        let h = sim(SimArgs {
+            model: model.into(),
+            lmcache_model: lmcache_model.map(Into::into),
+            tokenizer: tokenizer.clone(),
+            zero_latency: true,
+            ..args()
+        })
+        .await;
+        let c = usage(
+            post(&h, "/v1/chat/completions", &chat)
+                .await
+                .json()
+                .await
+                .unwrap(),
+        );
+        let t = usage(
+            post(&h, "/v1/completions", &text)
+                .await
+                .json()
+                .await
+                .unwrap(),
+        );
+        match (want_chat, want_text) {
+            (Some(wc), Some(wt)) => assert_eq!((c, t), (wc, wt), "{model} {tokenizer}"),
+            // the approximation: "Hello" is two pieces ("Hell", "o"), the newline a third
+            _ => assert_eq!((c, t), (14, 5), "{model} {tokenizer}"),
+        }
+        h.stop().await;
+    }
+}
+
+#[tokio::test]
+async fn shipped_profiles_are_chosen_by_short_name() {
+    for (name, kv_bytes) in [
+        ("h100-llama3-8b", 131_072),
+        ("h100x8-llama3-70b-tp8", 327_680),
+        ("rtx5090x8-llama3-70b", 327_680),
+    ] {
+        let h = sim(SimArgs {
+            profile: Some(name.into()),
+            zero_latency: true,
+            ..args()
+        })
+        .await;
+        assert_eq!(h.cost_model().kv_bytes_per_token, kv_bytes, "{name}");
+        h.stop().await;
+    }
+    let e = spawn(SimArgs {
+        profile: Some("h100-llama3-9b".into()),
+        ..args()
+    })
+    .await
+    .err()
+    .expect("an unknown name fails");
+    let e = format!("{e:#}");
+    assert!(
+        e.contains("h100-llama3-9b") && e.contains("rtx5090x8-llama3-70b"),
+        "{e}"
+    );
+}
+
+#[tokio::test]
 async fn bad_tokenizer_or_profile_fails_to_start() {
     let a = SimArgs {
-        tokenizer: Some("/nonexistent/tokenizer.json".into()),
+        tokenizer: TokenizerChoice::parse("/nonexistent/tokenizer.json"),
         ..args()
     };
     assert!(spawn(a).await.is_err());

@@ -285,7 +285,7 @@ async fn token_id_prompt_hits_chunks_written_by_another_sim() {
     )
     .await;
     assert_eq!(w.cached(), 0);
-    let ids = Tokenizer::approx(128256).encode(&text);
+    let ids = Tokenizer::llama3().unwrap().encode(&text);
     let n = ids.len() as u64;
     assert_eq!(w.prompt_tokens(), n);
     assert!(n > 1000);
@@ -762,7 +762,7 @@ async fn two_sims_share_a_real_redis() {
     assert_eq!(tier(&two, "remote"), c);
 
     // what the first sim wrote, as LMCache's redis:// connector lays it out
-    let ids = Tokenizer::approx(128256).encode_chat(&[
+    let ids = Tokenizer::llama3().unwrap().encode_chat(&[
         cacheroute_sim::tokenizer::ChatMessage {
             role: "system".into(),
             content: long_text(600),

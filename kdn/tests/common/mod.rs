@@ -12,13 +12,13 @@ pub use cacheroute_kdn::local_redis::LocalRedis as RedisServer;
 
 pub const LMCACHE_MODEL: &str = "meta-llama/Meta-Llama-3-8B-Instruct";
 
-/// A model as the sim serves it by default (llama3-8b, approximation tokenizer).
+/// A model as the sim serves it by default (llama3-8b, the exact Llama-3 tokenizer).
 pub fn model(name: &str, chunk_size: usize, producer: Option<String>) -> ModelConfig {
     ModelConfig {
         name: name.into(),
         lmcache_model: LMCACHE_MODEL.into(),
         template: Default::default(),
-        tokenizer: None,
+        tokenizer: Default::default(),
         vocab_size: 128256,
         scheme: "lmcache-0.3.15".into(),
         hash_algorithm: "sha256_cbor".into(),
