@@ -161,5 +161,15 @@ def wait_synced(gw, kdn_ids: list[str], blocks: int | None = None, up: bool = Tr
                       what=f"gateway synced from {kdn_ids} (up={up}, blocks={blocks})")
 
 
+def wait_current(gw, kdn: "Kdn") -> None:
+    """Wait until the gateway holds the KDN's registry as it is now (its snapshot ETag):
+    block statuses and residency included, not just the block count."""
+    def current():
+        with client() as c:
+            etag = c.get(kdn.url + "/v1/knowledge/snapshot").headers["etag"].strip('"')
+        return knowledge_status(gw)["versions"].get(kdn.id) == etag
+    wait_until(current, timeout=30, interval=0.1, what=f"the gateway holds {kdn.id}'s current registry")
+
+
 def dump(x: Any) -> str:
     return json.dumps(x, indent=1)[:4000]

@@ -10,7 +10,7 @@ import threading
 import pytest
 
 from crtest import MODEL, RecordingProxy, assert_openai_error, client, is_upstream, scrape, sample_sum, wait_until
-from kfleet import BLOCKS, QUESTIONS, ask, decision, dump, sim_args, start_kdn, wait_synced
+from kfleet import BLOCKS, QUESTIONS, ask, decision, dump, sim_args, start_kdn, wait_current, wait_synced
 
 
 class Fleet:
@@ -128,6 +128,7 @@ def test_resident_kv_is_chosen_even_on_a_slow_link(pfleet):
     assert decision(f.gw, r)["injection"]["inputs"]["knowledge"]["resident_chunks"] == 0
     # The KDN copies the KV into the instance's store out of band.
     assert f.kdn.inject("basalt", "inst-0")["status"] == "done"
+    wait_current(f.gw, f.kdn)
 
     n = iter(range(10_000))
 

@@ -11,7 +11,7 @@ import pytest
 
 from crtest import MODEL, assert_openai_error, client, free_port, sample_sum, scrape, wait_until
 from kfleet import (BLOCKS, QUESTIONS, ask, decision, dump, knowledge_status, sim_args, start_kdn,
-                    strategy, wait_synced)
+                    strategy, wait_current, wait_synced)
 
 
 class Fleet:
@@ -67,7 +67,9 @@ def test_rag_request_gets_its_block_first_and_no_extension_reaches_the_engine(fl
     k = f.kdns[0]
     for bid in BLOCKS:
         k.register(bid)
+        k.wait_kv_ready(bid)
     wait_synced(f.gw, [k.id], blocks=len(BLOCKS))
+    wait_current(f.gw, k)
     for bid in BLOCKS:
         r = ask(f.gw, bid, injection="text")
         assert r.status_code == 200, r.text
