@@ -69,6 +69,7 @@ fn world() -> World {
                     }),
                     turn: r,
                     store_gbps: if i % 2 == 0 { 0.0 } else { 100.0 },
+                    weigh_others: i % 2 == 1,
                 })
                 .collect()
         })

@@ -201,6 +201,11 @@ pub struct InjectionInputs {
     /// Bandwidth from the instance's LMCache store to its GPU host, Gbit/s: a remote
     /// store's cached chunks cross it before the host-to-device copy (≤ 0: local, free).
     pub store_gbps: f64,
+    /// Charge a mode the step time it adds to the requests prefilling beside it
+    /// (`[proxy] weigh_others`). Off by default: it is only as good as the KV path's
+    /// prediction, and where KV costs more than predicted (a KDN slower than its link)
+    /// it pushes towards KV (benches/rag measured it).
+    pub weigh_others: bool,
 }
 
 // ---------------------------------------------------------------- online corrections
@@ -541,7 +546,7 @@ pub fn adaptive_terms(m: &CostModel, inputs: &InjectionInputs, c: &Corrections) 
     // The steps that run this request's prefill run the queued requests' prefills too
     // (chunked prefill batches them), so the GPU time a mode adds over the other is paid
     // once per request sharing them.
-    let sharing = load.queued;
+    let sharing = if inputs.weigh_others { load.queued } else { 0 };
     let (text_delay_to_others, kv_delay_to_others) = if cached_tokens == 0 {
         (0.0, 0.0)
     } else {
@@ -806,6 +811,7 @@ mod tests {
             transfer,
             turn: 0,
             store_gbps: 0.0,
+            weigh_others: false,
         }
     }
 
@@ -1233,6 +1239,7 @@ mod tests {
     fn text_prefill_costs_the_requests_sharing_its_steps() {
         let m = m8b();
         let mut i = inputs(64, 8192, Some(link(400.0)));
+        i.weigh_others = true;
         i.load.queued = 3;
         i.load.queued_prefill_tokens = 3;
         // a link on which KV alone is 1 ms slower than text
@@ -1263,6 +1270,13 @@ mod tests {
             (idle.mode, idle.reason),
             (InjectionMode::Text, "text_faster")
         );
+        // off (the default): the busy instance decides on its own TTFT
+        i.load.queued = 3;
+        i.load.queued_prefill_tokens = 3;
+        i.weigh_others = false;
+        let off = adaptive(&m, &i);
+        assert_eq!(off.adaptive.unwrap().text_delay_to_others, 0.0);
+        assert_eq!(off.mode, InjectionMode::Text);
     }
 
     /// A remote store's link is paid on every KV load: slow enough, and text wins.

@@ -201,10 +201,27 @@ pub fn take_extensions(extra: &mut Map<String, Value>) -> Result<Extensions, Api
     Ok(ext)
 }
 
+/// Most bytes of a request's text that retrieval looks at: the end of it (where the
+/// question is). A query's cost grows with its distinct terms, and a client must not be
+/// able to make one request scan the whole index on a worker thread.
+pub const MAX_QUERY_BYTES: usize = 4096;
+
 /// The text retrieval runs on: the last user message of a chat (all messages as
 /// `role: text` lines when none is from the user), or the prompt (texts joined;
-/// token-id prompts have no text).
+/// token-id prompts have no text); at most its last [`MAX_QUERY_BYTES`].
 pub fn query_text(body: &CompletionBody) -> String {
+    let mut text = full_query_text(body);
+    if text.len() > MAX_QUERY_BYTES {
+        let mut start = text.len() - MAX_QUERY_BYTES;
+        while !text.is_char_boundary(start) {
+            start += 1;
+        }
+        text.drain(..start);
+    }
+    text
+}
+
+fn full_query_text(body: &CompletionBody) -> String {
     match body {
         CompletionBody::Chat(chat) => match chat.messages.iter().rev().find(|m| m.role == "user") {
             Some(m) => m.text(),
@@ -968,6 +985,28 @@ mod tests {
         }
         let mut m = Map::new();
         assert_eq!(take_extensions(&mut m).unwrap(), Extensions::default());
+    }
+
+    #[test]
+    fn a_long_query_keeps_only_its_end() {
+        let long = format!(
+            "{}Which tower is in Paris?",
+            "é padding words ".repeat(100_000)
+        );
+        let body = CompletionBody::parse(
+            Route::Chat,
+            json!({"model": "m", "messages": [{"role": "user", "content": long}]})
+                .to_string()
+                .as_bytes(),
+        )
+        .unwrap();
+        let q = query_text(&body);
+        assert!(
+            q.len() <= MAX_QUERY_BYTES && q.len() > MAX_QUERY_BYTES - 4,
+            "{}",
+            q.len()
+        );
+        assert!(q.ends_with("Which tower is in Paris?"));
     }
 
     #[test]

@@ -69,6 +69,9 @@ pub struct ProxySection {
     /// Bandwidth from an instance's LMCache store to its GPU host, Gbit/s, paid by every
     /// KV load from a remote store (`sim --kv-store-gbps`); 0: local or not counted.
     pub store_gbps: f64,
+    /// Adaptive also charges a mode the step time it adds to the requests prefilling
+    /// beside it on the instance (off by default; see the README).
+    pub weigh_others: bool,
     /// The engines' LMCache stores the KV of prefixes they compute (LMCache's
     /// default): after a text-mode request the knowledge counts as resident there.
     pub engine_stores_prefix: bool,
@@ -95,6 +98,7 @@ impl Default for ProxySection {
             kv_transfer_params: false,
             link_rtt_ms: 0.5,
             store_gbps: 0.0,
+            weigh_others: false,
             engine_stores_prefix: true,
         }
     }

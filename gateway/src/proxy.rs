@@ -204,6 +204,7 @@ pub fn plan_kv(
             .knowledge_turn
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed),
         store_gbps: fleet.config.proxy.store_gbps,
+        weigh_others: fleet.config.proxy.weigh_others,
     };
     let mut decision = {
         let corrections = state.corrections.lock().unwrap_or_else(|p| p.into_inner());
