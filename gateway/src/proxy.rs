@@ -100,7 +100,10 @@ fn transfer_path(
     target: &str,
     own_backlog_bytes: u64,
 ) -> TransferPath {
-    let load = kdn.load.clone().unwrap_or_default();
+    // Borrowed: the KDN's load (its per-target map included) is read on every KV
+    // decision; an empty default does not allocate.
+    let unknown = knowledge::KdnLoad::default();
+    let load = kdn.load.as_ref().unwrap_or(&unknown);
     let t = load.targets.get(target);
     let gbps = t
         .and_then(|t| t.link_gbps)
