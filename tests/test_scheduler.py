@@ -271,12 +271,17 @@ def test_startup_in_any_order_converges(procs, cr_bin, sim, gateway, redis_serve
         return start_kdn(procs, cr_bin, tmp_path, "kdn-1", redis_server, targets, producer.url,
                          gateways=[control])
     if gateway_first:
-        gw = start_gateway()
-        time.sleep(0.5)
+        gw = start_gateway()  # returns once it answers
         k = start_kdn_()
     else:
         k = start_kdn_()
-        time.sleep(0.5)
+
+        def heartbeats(result):
+            return sample_sum(scrape(k.url + "/metrics"), "cacheroute_kdn_member_heartbeats_total",
+                              lambda l: l == {"result": result})
+        # the KDN is up and its registrations fail: no gateway listens yet
+        wait_until(lambda: heartbeats("error") >= 1, timeout=15, what="a failed heartbeat")
+        assert heartbeats("ok") == 0
         gw = start_gateway()
     k.register("basalt")
     k.wait_kv_ready("basalt")

@@ -28,6 +28,9 @@ pub struct KdnMetrics {
     pub active: IntGauge,
     /// `cacheroute_kdn_injection_queue_wait_ms` (moving average).
     pub queue_wait_ms: Gauge,
+    /// `cacheroute_kdn_member_heartbeats_total{result}`: registrations sent to gateways
+    /// (`ok`, `error`), so an operator sees a KDN that no gateway accepts.
+    pub heartbeats: IntCounterVec,
 }
 
 impl KdnMetrics {
@@ -102,6 +105,14 @@ impl KdnMetrics {
             "Moving average (0.8/0.2) of the time transfers waited for a worker, in ms",
         )
         .expect("valid metric");
+        let heartbeats = IntCounterVec::new(
+            Opts::new(
+                "cacheroute_kdn_member_heartbeats_total",
+                "Registrations (heartbeats) sent to gateways, by result (ok, error)",
+            ),
+            &["result"],
+        )
+        .expect("valid metric");
         for c in [
             Box::new(blocks.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(warmups.clone()),
@@ -113,6 +124,7 @@ impl KdnMetrics {
             Box::new(queue_len.clone()),
             Box::new(active.clone()),
             Box::new(queue_wait_ms.clone()),
+            Box::new(heartbeats.clone()),
         ] {
             registry.register(c).expect("unique metric");
         }
@@ -128,6 +140,7 @@ impl KdnMetrics {
             queue_len,
             active,
             queue_wait_ms,
+            heartbeats,
         }
     }
 

@@ -545,7 +545,13 @@ pub async fn spawn_kdn(mut config: KdnConfig) -> anyhow::Result<KdnHandle> {
         Membership::start(MemberInfo {
             kind: "kdn",
             instance: None,
-            on_attempt: None,
+            on_attempt: Some({
+                let metrics = kdn.metrics.clone();
+                std::sync::Arc::new(move |ok: bool| {
+                    let result = if ok { "ok" } else { "error" };
+                    metrics.heartbeats.with_label_values(&[result]).inc();
+                })
+            }),
             id: kdn.id.clone(),
             url: k.advertise_url_or_default(),
             gateways: k.gateways.clone(),

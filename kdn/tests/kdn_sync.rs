@@ -330,8 +330,23 @@ async fn membership_survives_gateway_start_order_and_restarts() {
     cfg.kdn.advertise_url = Some("http://kdn.example:9101".into());
     cfg.kdn.heartbeat_s = 0.1;
     let kdn = spawn_kdn(cfg).await.unwrap();
-    // let a few heartbeats hit the closed port
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // a few heartbeats hit the closed port and count as failed
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while kdn
+        .kdn
+        .metrics
+        .heartbeats
+        .with_label_values(&["error"])
+        .get()
+        < 2
+    {
+        assert!(Instant::now() < deadline, "no failed heartbeat after 20 s");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        kdn.kdn.metrics.heartbeats.with_label_values(&["ok"]).get(),
+        0
+    );
 
     // the gateway comes up after the KDN, and refuses twice (503) before accepting
     let (gw, stop_gw, task) = start_gateway(addr, 2).await;
