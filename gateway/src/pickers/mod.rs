@@ -1,0 +1,137 @@
+//! Instance pickers: how one instance of a pool is chosen for an attempt. One trait,
+//! one file per policy, built from the config by [`build`]; a policy that keeps
+//! state (the round-robin ticket, `prefix_affinity`'s prompt tree) owns it. The
+//! arithmetic stays in `cacheroute_filters::balance` (pure, tested there).
+
+mod knowledge_affinity;
+mod least_inflight;
+mod least_loaded;
+mod prefix_affinity;
+mod round_robin;
+
+use crate::fleet::{Pool, PoolInstance};
+use cacheroute_filters::balance::{self, BalancePolicy, Candidate};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+/// What a picker may ask about the request and the instances, for one attempt.
+pub struct PickInput<'a> {
+    /// Instances this request already tried (excluded).
+    pub tried: &'a dyn Fn(usize) -> bool,
+    /// Whether an instance's store holds the request's leading knowledge.
+    pub holds_kv: &'a dyn Fn(usize) -> bool,
+    /// An instance agent's running + waiting count (0 without an agent).
+    pub agent_load: &'a dyn Fn(&PoolInstance) -> u64,
+    /// The prompt's text, when a picker asked for it and the request has no knowledge.
+    pub prompt_text: Option<&'a str>,
+}
+
+/// Chooses an instance of a pool.
+pub trait Picker: Send + Sync {
+    /// The policy's name in the config.
+    fn name(&self) -> &'static str;
+    /// The index of the instance to try, or `None` when none is available.
+    fn pick(&self, pool: &Pool, input: &PickInput<'_>) -> Option<usize>;
+    /// Whether [`PickInput::prompt_text`] should be filled (it costs a copy of the
+    /// prompt, so only pickers that read it ask).
+    fn wants_prompt_text(&self) -> bool {
+        false
+    }
+}
+
+/// The picker for `policy` on pool `pool`, reusing `previous` (its state) when the
+/// pool had the same policy before a reload.
+fn make(policy: BalancePolicy) -> Arc<dyn Picker> {
+    match policy {
+        BalancePolicy::RoundRobin => Arc::new(round_robin::RoundRobin::default()),
+        BalancePolicy::LeastInflight => Arc::new(least_inflight::LeastInflight::default()),
+        BalancePolicy::LeastLoaded => Arc::new(least_loaded::LeastLoaded::default()),
+        BalancePolicy::KnowledgeAffinity => {
+            Arc::new(knowledge_affinity::KnowledgeAffinity::default())
+        }
+        BalancePolicy::PrefixAffinity => Arc::new(prefix_affinity::PrefixAffinity::default()),
+    }
+}
+
+/// Pickers by (pool, policy), kept across reloads so that a policy's state (its
+/// ticket, its prompt tree) survives a reload that keeps the pool's policy.
+#[derive(Default)]
+pub struct Pickers {
+    built: Mutex<HashMap<(String, &'static str), Arc<dyn Picker>>>,
+}
+
+impl Pickers {
+    /// The factory: the picker of `policy` for the pool named `pool`.
+    pub fn build(&self, pool: &str, policy: BalancePolicy) -> Arc<dyn Picker> {
+        let mut built = self.built.lock().unwrap_or_else(|p| p.into_inner());
+        built
+            .entry((pool.to_string(), policy.as_str()))
+            .or_insert_with(|| make(policy))
+            .clone()
+    }
+}
+
+/// A rotating counter: drives round robin and breaks least-loaded ties fairly.
+#[derive(Default)]
+struct Ticket(AtomicU64);
+
+impl Ticket {
+    fn next(&self) -> u64 {
+        self.0.fetch_add(1, Ordering::Relaxed)
+    }
+}
+
+/// How a policy counts an instance's load.
+#[derive(Clone, Copy)]
+enum Load {
+    /// The gateway's own in-flight and queued requests.
+    Own,
+    /// The larger of the gateway's count and the instance agent's.
+    WithAgent,
+}
+
+/// Run `balance::choose(policy)` over the pool's candidates, built on the stack for
+/// pools of up to 16 instances (pools are small: no heap on the request path).
+fn choose_balanced(
+    pool: &Pool,
+    input: &PickInput<'_>,
+    policy: BalancePolicy,
+    load: Load,
+    affinity: bool,
+    ticket: u64,
+) -> Option<usize> {
+    const ON_STACK: usize = 16;
+    let candidate = |(i, inst): (usize, &PoolInstance)| {
+        let own = inst.state.inflight() + inst.state.queued();
+        let load = match load {
+            Load::Own => own,
+            Load::WithAgent => own.max((input.agent_load)(inst)),
+        };
+        Candidate {
+            weight: inst.weight,
+            inflight: load,
+            available: !(input.tried)(i) && pool.is_healthy(inst),
+            affinity: affinity && (input.holds_kv)(i),
+        }
+    };
+    let n = pool.instances.len();
+    if n <= ON_STACK {
+        let mut buf = [Candidate {
+            weight: 0,
+            inflight: 0,
+            available: false,
+            affinity: false,
+        }; ON_STACK];
+        for (slot, c) in buf
+            .iter_mut()
+            .zip(pool.instances.iter().enumerate().map(candidate))
+        {
+            *slot = c;
+        }
+        balance::choose(policy, &buf[..n], ticket)
+    } else {
+        let all: Vec<Candidate> = pool.instances.iter().enumerate().map(candidate).collect();
+        balance::choose(policy, &all, ticket)
+    }
+}
