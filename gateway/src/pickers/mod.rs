@@ -40,8 +40,7 @@ pub trait Picker: Send + Sync {
     }
 }
 
-/// The picker for `policy` on pool `pool`, reusing `previous` (its state) when the
-/// pool had the same policy before a reload.
+/// A new picker for `policy`.
 fn make(policy: BalancePolicy) -> Arc<dyn Picker> {
     match policy {
         BalancePolicy::RoundRobin => Arc::new(round_robin::RoundRobin::default()),
@@ -54,11 +53,14 @@ fn make(policy: BalancePolicy) -> Arc<dyn Picker> {
     }
 }
 
+/// A built picker's pool name and policy name.
+type PickerKey = (String, &'static str);
+
 /// Pickers by (pool, policy), kept across reloads so that a policy's state (its
 /// ticket, its prompt tree) survives a reload that keeps the pool's policy.
 #[derive(Default)]
 pub struct Pickers {
-    built: Mutex<HashMap<(String, &'static str), Arc<dyn Picker>>>,
+    built: Mutex<HashMap<PickerKey, Arc<dyn Picker>>>,
 }
 
 impl Pickers {
