@@ -3,9 +3,11 @@
 //! reading the body whole, keep-alive between requests, and closing after an
 //! error without losing the answer.
 
+use crate::fleet::Fleet;
 use bytes::{Bytes, BytesMut};
 use cacheroute_filters::openai::ApiError;
 use pingora::apps::{HttpPersistentSettings, ReusedHttpStream};
+use pingora::http::ResponseHeader;
 use pingora::prelude::*;
 use pingora::protocols::http::ServerSession as Session;
 use std::time::Duration;
@@ -269,5 +271,58 @@ fn body_error(e: &Error) -> Option<ApiError> {
             format!("malformed request body framing: {e}"),
         )),
         _ => None,
+    }
+}
+
+pub fn models_json(fleet: &Fleet) -> Vec<u8> {
+    let data: Vec<_> = fleet
+        .models
+        .iter()
+        .map(|m| {
+            serde_json::json!({
+                "id": m,
+                "object": "model",
+                "created": 0,
+                "owned_by": "cacheroute",
+            })
+        })
+        .collect();
+    serde_json::to_vec(&serde_json::json!({"object": "list", "data": data})).unwrap_or_default()
+}
+
+/// Write a complete response with a body, keeping the connection alive.
+pub async fn respond(
+    session: &mut Session,
+    ctx: &mut crate::service::ReqCtx,
+    status: u16,
+    content_type: &str,
+    body: Bytes,
+    headers: &[(&str, &str)],
+) -> Result<()> {
+    let mut resp = ResponseHeader::build(status, Some(4 + headers.len()))?;
+    resp.insert_header("content-type", content_type)?;
+    resp.insert_header("content-length", body.len().to_string())?;
+    for (k, v) in headers {
+        resp.insert_header(k.to_string(), *v)?;
+    }
+    ctx.status = status;
+    session.write_response_header(Box::new(resp)).await?;
+    session.write_response_body(body, true).await
+}
+
+/// The label of an HTTP status, without allocating for the common ones.
+pub fn status_label(status: u16) -> std::borrow::Cow<'static, str> {
+    match status {
+        200 => "200".into(),
+        400 => "400".into(),
+        404 => "404".into(),
+        405 => "405".into(),
+        413 => "413".into(),
+        429 => "429".into(),
+        499 => "499".into(),
+        502 => "502".into(),
+        503 => "503".into(),
+        504 => "504".into(),
+        other => other.to_string().into(),
     }
 }

@@ -10,14 +10,13 @@
 
 use crate::config::Role;
 use crate::conn::{
-    check_head, head_error, lingering_close, read_body, wait_next_request, HeadLimits, HeadRefusal,
-    COLLECT_AFTER_BYTES, KEEPALIVE_SECS,
+    check_head, head_error, lingering_close, models_json, read_body, respond, status_label,
+    wait_next_request, HeadLimits, HeadRefusal, COLLECT_AFTER_BYTES, KEEPALIVE_SECS,
 };
-use crate::fleet::{Fleet, InflightGuard, InstanceMetrics, PoolInstance, PrefillGuard};
+use crate::fleet::{InflightGuard, InstanceMetrics, PoolInstance, PrefillGuard};
 use crate::forward::{self, ExchangeError};
 use crate::headers;
-use crate::knowledge::{self, AgentLive, Catalog};
-use crate::pickers::PickInput;
+use crate::pickers::next_instance;
 use crate::pipeline::{Attempt, Client, Done, Incoming, Reply, RequestCtx, Stop};
 use crate::proxy::KvPlan;
 use crate::state::GatewayState;
@@ -31,7 +30,6 @@ use pingora::http::ResponseHeader;
 use pingora::prelude::*;
 use pingora::protocols::http::ServerSession as Session;
 use pingora::server::ShutdownWatch;
-use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -44,7 +42,7 @@ pub struct ServicePlane {
 pub struct ReqCtx {
     start: Instant,
     route: &'static str,
-    status: u16,
+    pub(crate) status: u16,
     /// The instance that answered, if any.
     served_by: Option<Arc<InstanceMetrics>>,
     ttft: Option<Duration>,
@@ -277,7 +275,7 @@ impl ServicePlane {
                 return self.reject(session, ctx, err).await;
             }
         };
-        let mut body = match CompletionBody::parse(route, &raw) {
+        let mut body = match parse_body(route, &raw).await {
             Ok(b) => b,
             Err(err) => return self.reject(session, ctx, err).await,
         };
@@ -333,7 +331,7 @@ impl ServicePlane {
         while tried.len() <= max_retries {
             let agents = self.state.knowledge.agents.load();
             let Some((pool, idx)) =
-                choose(&fleet, &pools, &tried, pipe, &catalog, &self.state, &agents)
+                next_instance(&fleet, &pools, &tried, pipe, &catalog, &self.state, &agents)
             else {
                 break;
             };
@@ -513,6 +511,29 @@ impl ServicePlane {
     }
 }
 
+/// Bodies up to this size are parsed on the worker thread (well under a
+/// millisecond); larger ones on the blocking pool, so that one large body does
+/// not hold up the other requests on the worker.
+const PARSE_INLINE_MAX: usize = 64 << 10;
+
+/// Parse a completion body, off the worker thread when it is large.
+async fn parse_body(route: Route, raw: &Bytes) -> std::result::Result<CompletionBody, ApiError> {
+    if raw.len() <= PARSE_INLINE_MAX {
+        return CompletionBody::parse(route, raw);
+    }
+    let raw = raw.clone();
+    tokio::task::spawn_blocking(move || CompletionBody::parse(route, &raw))
+        .await
+        .unwrap_or_else(|e| {
+            Err(ApiError::new(
+                500,
+                "server_error",
+                "internal_error",
+                format!("parsing the body failed: {e}"),
+            ))
+        })
+}
+
 /// The body as it goes upstream: serialised again only when a filter changed it.
 /// Also what the attempts need of it: the prompt's size, the parsed body for
 /// `kv_transfer_params`, the prompt's text for pickers that ask.
@@ -571,43 +592,6 @@ impl Drop for ActiveRequest<'_> {
     }
 }
 
-/// The next (pool, instance) to try: the first pool, in the request's order, that
-/// still has an untried healthy instance, chosen by the pool's picker.
-fn choose(
-    fleet: &Fleet,
-    pools: &[usize],
-    tried: &[(usize, usize)],
-    pipe: &RequestCtx,
-    catalog: &Catalog,
-    state: &GatewayState,
-    agents: &HashMap<String, AgentLive>,
-) -> Option<(usize, usize)> {
-    let leading = pipe.ids.first().and_then(|id| catalog.blocks.get(id));
-    pools.iter().find_map(|&p| {
-        let pool = &fleet.pools[p];
-        let agent_load = |inst: &PoolInstance| {
-            agents
-                .get(&inst.url.base)
-                .filter(|a| a.up)
-                .map_or(0, |a| a.load.running + a.load.waiting)
-        };
-        let holds_kv = |i: usize| {
-            pipe.ids.first().is_some_and(|id| {
-                knowledge::residency(pool, i, &pipe.model, id, leading, agents, &state.injections)
-                    .is_some()
-            })
-        };
-        let tried_here = |i: usize| tried.contains(&(p, i));
-        let input = PickInput {
-            tried: &tried_here,
-            holds_kv: &holds_kv,
-            agent_load: &agent_load,
-            prompt_text: pipe.prompt_text.as_deref(),
-        };
-        pool.picker.pick(pool, &input).map(|i| (p, i))
-    })
-}
-
 /// The text a prompt's prefix tree sees: the chat's messages in order, or the prompt.
 fn prompt_text(body: &CompletionBody) -> String {
     match body {
@@ -622,58 +606,5 @@ fn prompt_text(body: &CompletionBody) -> String {
             s
         }
         CompletionBody::Completions(_) => scheduler::query_text(body),
-    }
-}
-
-fn models_json(fleet: &Fleet) -> Vec<u8> {
-    let data: Vec<_> = fleet
-        .models
-        .iter()
-        .map(|m| {
-            serde_json::json!({
-                "id": m,
-                "object": "model",
-                "created": 0,
-                "owned_by": "cacheroute",
-            })
-        })
-        .collect();
-    serde_json::to_vec(&serde_json::json!({"object": "list", "data": data})).unwrap_or_default()
-}
-
-/// Write a complete response with a body, keeping the connection alive.
-pub async fn respond(
-    session: &mut Session,
-    ctx: &mut ReqCtx,
-    status: u16,
-    content_type: &str,
-    body: Bytes,
-    headers: &[(&str, &str)],
-) -> Result<()> {
-    let mut resp = ResponseHeader::build(status, Some(4 + headers.len()))?;
-    resp.insert_header("content-type", content_type)?;
-    resp.insert_header("content-length", body.len().to_string())?;
-    for (k, v) in headers {
-        resp.insert_header(k.to_string(), *v)?;
-    }
-    ctx.status = status;
-    session.write_response_header(Box::new(resp)).await?;
-    session.write_response_body(body, true).await
-}
-
-/// The label of an HTTP status, without allocating for the common ones.
-fn status_label(status: u16) -> std::borrow::Cow<'static, str> {
-    match status {
-        200 => "200".into(),
-        400 => "400".into(),
-        404 => "404".into(),
-        405 => "405".into(),
-        413 => "413".into(),
-        429 => "429".into(),
-        499 => "499".into(),
-        502 => "502".into(),
-        503 => "503".into(),
-        504 => "504".into(),
-        other => other.to_string().into(),
     }
 }

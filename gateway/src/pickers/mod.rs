@@ -9,7 +9,10 @@ mod least_loaded;
 mod prefix_affinity;
 mod round_robin;
 
-use crate::fleet::{Pool, PoolInstance};
+use crate::fleet::{Fleet, Pool, PoolInstance};
+use crate::knowledge::{self, AgentLive, Catalog};
+use crate::pipeline::RequestCtx;
+use crate::state::GatewayState;
 use cacheroute_filters::balance::{self, BalancePolicy, Candidate};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -38,6 +41,43 @@ pub trait Picker: Send + Sync {
     fn wants_prompt_text(&self) -> bool {
         false
     }
+}
+
+/// The next (pool, instance) to try: the first pool, in the request's order, that
+/// still has an untried healthy instance, chosen by the pool's picker.
+pub fn next_instance(
+    fleet: &Fleet,
+    pools: &[usize],
+    tried: &[(usize, usize)],
+    pipe: &RequestCtx,
+    catalog: &Catalog,
+    state: &GatewayState,
+    agents: &HashMap<String, AgentLive>,
+) -> Option<(usize, usize)> {
+    let leading = pipe.ids.first().and_then(|id| catalog.blocks.get(id));
+    pools.iter().find_map(|&p| {
+        let pool = &fleet.pools[p];
+        let agent_load = |inst: &PoolInstance| {
+            agents
+                .get(&inst.url.base)
+                .filter(|a| a.up)
+                .map_or(0, |a| a.load.running + a.load.waiting)
+        };
+        let holds_kv = |i: usize| {
+            pipe.ids.first().is_some_and(|id| {
+                knowledge::residency(pool, i, &pipe.model, id, leading, agents, &state.injections)
+                    .is_some()
+            })
+        };
+        let tried_here = |i: usize| tried.contains(&(p, i));
+        let input = PickInput {
+            tried: &tried_here,
+            holds_kv: &holds_kv,
+            agent_load: &agent_load,
+            prompt_text: pipe.prompt_text.as_deref(),
+        };
+        pool.picker.pick(pool, &input).map(|i| (p, i))
+    })
 }
 
 /// A new picker for `policy`.
