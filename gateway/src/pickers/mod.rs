@@ -177,3 +177,63 @@ fn choose_balanced(
         balance::choose(policy, &all, ticket)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fleet::FleetBuilder;
+    use crate::pipeline::testing::fleet_from;
+
+    fn config(policy: &str) -> String {
+        format!(
+            r#"
+[upstream]
+policy = "{policy}"
+[[pools]]
+name = "p"
+models = ["m"]
+instances = [{{ url = "http://127.0.0.1:9" }}, {{ url = "http://127.0.0.1:10" }}]
+"#
+        )
+    }
+
+    fn pick(pool: &Pool, text: Option<&str>, tried: &[usize]) -> Option<usize> {
+        let input = PickInput {
+            tried: &|i| tried.contains(&i),
+            holds_kv: &|_| false,
+            agent_load: &|_| 0,
+            prompt_text: text,
+        };
+        pool.picker.pick(pool, &input)
+    }
+
+    #[tokio::test]
+    async fn round_robin_alternates_and_skips_the_tried() {
+        let builder = FleetBuilder::new(&Default::default());
+        let fleet = fleet_from(&builder, &config("round_robin")).await;
+        let pool = &fleet.pools[0];
+        assert_eq!(pool.picker.name(), "round_robin");
+        let a = pick(pool, None, &[]).expect("an instance");
+        let b = pick(pool, None, &[]).expect("an instance");
+        assert_ne!(a, b);
+        assert_eq!(pick(pool, None, &[0]), Some(1));
+        assert_eq!(pick(pool, None, &[0, 1]), None);
+    }
+
+    #[tokio::test]
+    async fn prefix_affinity_keeps_its_tree_across_a_reload() {
+        let builder = FleetBuilder::new(&Default::default());
+        let text = "user\nthe same long shared prompt prefix, asked again\n";
+        let first = {
+            let fleet = fleet_from(&builder, &config("prefix_affinity")).await;
+            let pool = &fleet.pools[0];
+            assert!(pool.picker.wants_prompt_text());
+            pick(pool, Some(text), &[]).expect("an instance")
+        };
+        // A reload with the same pool and policy gets the same picker, tree included.
+        let fleet = fleet_from(&builder, &config("prefix_affinity")).await;
+        for _ in 0..3 {
+            assert_eq!(pick(&fleet.pools[0], Some(text), &[]), Some(first));
+        }
+    }
+}

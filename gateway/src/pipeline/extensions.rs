@@ -32,7 +32,10 @@ impl RequestFilter for RequestExtensions {
             Ok(ext) => ext,
             Err(e) => return Flow::Reply(e.into()),
         };
-        ctx.model = req.body.model().to_string();
+        if ctx.model != req.body.model() {
+            // Only when a filter before changed it: the plain path allocates it once.
+            ctx.model = req.body.model().to_string();
+        }
         let pools = ctx.fleet.pools_for(&ctx.model);
         if pools.is_empty() {
             return Flow::Reply(ApiError::model_not_found(&ctx.model).into());

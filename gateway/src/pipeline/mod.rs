@@ -494,13 +494,19 @@ models = ["m"]
 instances = [{ url = "http://127.0.0.1:9" }]
 "#;
 
+    /// A fleet built from TOML by `builder`.
+    pub async fn fleet_from(builder: &FleetBuilder, toml_text: &str) -> Fleet {
+        let config: Config = toml::from_str(toml_text).expect("test config");
+        builder
+            .build(config, 1, &Default::default(), &Metrics::new())
+            .await
+            .expect("test fleet")
+    }
+
     /// A context and a parsed chat body (`body`, or a plain one for model `m`).
     pub async fn ctx_with(body: &str) -> (RequestCtx, CompletionBody) {
         let config: Config = toml::from_str(CONFIG).expect("test config");
-        let fleet = FleetBuilder::new(&config.upstream)
-            .build(config, 1, &Default::default(), &Metrics::new())
-            .await
-            .expect("test fleet");
+        let fleet = fleet_from(&FleetBuilder::new(&config.upstream), CONFIG).await;
         let json = if body.is_empty() {
             r#"{"model":"m","messages":[{"role":"user","content":"hi"}]}"#
         } else {
