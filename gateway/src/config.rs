@@ -35,6 +35,43 @@ pub struct Config {
     /// The proxy filter's defaults (pools may override them).
     #[serde(default)]
     pub proxy: ProxySection,
+    /// Bearer keys and their tenants (the `api_keys` filter).
+    #[serde(default)]
+    pub api_keys: ApiKeysSection,
+    /// Per-tenant request and prompt-token rates (the `rate_limit` filter).
+    #[serde(default)]
+    pub rate_limit: RateLimitSection,
+    /// Client model name → served model name (the `model_alias` filter).
+    #[serde(default)]
+    pub model_aliases: std::collections::BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct ApiKeysSection {
+    /// Key → tenant.
+    pub keys: std::collections::BTreeMap<String, String>,
+    /// A TOML file of more `"key" = "tenant"` lines, read again on every reload.
+    pub file: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct RateLimitSection {
+    /// Default limits of every tenant (0: unlimited).
+    pub requests_per_minute: u64,
+    pub prompt_tokens_per_minute: u64,
+    /// Limits of named tenants, overriding the defaults.
+    pub tenants: std::collections::BTreeMap<String, TenantLimits>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct TenantLimits {
+    #[serde(default)]
+    pub requests_per_minute: Option<u64>,
+    #[serde(default)]
+    pub prompt_tokens_per_minute: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -186,6 +223,9 @@ pub struct GatewaySection {
     pub peer_token: String,
     pub watch_config: bool,
     pub role: Role,
+    /// The request filters, in order; empty: the role's preset
+    /// (see `pipeline::preset`).
+    pub filters: Vec<String>,
     /// Gateway hops a request may take (scheduler → proxy …) before it is refused as
     /// a loop (508).
     pub max_hops: u32,
@@ -215,6 +255,7 @@ impl Default for GatewaySection {
             peer_token: String::new(),
             watch_config: true,
             role: Role::All,
+            filters: Vec::new(),
             max_hops: 4,
             decision_history: 256,
             log_decisions: String::new(),

@@ -63,6 +63,7 @@ impl ServeHttp for ControlPlane {
                 let status = self.state.fleet.load().status();
                 let body = serde_json::json!({
                     "config_version": status.config_version,
+                    "filters": status.filters,
                     "models": status.models,
                     "pools": status.pools,
                     "last_reload_error": self.reloader.last_error().await,

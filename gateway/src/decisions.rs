@@ -34,6 +34,9 @@ pub struct DecisionRecord {
     pub role: &'static str,
     /// Gateway hops before this one.
     pub hops: u32,
+    /// The tenant an API key named (with the `api_keys` filter).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tenant: Option<String>,
     pub scheduling: std::sync::Arc<SchedulingDecision>,
     pub injection: Option<InjectionDecision>,
     pub outcome: Outcome,

@@ -229,7 +229,11 @@ pub fn run(mut args: DemoArgs) -> Result<()> {
             .collect::<String>()
     )?;
     print_banner(&args, &sims, kdn_addr, &qs, &config_path);
-    crate::server::run(ConfigSource::File(config_path), Overrides::default())
+    crate::server::run(
+        ConfigSource::File(config_path),
+        Overrides::default(),
+        Vec::new(),
+    )
 }
 
 /// Register the corpus (warm-up through the producer, sim 0) and inject every block into

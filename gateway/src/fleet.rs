@@ -10,10 +10,11 @@ use crate::admission::Admission;
 use crate::config::{Config, InstanceUrl, PoolSettings, UpstreamDefaults};
 use crate::idle_pool::IdlePool;
 use crate::metrics::Metrics;
+use crate::pickers::{Picker, Pickers};
+use crate::pipeline::{build_chain, Chain, RequestFilter};
 use anyhow::{Context, Result};
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
-use cacheroute_filters::balance::{self, BalancePolicy, Candidate};
 use cacheroute_filters::cost_model::{builtin_profile, CostModel, BUILTIN_PROFILES};
 use cacheroute_filters::injection::{InjectionStrategy, ReleasePolicy};
 use cacheroute_filters::openai::Route;
@@ -260,8 +261,9 @@ pub struct Pool {
     pub discovered: bool,
     pub settings: PoolSettings,
     pub instances: Vec<PoolInstance>,
+    /// Chooses the instance of each attempt (the pool's `policy`).
+    pub picker: Arc<dyn Picker>,
     backends: Backends,
-    ticket: AtomicU64,
     health_interval: Duration,
 }
 
@@ -269,58 +271,13 @@ impl Pool {
     pub fn is_healthy(&self, inst: &PoolInstance) -> bool {
         self.backends.ready(&inst.backend) && !inst.state.failed_recently(self.health_interval)
     }
-
-    /// Choose an instance for one attempt, skipping those `tried` says were.
-    /// `affinity` marks instances an affinity policy prefers; `agent_load` gives an
-    /// instance agent's running + waiting count (for `least_loaded`).
-    pub fn choose(
-        &self,
-        tried: impl Fn(usize) -> bool,
-        affinity: impl Fn(usize) -> bool,
-        agent_load: impl Fn(&PoolInstance) -> u64,
-    ) -> Option<usize> {
-        // Pools are small: decide on the stack, not the heap.
-        const ON_STACK: usize = 16;
-        let policy = self.settings.policy;
-        let candidate = |(i, inst): (usize, &PoolInstance)| {
-            let own = inst.state.inflight() + inst.state.queued();
-            let load = match policy {
-                BalancePolicy::RoundRobin | BalancePolicy::LeastInflight => own,
-                _ => own.max(agent_load(inst)),
-            };
-            Candidate {
-                weight: inst.weight,
-                inflight: load,
-                available: !tried(i) && self.is_healthy(inst),
-                affinity: affinity(i),
-            }
-        };
-        let ticket = self.ticket.fetch_add(1, Ordering::Relaxed);
-        let n = self.instances.len();
-        if n <= ON_STACK {
-            let mut buf = [Candidate {
-                weight: 0,
-                inflight: 0,
-                available: false,
-                affinity: false,
-            }; ON_STACK];
-            for (slot, c) in buf
-                .iter_mut()
-                .zip(self.instances.iter().enumerate().map(candidate))
-            {
-                *slot = c;
-            }
-            balance::choose(policy, &buf[..n], ticket)
-        } else {
-            let all: Vec<Candidate> = self.instances.iter().enumerate().map(candidate).collect();
-            balance::choose(policy, &all, ticket)
-        }
-    }
 }
 
 /// An immutable routing table: what the service plane reads per request.
 pub struct Fleet {
     pub version: u64,
+    /// The request filters, in order (`[gateway] filters`, or the role's preset).
+    pub chain: Arc<Chain>,
     pub config: Config,
     /// Tokenizer of each served model (prefix checks), from `[proxy] tokenizer`.
     tokenizers: HashMap<String, Arc<Tokenizer>>,
@@ -355,6 +312,7 @@ impl Fleet {
 
     pub fn status(&self) -> FleetStatus {
         FleetStatus {
+            filters: self.chain.names().iter().map(|n| n.to_string()).collect(),
             config_version: self.version,
             models: self.models.clone(),
             pools: self
@@ -364,7 +322,7 @@ impl Fleet {
                     name: p.name.clone(),
                     models: p.models.clone(),
                     models_discovered: p.discovered,
-                    policy: p.settings.policy.as_str(),
+                    policy: p.picker.name(),
                     max_retries: p.settings.max_retries,
                     instances: p
                         .instances
@@ -389,6 +347,8 @@ impl Fleet {
 #[derive(Debug, Serialize)]
 pub struct FleetStatus {
     pub config_version: u64,
+    /// The request filters, in order.
+    pub filters: Vec<String>,
     pub models: Vec<String>,
     pub pools: Vec<PoolStatus>,
 }
@@ -481,6 +441,10 @@ pub struct FleetBuilder {
     pub instances: InstanceRegistry,
     pub health: Arc<HealthRegistry>,
     pub check: Arc<ReloadableHealthCheck>,
+    /// Instance pickers, kept across reloads with their state.
+    pub pickers: Pickers,
+    /// Request filters added through the library's builder (see `pipeline::build_chain`).
+    pub custom_filters: Vec<Arc<dyn RequestFilter>>,
 }
 
 impl FleetBuilder {
@@ -492,6 +456,8 @@ impl FleetBuilder {
             instances: InstanceRegistry::default(),
             health,
             check,
+            pickers: Pickers::default(),
+            custom_filters: Vec::new(),
         }
     }
 
@@ -506,6 +472,7 @@ impl FleetBuilder {
         metrics: &Metrics,
     ) -> Result<Fleet> {
         self.check.update(&config.upstream);
+        let chain = Arc::new(build_chain(&config, &self.custom_filters)?);
         let health_interval = Duration::from_millis(config.upstream.health_check_interval_ms);
         let mut pools = Vec::with_capacity(config.pools.len());
         let mut profiles: HashMap<String, Arc<CostModel>> = HashMap::new();
@@ -600,10 +567,12 @@ impl FleetBuilder {
                 kv_target: pc.kv_target.clone(),
                 models,
                 discovered: was_discovered,
+                picker: self
+                    .pickers
+                    .build(&pc.name, pc.settings(&config.upstream).policy),
                 settings: pc.settings(&config.upstream),
                 instances,
                 backends,
-                ticket: AtomicU64::new(0),
                 health_interval,
             });
         }
@@ -637,6 +606,7 @@ impl FleetBuilder {
         .context("loading tokenizers")?
         .with_context(|| format!("proxy.tokenizer {}", config.proxy.tokenizer))?;
         Ok(Fleet {
+            chain,
             version,
             tokenizers,
             fallback_tokenizer,

@@ -64,6 +64,7 @@ pub async fn exchange(
     inst: &PoolInstance,
     outgoing: Outgoing<'_>,
     extra_headers: &[(&'static str, &str)],
+    on_response: &(dyn Fn(&mut ResponseHeader) + Sync),
     start: Instant,
 ) -> std::result::Result<Completed, ExchangeError> {
     let Outgoing {
@@ -122,7 +123,9 @@ pub async fn exchange(
         )));
     };
     let status = upstream_resp.status.as_u16();
-    let resp = downstream_response(upstream_resp, extra_headers).map_err(failed)?;
+    let mut resp = downstream_response(upstream_resp, extra_headers).map_err(failed)?;
+    // The request filters' response phase.
+    on_response(&mut resp);
     session
         .write_response_header(Box::new(resp))
         .await

@@ -1,32 +1,9 @@
 //! `cacheroute`: one binary, one subcommand per component.
 
-mod admission;
-mod background;
-mod calibrate;
-mod config;
-mod control;
-mod decisions;
-mod demo;
-mod fleet;
-mod forward;
-mod headers;
-mod idle_pool;
-mod knowledge;
-mod kv_inject;
-mod members;
-mod metrics;
-mod prefix;
-mod proxy;
-mod reload;
-mod retrieval;
-mod server;
-mod service;
-mod state;
-mod sync;
-
 use anyhow::{bail, Result};
+use cacheroute_gateway::reload::{ConfigSource, Overrides};
+use cacheroute_gateway::{calibrate, demo, server};
 use clap::{Args, Parser, Subcommand};
-use reload::{ConfigSource, Overrides};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
@@ -130,7 +107,7 @@ fn run() -> Result<()> {
                 log_decisions: args.log_decisions,
                 insecure: args.insecure,
             };
-            server::run(source, overrides)
+            server::run(source, overrides, Vec::new())
         }
         Command::Sim(args) => tokio::runtime::Runtime::new()?.block_on(cacheroute_sim::run(args)),
         Command::Demo(args) => demo::run(args),

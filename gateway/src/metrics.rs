@@ -16,6 +16,8 @@ pub struct Metrics {
     duration_chat: prometheus::Histogram,
     duration_completions: prometheus::Histogram,
     pub requests: IntCounterVec,
+    /// Completion requests by tenant (configured tenants, else "unknown") and status.
+    pub tenant_requests: IntCounterVec,
     pub request_duration: HistogramVec,
     pub ttft: HistogramVec,
     pub inflight: IntGaugeVec,
@@ -49,6 +51,14 @@ impl Metrics {
                 "Requests answered, by route, HTTP status and upstream instance",
             ),
             &["route", "status", "upstream"],
+        )
+        .expect("valid metric");
+        let tenant_requests = IntCounterVec::new(
+            Opts::new(
+                "cacheroute_tenant_requests_total",
+                "Completion requests by tenant (an API key's; otherwise unknown) and HTTP status",
+            ),
+            &["tenant", "status"],
         )
         .expect("valid metric");
         let request_duration = HistogramVec::new(
@@ -223,6 +233,7 @@ impl Metrics {
         }
         for c in [
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(tenant_requests.clone()),
             Box::new(request_duration.clone()),
             Box::new(ttft.clone()),
             Box::new(inflight.clone()),
@@ -238,6 +249,7 @@ impl Metrics {
         reloads.with_label_values(&["ok"]);
         reloads.with_label_values(&["error"]);
         Metrics {
+            tenant_requests,
             duration_chat: request_duration.with_label_values(&["chat"]),
             duration_completions: request_duration.with_label_values(&["completions"]),
             registry,

@@ -5,7 +5,7 @@
 use crate::fleet::{Fleet, Pool};
 use crate::knowledge::{self, Catalog, KdnLive};
 use crate::kv_inject::{InjectKey, InjectState};
-use crate::service::Plan;
+use crate::pipeline::RequestCtx;
 use crate::state::GatewayState;
 use cacheroute_filters::injection::{
     self, InjectionDecision, InjectionInputs, InjectionMode, InstanceLoad, KnowledgeShape,
@@ -128,7 +128,7 @@ pub fn plan_kv(
     fleet: &Fleet,
     pool: &Pool,
     idx: usize,
-    plan: &Plan,
+    plan: &RequestCtx,
     catalog: &Catalog,
 ) -> Option<KvPlan> {
     if !plan.leading_applied {
@@ -159,8 +159,8 @@ pub fn plan_kv(
     let kdns = state.knowledge.kdns.load();
     let kdn = plan
         .decision
-        .kdn
-        .as_deref()
+        .as_ref()
+        .and_then(|d| d.kdn.as_deref())
         .and_then(|k| kdns.iter().find(|l| l.id == k && l.up))
         .filter(|k| block.kv_ready_on(&k.id, &plan.model));
     let chunk_size = m.chunk_size.max(1);
@@ -213,7 +213,7 @@ pub fn plan_kv(
         let corrections = state.corrections.lock().unwrap_or_else(|p| p.into_inner());
         injection::decide(
             pool.proxy.injection,
-            plan.client_injection,
+            plan.ext.injection,
             &pool.proxy.cost,
             &inputs,
             &corrections,

@@ -5,6 +5,7 @@ use crate::background::Background;
 use crate::control::ControlPlane;
 use crate::fleet::FleetBuilder;
 use crate::metrics::Metrics;
+use crate::pipeline::RequestFilter;
 use crate::reload::{discover_models, ConfigSource, Overrides, Reloader};
 use crate::service::ServicePlane;
 use crate::state::GatewayState;
@@ -18,7 +19,12 @@ use std::sync::Arc;
 
 /// Load the configuration and serve until the process is stopped.
 /// Blocks the calling thread (Pingora owns its runtimes).
-pub fn run(source: ConfigSource, overrides: Overrides) -> Result<()> {
+/// `filters`: request filters added through the library's builder.
+pub fn run(
+    source: ConfigSource,
+    overrides: Overrides,
+    filters: Vec<Arc<dyn RequestFilter>>,
+) -> Result<()> {
     let (config, text) = source.load(&overrides)?;
     let listen = config.gateway.listen;
     let control = config.gateway.control;
@@ -35,7 +41,8 @@ pub fn run(source: ConfigSource, overrides: Overrides) -> Result<()> {
     let rt = tokio::runtime::Runtime::new()?;
     let metrics = Arc::new(Metrics::new());
     let (state, discovered) = rt.block_on(async {
-        let builder = FleetBuilder::new(&config.upstream);
+        let mut builder = FleetBuilder::new(&config.upstream);
+        builder.custom_filters = filters;
         let discovered = discover_models(&config, &Default::default()).await;
         let fleet = builder.build(config, 1, &discovered, &metrics).await?;
         anyhow::Ok((GatewayState::new(fleet, builder, metrics), discovered))
@@ -57,7 +64,6 @@ pub fn run(source: ConfigSource, overrides: Overrides) -> Result<()> {
         // then shut down without waiting (tasks still there are cut).
         grace_period_seconds: Some(DRAIN_S),
         graceful_shutdown_timeout_seconds: Some(1),
-        upstream_keepalive_pool_size: 1024,
         ..ServerConf::default()
     };
     let mut server = Server::new_with_opt_and_conf(None, conf);

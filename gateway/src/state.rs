@@ -39,8 +39,6 @@ pub struct GatewayState {
     pub corrections: std::sync::Mutex<Corrections>,
     /// Prefix token checks, cached per block.
     pub prefix_checks: PrefixChecks,
-    /// Prompt prefix trees of the `prefix_affinity` pools.
-    pub prefix: crate::prefix::PrefixTrees,
     /// Knowledge requests whose injection was decided (the `hybrid` turn).
     pub knowledge_turn: AtomicU64,
     /// Service-plane requests being handled now (read, queued, streaming): a
@@ -72,7 +70,6 @@ impl GatewayState {
             injections: Arc::new(KvInjections::default()),
             corrections: std::sync::Mutex::new(Corrections::new()),
             prefix_checks: PrefixChecks::default(),
-            prefix: crate::prefix::PrefixTrees::default(),
             knowledge_turn: AtomicU64::new(0),
             active_requests: AtomicU64::new(0),
         })
