@@ -23,6 +23,7 @@ mod server;
 mod service;
 mod state;
 mod sync;
+mod ui;
 
 use anyhow::{bail, Result};
 use clap::{Args, Parser, Subcommand};
