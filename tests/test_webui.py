@@ -41,18 +41,31 @@ class Demo:
         return Path(m.group(1))
 
 
-def start_demo(procs, cr_bin, time_scale: float = 50) -> Demo:
+def start_demo(procs, cr_bin, time_scale: float = 50, injection: str = "adaptive") -> Demo:
     port, cport, kport, sim_port = free_port(), free_port(), free_port(), two_free_ports()
     p = procs.start("demo", [cr_bin, "demo", "--listen", f"127.0.0.1:{port}", "--control", f"127.0.0.1:{cport}",
                              "--sim-port", str(sim_port), "--kdn-listen", f"127.0.0.1:{kport}",
-                             "--time-scale", str(time_scale)])
+                             "--time-scale", str(time_scale), "--injection", injection])
     d = Demo(p, port, cport, kport, sim_port)
     p.wait_http(d.url + "/health")
     p.wait_http(d.control + "/healthz")
     wait_until(lambda: "knowledge ready" in p.logs(), timeout=120, what="the demo's knowledge is ready")
+    assert f"{d.control}/ui" in p.logs()  # the banner names the dashboard
     wait_until(lambda: client().get(d.control + "/debug/knowledge").json()["blocks"] >= 24,
                timeout=30, what="the gateway synced the KDN's registry")
     return d
+
+
+def start_agent(procs, cr_bin, d: Demo, engine: str) -> str:
+    """An instance agent beside `engine`, registered with the demo's gateway; its URL."""
+    port = free_port()
+    p = procs.start("agent", [cr_bin, "agent", "--engine", engine, "--listen", f"127.0.0.1:{port}",
+                              "--gateway", d.control, "--kdn", d.kdn])
+    url = f"http://127.0.0.1:{port}"
+    p.wait_http(url + "/health")
+    wait_until(lambda: client().get(d.control + "/debug/knowledge").json()["agents"], timeout=30,
+               what="the agent registered with the demo's gateway")
+    return url
 
 
 def rag(base: str, question: str, **extra) -> httpx.Response:
@@ -120,10 +133,30 @@ def show(drv, view: str) -> None:
 def test_dashboard_shows_the_fleet_the_decisions_and_the_playground(procs, cr_bin, browser):
     from selenium.webdriver.common.by import By
 
-    d = start_demo(procs, cr_bin)
+    # `kv`: a fixed strategy that follows the client's "injection" (both modes show)
+    d = start_demo(procs, cr_bin, injection="kv")
+    start_agent(procs, cr_bin, d, d.sims[1])
     # some traffic first, so every view has something to show
-    for q in ("What is paged attention?", "How does speculative decoding work?", "What is a KV cache?"):
-        rag(d.url, q)
+    for q, mode in (("What is paged attention?", "kv"), ("How does speculative decoding work?", "text"),
+                    ("What is a KV cache?", "kv")):
+        rag(d.url, q, injection=mode)
+    # A block registered now is in no instance's store as far as the gateway knows: a
+    # KV request for it makes the gateway ask the KDN to inject it (a job in the journal).
+    with client(timeout=60) as c:
+        r = c.post(d.kdn + "/v1/knowledge", params={"wait": "true"}, json={
+            "id": "aurora-borealis", "title": "Aurora borealis", "models": [MODEL],
+            "text": "An aurora borealis glows when charged solar wind particles strike oxygen and "
+                    "nitrogen high in the ionosphere; green light comes from oxygen near one hundred "
+                    "kilometres up, crimson from oxygen higher still. " * 12})
+        assert r.status_code in (200, 201), r.text
+
+    def injected():
+        rag(d.url, "Why does an aurora borealis glow green in the ionosphere?", injection="kv")
+        jobs = client().get(d.control + "/ui/api/state").json()["injections"]
+        return [j for j in jobs if j["block"] == "aurora-borealis" and j["state"] == "done"]
+
+    job = wait_until(injected, timeout=30, interval=0.2, what="the gateway injected the new block")[0]
+    assert job["target"] in ("sim-0", "sim-1") and job["bytes"] > 0 and job["bandwidth_bytes_per_s"] > 0, job
     browser.get(d.control + "/ui")
     wait_until(lambda: "live" in by_id(browser, "conn").text, timeout=15, what="the page's first poll")
 
@@ -131,6 +164,8 @@ def test_dashboard_shows_the_fleet_the_decisions_and_the_playground(procs, cr_bi
     wait_until(lambda: all(s in by_id(browser, "fleet-pools").text for s in d.sims), timeout=10,
                what="both instances in the fleet view")
     assert "healthy" in by_id(browser, "fleet-pools").text
+    wait_until(lambda: "no agent" in by_id(browser, "fleet-pools").text and "%" in by_id(browser, "fleet-pools").text,
+               timeout=15, what="sim 1's agent (GPU KV usage) in the fleet view, none beside sim 0")
     wait_until(lambda: "bm25" in by_id(browser, "fleet-pools").text, timeout=10,
                what="the knowledge resident in the sims' stores (from the KDN's registry)")
     screenshot(browser, "fleet")
@@ -138,14 +173,19 @@ def test_dashboard_shows_the_fleet_the_decisions_and_the_playground(procs, cr_bi
     show(browser, "kdns")
     wait_until(lambda: "up" in by_id(browser, "kdn-list").text and "sim-1" in by_id(browser, "kdn-list").text,
                timeout=10, what="the KDN and its targets")
+    wait_until(lambda: "aurora-borealis" in by_id(browser, "jobs").text and "done" in by_id(browser, "jobs").text,
+               timeout=10, what="the injection job with its bandwidth")
     screenshot(browser, "kdns")
 
     show(browser, "knowledge")
     wait_until(lambda: "speculative-decoding" in by_id(browser, "blocks").text, timeout=10, what="the blocks")
-    rows = browser.find_elements(By.CSS_SELECTOR, "#blocks tbody tr")
+    # the table is redrawn on every poll: read it in one go
+    rows = browser.execute_script(
+        "return [...document.querySelectorAll('#blocks tbody tr')].map(r => [...r.cells].map(c => c.innerText))")
     assert len(rows) >= 24
-    used = [r.text for r in rows if r.text.startswith("paged-attention ")]
-    assert used and int(used[0].split()[-1]) >= 1, used  # the request above needed it
+    used = [r for r in rows if r[0] == "paged-attention"]
+    assert used and used[0][3] == "kv_ready" and int(used[0][4].replace(",", "")) >= 256, used
+    assert int(used[0][-1]) >= 1, used  # the request above needed it
     screenshot(browser, "knowledge")
 
     # Decisions: a request sent now appears in the stream
@@ -155,7 +195,7 @@ def test_dashboard_shows_the_fleet_the_decisions_and_the_playground(procs, cr_bi
     row = wait_until(lambda: browser.find_elements(By.CSS_SELECTOR, f'#stream tr[data-id="{rid}"]'),
                      timeout=10, what=f"decision {rid} in the stream")[0]
     assert "continuous-batching" in row.text and r.headers["x-cacheroute-instance"] in row.text
-    assert r.headers.get("x-cacheroute-injection", "") in row.text
+    assert r.headers["x-cacheroute-injection"] in row.text
     row.click()
     wait_until(lambda: f'"id": {rid}' in by_id(browser, "decision-detail").text, timeout=10,
                what="the decision's whole record")
@@ -288,12 +328,7 @@ def test_grafana_dashboard_queries_only_metrics_that_exist(procs, cr_bin):
         assert f"127.0.0.1:{port}" in prom
 
     d = start_demo(procs, cr_bin, time_scale=1)
-    aport = free_port()
-    agent = procs.start("agent", [cr_bin, "agent", "--engine", d.sims[1], "--listen", f"127.0.0.1:{aport}",
-                                  "--gateway", d.control, "--kdn", d.kdn])
-    agent.wait_http(f"http://127.0.0.1:{aport}/health")
-    wait_until(lambda: client().get(d.control + "/debug/knowledge").json()["agents"], timeout=30,
-               what="the agent registered with the demo's gateway")
+    agent = start_agent(procs, cr_bin, d, d.sims[1])
 
     # Traffic that exercises every panel: RAG requests in both modes, then a queue
     # and 429s (one slot and one queue place per instance, set by a config reload).
@@ -325,6 +360,6 @@ def test_grafana_dashboard_queries_only_metrics_that_exist(procs, cr_bin):
 
     with client() as c:
         have = (exposed(c.get(d.control + "/metrics").text) | exposed(c.get(d.kdn + "/metrics").text)
-                | exposed(c.get(f"http://127.0.0.1:{aport}/metrics").text))
+                | exposed(c.get(agent + "/metrics").text))
     missing = sorted(wanted - have)
     assert not missing, f"the dashboard queries metrics nobody exposes: {missing}"

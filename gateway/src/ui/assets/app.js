@@ -62,6 +62,9 @@ function bar(fraction) {
   return h("span", { class: "bar" }, i);
 }
 
+// A header cell; a leading "#" marks a numeric (right-aligned) column.
+function th(t) { return t.startsWith("#") ? h("th", { class: "num" }, t.slice(1)) : h("th", {}, t); }
+
 function fill(tbody, rows) { tbody.replaceChildren(...rows); }
 
 async function getJSON(url) {
@@ -104,8 +107,8 @@ function renderFleet(s) {
     return h("div", { class: "card" },
       h("h3", {}, `pool ${p.name}`, h("span", { class: "muted" }, ` · ${p.models.join(", ")} · ${p.policy}`)),
       h("table", {},
-        h("thead", {}, h("tr", {}, ["instance", "health", "in flight", "queued", "kv waiting",
-          "running (agent)", "waiting (agent)", "GPU KV usage", "KV target", "resident knowledge"].map((t) => h("th", {}, t)))),
+        h("thead", {}, h("tr", {}, ["instance", "health", "#in flight", "#queued", "#kv waiting",
+          "#running (agent)", "#waiting (agent)", "GPU KV usage", "KV target", "resident knowledge"].map(th))),
         h("tbody", {}, rows)));
   });
   $("fleet-summary").replaceChildren(
@@ -133,7 +136,7 @@ function renderKdns(s) {
         stat(fmtNum(l.queue_wait_ms), "queue delay ms"), stat(fmtNum(l.oldest_pending_ms), "oldest pending ms"),
         stat(fmtRate(l.bandwidth_bytes_per_s), "bandwidth"), stat(l.max_queue ?? "–", "max queue")),
       k.last_error ? h("div", { class: "error" }, k.last_error) : null,
-      h("table", {}, h("thead", {}, h("tr", {}, ["target", "link speed", "link backlog ms", "pending", "active"].map((t) => h("th", {}, t)))),
+      h("table", {}, h("thead", {}, h("tr", {}, ["target", "#link speed", "#link backlog ms", "#pending", "#active"].map(th))),
         h("tbody", {}, targets)));
   });
   $("kdn-list").replaceChildren(...(cards.length ? cards : [h("p", { class: "muted" }, "No KDN configured or registered.")]));
@@ -230,12 +233,19 @@ function frame(ctx, w, hgt, xMin, xMax, yMax, yLabel) {
   };
 }
 
+// The chart's left edge: the window's start, or a little before the first point
+// while there is less than a window of data (so early points are not squeezed right).
+function since(pts, now) {
+  const first = pts.length ? pts[0].at : now;
+  return Math.max(now - CHART_WINDOW_S, Math.min(first, now - 10) - 2);
+}
+
 function drawTtft() {
   const c = $("ttft-chart"); const ctx = c.getContext("2d");
   const now = ui.state ? ui.state.now : Date.now() / 1000;
   const pts = ui.points.filter((p) => p.at >= now - CHART_WINDOW_S);
   const yMax = Math.max(10, ...pts.map((p) => p.ttft)) * 1.1;
-  const m = frame(ctx, c.width, c.height, now - CHART_WINDOW_S, now, yMax, (v) => fmtNum(v, 0));
+  const m = frame(ctx, c.width, c.height, since(pts, now), now, yMax, (v) => fmtNum(v, 0));
   for (const mode of ["none", "text", "kv"]) {
     const ps = pts.filter((p) => p.mode === mode);
     ctx.strokeStyle = COLORS[mode]; ctx.fillStyle = COLORS[mode];
@@ -250,7 +260,7 @@ function drawReuse() {
   const c = $("reuse-chart"); const ctx = c.getContext("2d");
   const now = ui.state ? ui.state.now : Date.now() / 1000;
   const pts = ui.reuse.filter((p) => p.at >= now - CHART_WINDOW_S);
-  const m = frame(ctx, c.width, c.height, now - CHART_WINDOW_S, now, 1, (v) => `${fmtNum(v * 100, 0)}%`);
+  const m = frame(ctx, c.width, c.height, since(pts, now), now, 1, (v) => `${fmtNum(v * 100, 0)}%`);
   ctx.strokeStyle = COLORS.kv; ctx.lineWidth = 2; ctx.beginPath();
   pts.forEach((p, i) => (i ? ctx.lineTo(m.x(p.at), m.y(p.ratio)) : ctx.moveTo(m.x(p.at), m.y(p.ratio))));
   ctx.stroke();
