@@ -2,9 +2,10 @@
 # The test command: `bash scripts/test.sh` (CI runs exactly this via .ci/run).
 #
 # On a fresh Debian machine with the Rust toolchain, gcc and Python 3 + pip,
-# it installs what is missing (cmake and redis-server from apt, the Python
-# packages openai, httpx, prometheus-client, pytest, and matplotlib and tqdm for the
-# RAG bench test, from pip), builds the
+# it installs what is missing (cmake, redis-server, chromium and chromium-driver from
+# apt, the Python packages openai, httpx, prometheus-client, pytest, selenium (the
+# dashboard's browser test), and matplotlib and tqdm for the RAG bench test, from
+# pip), builds the
 # workspace (dev profile), runs the Rust tests, then the end-to-end suite in
 # tests/ against the freshly built binary. Exits non-zero on any failure.
 set -euo pipefail
@@ -23,6 +24,9 @@ as_root() {
 missing=()
 command -v cmake >/dev/null 2>&1 || missing+=(cmake)
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
+# the dashboard's browser test (tests/test_webui.py): headless Chromium + its driver
+command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+command -v chromedriver >/dev/null 2>&1 || missing+=(chromium-driver)
 if [ ${#missing[@]} -gt 0 ]; then
   step "installing ${missing[*]} (apt-get)"
   export DEBIAN_FRONTEND=noninteractive
@@ -34,7 +38,7 @@ fi
 PY=${PYTHON:-python3}
 pip_missing=()
 for pair in openai:openai httpx:httpx prometheus_client:prometheus-client pytest:pytest \
-    matplotlib:matplotlib tqdm:tqdm; do
+    matplotlib:matplotlib tqdm:tqdm selenium:selenium; do
   "$PY" -c "import ${pair%%:*}" >/dev/null 2>&1 || pip_missing+=("${pair#*:}")
 done
 if [ ${#pip_missing[@]} -gt 0 ]; then

@@ -53,6 +53,8 @@ pub struct DecisionLog {
     sink: Mutex<Option<(String, Sink)>>,
     /// Whether `sink` is set (checked without its lock on every request).
     logging: std::sync::atomic::AtomicBool,
+    /// Knowledge use counts and TTFT by mode, over every record (the dashboard's).
+    pub stats: crate::ui::stats::DecisionStats,
 }
 
 impl DecisionLog {
@@ -61,6 +63,7 @@ impl DecisionLog {
             ring: Mutex::new(VecDeque::new()),
             sink: Mutex::new(None),
             logging: std::sync::atomic::AtomicBool::new(false),
+            stats: crate::ui::stats::DecisionStats::new(),
         }
     }
 
@@ -88,6 +91,7 @@ impl DecisionLog {
     }
 
     pub fn push(&self, record: DecisionRecord, keep: usize) {
+        self.stats.observe(&record);
         let record = std::sync::Arc::new(record);
         if self.logging.load(std::sync::atomic::Ordering::Relaxed) {
             let mut g = self.sink.lock().unwrap_or_else(|p| p.into_inner());

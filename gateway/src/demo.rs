@@ -336,6 +336,7 @@ fn print_banner(
 CacheRoute demo is up (Ctrl-C to stop).
 
   gateway        {url}   (OpenAI API)
+  dashboard      http://{control}/ui   (fleet, KDNs, knowledge, live decisions, playground)
   control plane  http://{control}   (/metrics, /debug/status, /admin/reload)
   instances      {sims}   (sim, H100 Llama-3-8B profile)
   KDN            http://{kdn}   (knowledge registry + KV injection: /v1/knowledge, /v1/inject)

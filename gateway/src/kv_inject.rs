@@ -33,6 +33,8 @@ pub struct KvInjections {
     /// KV bytes of the injections still running, per target: the gateway's own backlog
     /// on each KDN → instance link, known at once (the KDN's report lags a sync period).
     backlog: Mutex<HashMap<String, u64>>,
+    /// Recent jobs with their timings, for the dashboard.
+    pub journal: crate::ui::jobs::Journal,
 }
 
 #[derive(Deserialize)]
@@ -105,9 +107,18 @@ impl KvInjections {
         let url = kdn_url.trim_end_matches('/').to_string();
         let token = token.to_string();
         self.add_backlog(&key.0, bytes, true);
+        let seq = self.journal.start(&url, &key, bytes);
         tokio::spawn(async move {
             let state = run_job(&http, &url, &token, &key, timeout).await;
             this.add_backlog(&key.0, bytes, false);
+            this.journal.finish(
+                seq,
+                match &state {
+                    InjectState::Ready { job } => Ok(job.clone()),
+                    InjectState::Failed(e) => Err(e.clone()),
+                    InjectState::Pending => Err("pending".into()),
+                },
+            );
             if let InjectState::Ready { job } = &state {
                 let mut done = this.done.lock().unwrap_or_else(|p| p.into_inner());
                 done.retain(|_, (_, at)| at.elapsed() < RESIDENT_MEMORY);

@@ -29,6 +29,7 @@ pub mod server;
 pub mod service;
 pub mod state;
 pub mod sync;
+pub mod ui;
 
 pub use builder::{Gateway, GatewayBuilder};
 /// What a filter reads and answers with, re-exported so that a filter crate needs

@@ -289,6 +289,13 @@ impl Metrics {
         }
     }
 
+    /// Add a metric kept elsewhere (the dashboard's decision stats).
+    pub fn register(&self, c: Box<dyn prometheus::core::Collector>) {
+        if let Err(e) = self.registry.register(c) {
+            tracing::warn!(error = %e, "metric not registered");
+        }
+    }
+
     /// Prometheus text exposition of every metric.
     pub fn render(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(16 * 1024);

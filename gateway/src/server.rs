@@ -10,7 +10,6 @@ use crate::reload::{discover_models, ConfigSource, Overrides, Reloader};
 use crate::service::ServicePlane;
 use crate::state::GatewayState;
 use anyhow::{Context, Result};
-use pingora::apps::http_app::HttpServer;
 use pingora::server::configuration::ServerConf;
 use pingora::server::Server;
 use pingora::services::background::background_service;
@@ -80,7 +79,7 @@ pub fn run(
 
     let mut control_plane = Service::new(
         "cacheroute control plane".to_string(),
-        HttpServer::new_app(ControlPlane {
+        crate::ui::ControlApp::new(ControlPlane {
             state: state.clone(),
             reloader: reloader.clone(),
         }),

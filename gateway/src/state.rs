@@ -50,6 +50,7 @@ impl GatewayState {
     pub fn new(fleet: Fleet, builder: FleetBuilder, metrics: Arc<Metrics>) -> Arc<GatewayState> {
         metrics.config_version.set(fleet.version as i64);
         let decisions = DecisionLog::new();
+        metrics.register(decisions.stats.collector());
         if let Err(e) = decisions.set_sink(&fleet.config.gateway.log_decisions) {
             tracing::warn!(error = %e, "decision log disabled");
         }
