@@ -659,6 +659,22 @@ pub struct InjectionDecision {
     pub iws: Option<IwsTerms>,
 }
 
+impl InjectionDecision {
+    /// Which online correction a measured TTFT of this decision teaches, with the raw
+    /// prediction to compare it with (`None` outside the adaptive predictor). Resident
+    /// KV (nothing moved) took the path a text prompt with those chunks resident takes:
+    /// it teaches the text factor, so that the KV factor stays what moving KV costs
+    /// (mixing the two had made moved KV look cheaper than it is).
+    pub fn correction_sample(&self) -> Option<(InjectionMode, f64)> {
+        let a = self.adaptive.as_ref()?;
+        Some(match self.mode {
+            InjectionMode::Kv if a.moved_chunks == 0 => (InjectionMode::Text, a.text_raw_ms),
+            InjectionMode::Kv => (InjectionMode::Kv, a.kv_raw_ms),
+            InjectionMode::Text => (InjectionMode::Text, a.text_raw_ms),
+        })
+    }
+}
+
 /// Decide how `inputs`' knowledge reaches its instance.
 pub fn decide(
     strategy: InjectionStrategy,
@@ -1405,6 +1421,33 @@ mod tests {
         // nothing to move: no job, no overhead
         i.knowledge.resident_chunks = 16;
         assert_eq!(adaptive(&m, &i).adaptive.unwrap().kdn_overhead, 0.0);
+    }
+
+    /// Resident KV teaches the text factor (same path); moved KV the KV factor.
+    #[test]
+    fn resident_kv_corrects_text_moved_kv_corrects_kv() {
+        let m = m8b();
+        let mut i = inputs(64, 4096, Some(link(400.0)));
+        let moved = adaptive(&m, &i);
+        assert_eq!(moved.mode, InjectionMode::Kv);
+        let raw = moved.adaptive.unwrap().kv_raw_ms;
+        assert_eq!(moved.correction_sample(), Some((InjectionMode::Kv, raw)));
+        i.knowledge.resident_chunks = 16;
+        let resident = adaptive(&m, &i);
+        assert_eq!(resident.reason, "kv_resident");
+        let raw = resident.adaptive.unwrap().text_raw_ms;
+        assert_eq!(
+            resident.correction_sample(),
+            Some((InjectionMode::Text, raw))
+        );
+        let iws = decide(
+            InjectionStrategy::Iws,
+            InjectionPreference::Auto,
+            &m,
+            &i,
+            &Corrections::new(),
+        );
+        assert_eq!(iws.correction_sample(), None);
     }
 
     /// A remote store's link is paid on every KV load: slow enough, and text wins.

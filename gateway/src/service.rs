@@ -1051,16 +1051,12 @@ impl ServicePlane {
                 .with_label_values(&[mode])
                 .observe(measured / predicted);
         }
-        if let Some(a) = &d.adaptive {
-            let raw = match d.mode {
-                InjectionMode::Text => a.text_raw_ms,
-                InjectionMode::Kv => a.kv_raw_ms,
-            };
+        if let Some((mode, raw)) = d.correction_sample() {
             self.state
                 .corrections
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
-                .observe(&inst.url.base, d.mode, raw, measured);
+                .observe(&inst.url.base, mode, raw, measured);
         }
     }
 
