@@ -592,7 +592,13 @@ pub fn adaptive_terms(m: &CostModel, inputs: &InjectionInputs, c: &Corrections) 
             sharing as f64 * (kv_gpu - text_prefill).max(0.0),
         )
     };
-    let kv_factor = c.factor(&inputs.instance, InjectionMode::Kv);
+    // Whatever makes the instance slower than predicted for text (its queue, its host)
+    // slows KV as much: KV waits in the same queue and runs a step too. Without this a
+    // text factor pushed up by a queue the model underestimates made KV look cheaper.
+    let text_factor = c.factor(&inputs.instance, InjectionMode::Text);
+    let kv_factor = c
+        .factor(&inputs.instance, InjectionMode::Kv)
+        .max(text_factor);
     let kv_margin = if moved_chunks == 0 || cached_tokens == 0 {
         0.0
     } else {
@@ -612,7 +618,7 @@ pub fn adaptive_terms(m: &CostModel, inputs: &InjectionInputs, c: &Corrections) 
         gpu_load,
         suffix_prefill,
         kv_raw_ms,
-        text_factor: c.factor(&inputs.instance, InjectionMode::Text),
+        text_factor,
         kv_factor,
         sharing,
         text_delay_to_others,
@@ -661,17 +667,18 @@ pub struct InjectionDecision {
 
 impl InjectionDecision {
     /// Which online correction a measured TTFT of this decision teaches, with the raw
-    /// prediction to compare it with (`None` outside the adaptive predictor). Resident
-    /// KV (nothing moved) took the path a text prompt with those chunks resident takes:
-    /// it teaches the text factor, so that the KV factor stays what moving KV costs
-    /// (mixing the two had made moved KV look cheaper than it is).
+    /// prediction to compare it with (`None` outside the adaptive predictor, and for
+    /// resident KV). Resident KV compared nothing (both modes find the same chunks), and
+    /// its load time depends on the tier the chunks sit in, which the gateway does not
+    /// see: learning from it had pulled the KV factor down (moved KV then looked
+    /// cheaper than it is) or, taught to text, the text factor.
     pub fn correction_sample(&self) -> Option<(InjectionMode, f64)> {
         let a = self.adaptive.as_ref()?;
-        Some(match self.mode {
-            InjectionMode::Kv if a.moved_chunks == 0 => (InjectionMode::Text, a.text_raw_ms),
-            InjectionMode::Kv => (InjectionMode::Kv, a.kv_raw_ms),
-            InjectionMode::Text => (InjectionMode::Text, a.text_raw_ms),
-        })
+        match self.mode {
+            InjectionMode::Kv if a.moved_chunks == 0 => None,
+            InjectionMode::Kv => Some((InjectionMode::Kv, a.kv_raw_ms)),
+            InjectionMode::Text => Some((InjectionMode::Text, a.text_raw_ms)),
+        }
     }
 }
 
@@ -1423,9 +1430,37 @@ mod tests {
         assert_eq!(adaptive(&m, &i).adaptive.unwrap().kdn_overhead, 0.0);
     }
 
-    /// Resident KV teaches the text factor (same path); moved KV the KV factor.
+    /// A text factor above KV's lifts KV's too: a slow instance is slow in both modes.
     #[test]
-    fn resident_kv_corrects_text_moved_kv_corrects_kv() {
+    fn kv_is_corrected_at_least_as_much_as_text() {
+        let m = m8b();
+        let i = inputs(64, 4096, Some(link(400.0)));
+        let mut c = Corrections::new();
+        for _ in 0..20 {
+            c.observe("i0", InjectionMode::Text, 100.0, 300.0);
+        }
+        let d = decide(
+            InjectionStrategy::Adaptive,
+            InjectionPreference::Auto,
+            &m,
+            &i,
+            &c,
+        );
+        let a = d.adaptive.unwrap();
+        assert!(a.text_factor > 2.5, "{a:?}");
+        assert_eq!(a.kv_factor, a.text_factor);
+        // the same choice as with no correction at all
+        assert_eq!(d.mode, adaptive(&m, &i).mode);
+        // a KV factor below 1 does not drop KV under text's either
+        let mut c = Corrections::new();
+        c.observe("i0", InjectionMode::Kv, 100.0, 30.0);
+        let a = adaptive_terms(&m, &i, &c);
+        assert_eq!(a.kv_factor, 1.0);
+    }
+
+    /// Resident KV teaches no correction; moved KV the KV factor.
+    #[test]
+    fn only_moved_kv_corrects_kv() {
         let m = m8b();
         let mut i = inputs(64, 4096, Some(link(400.0)));
         let moved = adaptive(&m, &i);
@@ -1435,11 +1470,7 @@ mod tests {
         i.knowledge.resident_chunks = 16;
         let resident = adaptive(&m, &i);
         assert_eq!(resident.reason, "kv_resident");
-        let raw = resident.adaptive.unwrap().text_raw_ms;
-        assert_eq!(
-            resident.correction_sample(),
-            Some((InjectionMode::Text, raw))
-        );
+        assert_eq!(resident.correction_sample(), None);
         let iws = decide(
             InjectionStrategy::Iws,
             InjectionPreference::Auto,
