@@ -139,7 +139,7 @@ def test_resident_kv_is_chosen_even_on_a_slow_link(pfleet):
     d = decision(f.gw, r)["injection"]
     k = d["inputs"]["knowledge"]
     assert k["resident_chunks"] == k["total_chunks"] > 0, dump(d)
-    assert d["reason"] == "kv_faster"
+    assert d["reason"] == "kv_resident", dump(d)  # nothing to move: no comparison
     assert cached(r) == k["knowledge_tokens"]
 
 

@@ -66,6 +66,8 @@ fn world() -> World {
                         kdn_queue_ms: (i * r % 9) as f64 * 15.0,
                         kdn_pending: (r + i) % 4,
                         kdn_bytes_per_sec: 5e9,
+                        job_fixed_ms: (r % 3) as f64 * 5.0,
+                        job_ms_per_mb: 0.07,
                     }),
                     turn: r,
                     store_gbps: if i % 2 == 0 { 0.0 } else { 100.0 },

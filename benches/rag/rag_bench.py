@@ -451,7 +451,8 @@ class Fleet:
         if tiers and self.caps.local_cpu and self.sizing is not None:
             gb = self.sizing.cpu_gb
             args += ["--lmcache-local-cpu-size", str(int(gb)) if self.cpu_gb_integer else f"{gb:.4f}"]
-        if tiers and self.caps.kv_store_gbps and self.a.kv_store_gbps:
+        if tiers and self.caps.kv_store_gbps:
+            # always passed (0 = a free link): the sim's own default is not time-scaled
             args += ["--kv-store-gbps", str(self.a.kv_store_gbps * self.a.time_scale)]
         return args
 
@@ -543,7 +544,8 @@ def size_caches(a: argparse.Namespace, tokens: dict[str, int], prompt_max: int, 
         f"({gpu_blocks * 16 / corpus_tokens:.0%} of the corpus; prefix-cache eviction only once the sim "
         f"has vLLM APC), LMCache CPU tier {cpu_gb:.2f} GB = {a.cpu_cache_frac:.0%} of the corpus "
         f"(when the sim has --lmcache-local-cpu-size), remote store redis maxmemory "
-        f"{store_bytes / 1e6:.1f} MB ≈ {a.store_frac:.0%} of the corpus (allkeys-lru)",
+        f"{store_bytes / 1e6:.1f} MB ≈ {a.store_frac:.0%} of the corpus (allkeys-lru), "
+        f"loaded over a {a.kv_store_gbps:g} Gb/s link (`--kv-store-gbps`, GPU time; the gateway's `store_gbps`)",
         f"all instances together hold at most {n * a.store_frac:.0%} of the corpus in their stores",
     ]
     return s
@@ -586,6 +588,8 @@ def policy(name: str) -> Policy:
 
 def gateway_toml(a, fleet: Fleet, pol: Policy, port: int, cport: int, kdn: str, sims: list[str]) -> str:
     x = a.time_scale
+    # the sims' store link as the gateway's cost model sees it (wall time, like the profile)
+    store_gbps = a.kv_store_gbps * x if fleet.caps.kv_store_gbps else 0.0
     pools = ""
     for p in range(a.pools):
         pools += f'\n[[pools]]\nname = "pool-{p}"\nmodels = ["{MODEL}"]\npolicy = "{pol.upstream}"\n'
@@ -608,6 +612,7 @@ release = "ordered"
 profile = "{fleet.profile}"
 kv_deadline_ms = {max(1, round(5000 / x))}
 link_rtt_ms = {0.5 / x:.4f}
+store_gbps = {store_gbps}
 
 [upstream]
 read_timeout_ms = 600000
@@ -1177,7 +1182,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--gpu-cache-frac", type=float, default=0.05, help="per-instance GPU KV cache / corpus")
     ap.add_argument("--cpu-cache-frac", type=float, default=0.10, help="per-instance LMCache CPU tier / corpus")
     ap.add_argument("--store-frac", type=float, default=0.20, help="per-instance remote store bound / corpus")
-    ap.add_argument("--kv-store-gbps", type=float, default=0.0, help="sim remote-store link (when the sim has it; 0 = off)")
+    ap.add_argument("--kv-store-gbps", type=float, default=25.0,
+                    help="each sim's link to its LMCache remote store, Gb/s of GPU time (the sim's default; 0 = free); the gateway is told it")
     ap.add_argument("--kdn-concurrency", type=int, default=8)
     ap.add_argument("--residency-ms", type=int, default=300, help="agent residency check interval")
     ap.add_argument("--gateway-threads", type=int, default=2)

@@ -184,6 +184,11 @@ pub struct TransferPath {
     pub kdn_pending: u64,
     /// Serving throughput the KDN reports, bytes/s (0 = unknown: the link is the limit).
     pub kdn_bytes_per_sec: f64,
+    /// What a job of this KDN costs beyond its queue and link time, learned from its
+    /// finished jobs ([`crate::kdn_jobs::JobTimes`]): a fixed part per job, ms ...
+    pub job_fixed_ms: f64,
+    /// ... and a part per MB moved, ms (both 0 until learned).
+    pub job_ms_per_mb: f64,
 }
 
 /// Everything a decision looks at besides the cost model and the corrections.
@@ -434,8 +439,12 @@ fn iws_choice(inputs: &InjectionInputs, t: &IwsTerms) -> (InjectionMode, &'stati
 pub struct AdaptiveTerms {
     /// Wait before this request's prefill starts ([`queue_wait_ms`]); counted once per mode.
     pub queue_wait: f64,
-    /// Text: one step prefilling `prompt + knowledge` beside the running batch.
+    /// Text: one step prefilling `prompt + knowledge` beside the running batch; when
+    /// knowledge chunks are resident in the instance's store, LMCache finds them for a
+    /// text prompt too: their load plus the prefill of the rest.
     pub text_prefill: f64,
+    /// Knowledge tokens a text prompt finds resident (the resident chunks).
+    pub text_cached_tokens: u64,
     /// `text_raw = queue_wait + text_prefill`.
     pub text_raw_ms: f64,
     /// Knowledge tokens the KV serves (`min(usable chunks × chunk, K)`).
@@ -449,12 +458,15 @@ pub struct AdaptiveTerms {
     pub kdn_wait: f64,
     /// `rtt + moved_bytes / min(link, KDN throughput)`; 0 when nothing moves.
     pub transfer: f64,
+    /// The KDN's own work on the job beyond the link (learned: `job_fixed_ms +
+    /// job_ms_per_mb × MB moved`); 0 when nothing moves.
+    pub kdn_overhead: f64,
     /// Loading the cached part: from the store over `store_gbps`, then host to GPU.
     pub gpu_load: f64,
     /// Cached prefill of the uncached suffix on top of the cached tokens.
     pub suffix_prefill: f64,
-    /// `kv_raw = max(queue_wait, kdn_wait + transfer) + gpu_load + suffix_prefill`
-    /// (the transfer overlaps the queue; INFINITY when no usable KV).
+    /// `kv_raw = max(queue_wait, kdn_wait + transfer + kdn_overhead) + gpu_load +
+    /// suffix_prefill` (the transfer overlaps the queue; INFINITY when no usable KV).
     pub kv_raw_ms: f64,
     pub text_factor: f64,
     pub kv_factor: f64,
@@ -467,6 +479,11 @@ pub struct AdaptiveTerms {
     /// What KV costs the others: `sharing × max(0, gpu_load + suffix_prefill −
     /// text_prefill)`, ms.
     pub kv_delay_to_others: f64,
+    /// How much cheaper KV that must move has to be predicted to be chosen:
+    /// [`KV_MARGIN`] × the KV path's own work (`kdn_wait + transfer + kdn_overhead +
+    /// gpu_load + suffix_prefill`, corrected), ms. Not of the queue wait, which both
+    /// modes pay: under a long queue a real saving still shows. 0 when nothing moves.
+    pub kv_margin: f64,
 }
 
 impl AdaptiveTerms {
@@ -491,20 +508,43 @@ pub fn adaptive_terms(m: &CostModel, inputs: &InjectionInputs, c: &Corrections) 
         .unwrap_or(0);
     let queue_wait = queue_wait_ms(m, load);
     let total_tokens = k.prompt_tokens + k.knowledge_tokens;
-    let text_prefill = m.step_ms(total_tokens, 0, load.running, avg_ctx);
+    let chunk = k.chunk();
+    let bpt = k.bytes_per_token(m);
+    let store_ms = |tokens: u64| {
+        if inputs.store_gbps > 0.0 {
+            (tokens * bpt) as f64 * 8.0 / (inputs.store_gbps * 1e9) * 1000.0
+        } else {
+            0.0
+        }
+    };
+    // Loading `cached` tokens from the store to the GPU, then the prefill of the rest
+    // in one step beside the running batch.
+    let cached_path = |cached: u64| {
+        let mut s = crate::cost_model::StepShape::default();
+        s.add_prefill(cached, (total_tokens - cached).max(1));
+        s.decode_batch = load.running;
+        s.decode_context_tokens = load.running * avg_ctx;
+        (m.h2d_ms(cached * bpt) + store_ms(cached), m.step_cost(&s))
+    };
+    let resident = k.resident_chunks.min(k.total_chunks);
+    // A text prompt is looked up in LMCache like any other: resident chunks serve it.
+    let text_cached_tokens = (resident * chunk).min(k.knowledge_tokens) / chunk * chunk;
+    let text_prefill = if text_cached_tokens == 0 {
+        m.step_ms(total_tokens, 0, load.running, avg_ctx)
+    } else {
+        let (load_ms, prefill_ms) = cached_path(text_cached_tokens);
+        load_ms + prefill_ms
+    };
     let text_raw_ms = queue_wait + text_prefill;
 
-    let chunk = k.chunk();
-    let resident = k.resident_chunks.min(k.total_chunks);
     // Without a usable path only the resident chunks can serve.
     let link_ok = inputs.transfer.is_some_and(|t| t.link_gbps > 0.0);
     let usable = if link_ok { k.total_chunks } else { resident };
     let cached_tokens = (usable * chunk).min(k.knowledge_tokens);
     let usable = cached_tokens / chunk; // only full chunks within the knowledge
     let moved_chunks = usable.saturating_sub(resident);
-    let bpt = k.bytes_per_token(m);
     let moved_bytes = moved_chunks * chunk * bpt;
-    let (kdn_wait, transfer) = match (&inputs.transfer, moved_chunks) {
+    let (kdn_wait, transfer, kdn_overhead) = match (&inputs.transfer, moved_chunks) {
         (Some(t), n) if n > 0 => {
             let link_bps = t.link_gbps * 1e9 / 8.0;
             let bps = if t.kdn_bytes_per_sec > 0.0 {
@@ -519,29 +559,25 @@ pub fn adaptive_terms(m: &CostModel, inputs: &InjectionInputs, c: &Corrections) 
                 0.0
             };
             let wait = t.link_busy_ms.max(t.kdn_queue_ms).max(pending_ms).max(0.0);
-            (wait, t.rtt_ms.max(0.0) + moved_bytes as f64 / bps * 1000.0)
+            let overhead =
+                t.job_fixed_ms.max(0.0) + t.job_ms_per_mb.max(0.0) * moved_bytes as f64 / 1e6;
+            (
+                wait,
+                t.rtt_ms.max(0.0) + moved_bytes as f64 / bps * 1000.0,
+                if overhead.is_finite() { overhead } else { 0.0 },
+            )
         }
-        _ => (0.0, 0.0),
+        _ => (0.0, 0.0, 0.0),
     };
-    let store_ms = if inputs.store_gbps > 0.0 {
-        (cached_tokens * bpt) as f64 * 8.0 / (inputs.store_gbps * 1e9) * 1000.0
+    let (gpu_load, suffix_prefill) = if cached_tokens == 0 {
+        (0.0, 0.0)
     } else {
-        0.0
-    };
-    let gpu_load = m.h2d_ms(cached_tokens * bpt) + store_ms;
-    let suffix_prefill = if cached_tokens == 0 {
-        0.0
-    } else {
-        let mut s = crate::cost_model::StepShape::default();
-        s.add_prefill(cached_tokens, (total_tokens - cached_tokens).max(1));
-        s.decode_batch = load.running;
-        s.decode_context_tokens = load.running * avg_ctx;
-        m.step_cost(&s)
+        cached_path(cached_tokens)
     };
     let kv_raw_ms = if cached_tokens == 0 {
         f64::INFINITY
     } else {
-        queue_wait.max(kdn_wait + transfer) + gpu_load + suffix_prefill
+        queue_wait.max(kdn_wait + transfer + kdn_overhead) + gpu_load + suffix_prefill
     };
     // The steps that run this request's prefill run the queued requests' prefills too
     // (chunked prefill batches them), so the GPU time a mode adds over the other is paid
@@ -556,36 +592,59 @@ pub fn adaptive_terms(m: &CostModel, inputs: &InjectionInputs, c: &Corrections) 
             sharing as f64 * (kv_gpu - text_prefill).max(0.0),
         )
     };
+    // Whatever makes the instance slower than predicted for text (its queue, its host)
+    // slows KV as much: KV waits in the same queue and runs a step too. Without this a
+    // text factor pushed up by a queue the model underestimates made KV look cheaper.
+    let text_factor = c.factor(&inputs.instance, InjectionMode::Text);
+    let kv_factor = c
+        .factor(&inputs.instance, InjectionMode::Kv)
+        .max(text_factor);
+    let kv_margin = if moved_chunks == 0 || cached_tokens == 0 {
+        0.0
+    } else {
+        KV_MARGIN * kv_factor * (kdn_wait + transfer + kdn_overhead + gpu_load + suffix_prefill)
+    };
     AdaptiveTerms {
         queue_wait,
         text_prefill,
+        text_cached_tokens,
         text_raw_ms,
         cached_tokens,
         moved_chunks,
         moved_bytes,
         kdn_wait,
         transfer,
+        kdn_overhead,
         gpu_load,
         suffix_prefill,
         kv_raw_ms,
-        text_factor: c.factor(&inputs.instance, InjectionMode::Text),
-        kv_factor: c.factor(&inputs.instance, InjectionMode::Kv),
+        text_factor,
+        kv_factor,
         sharing,
         text_delay_to_others,
         kv_delay_to_others,
+        kv_margin,
     }
 }
 
 // ---------------------------------------------------------------- decision
+
+/// KV that must be moved is chosen only when it is predicted cheaper than text by at
+/// least this fraction of its own path's work ([`AdaptiveTerms::kv_margin`]): that path
+/// (the KDN, the stores, the link) is what the prediction sees least well, while a text
+/// prefill costs what the calibrated model says. Within the margin text is the safer bet.
+pub const KV_MARGIN: f64 = 0.15;
 
 /// One injection decision with everything it looked at.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct InjectionDecision {
     pub strategy: InjectionStrategy,
     pub mode: InjectionMode,
-    /// Why (`fixed`, `client_preference`, `no_knowledge`, `no_usable_kv`, `kv_faster`,
-    /// `text_faster`, `kv_spares_others` (text alone would be faster, but its prefill
-    /// would delay the requests sharing its steps by more than it gains), `hybrid_turn`,
+    /// Why (`fixed`, `client_preference`, `no_knowledge`, `no_usable_kv`, `kv_resident`
+    /// (nothing to move), `kv_faster`, `text_faster`, `kv_not_clearly_faster` (KV predicted
+    /// faster by less than [`AdaptiveTerms::kv_margin`]), `kv_spares_others` (text alone would be faster,
+    /// but its prefill would delay the requests sharing its steps by more than it gains),
+    /// `hybrid_turn`,
     /// or one of the original's IWS reasons under `iws`).
     pub reason: &'static str,
     /// What the client asked for.
@@ -604,6 +663,23 @@ pub struct InjectionDecision {
     pub adaptive: Option<AdaptiveTerms>,
     /// The original's terms (under `iws`).
     pub iws: Option<IwsTerms>,
+}
+
+impl InjectionDecision {
+    /// Which online correction a measured TTFT of this decision teaches, with the raw
+    /// prediction to compare it with (`None` outside the adaptive predictor, and for
+    /// resident KV). Resident KV compared nothing (both modes find the same chunks), and
+    /// its load time depends on the tier the chunks sit in, which the gateway does not
+    /// see: learning from it had pulled the KV factor down (moved KV then looked
+    /// cheaper than it is) or, taught to text, the text factor.
+    pub fn correction_sample(&self) -> Option<(InjectionMode, f64)> {
+        let a = self.adaptive.as_ref()?;
+        match self.mode {
+            InjectionMode::Kv if a.moved_chunks == 0 => None,
+            InjectionMode::Kv => Some((InjectionMode::Kv, a.kv_raw_ms)),
+            InjectionMode::Text => Some((InjectionMode::Text, a.text_raw_ms)),
+        }
+    }
 }
 
 /// Decide how `inputs`' knowledge reaches its instance.
@@ -654,12 +730,18 @@ pub fn decide(
                 _ => {
                     if !kv_ms.is_finite() {
                         (InjectionMode::Text, "no_usable_kv")
-                    } else if a.kv_cost_ms() < a.text_cost_ms() {
+                    } else if a.moved_chunks == 0 {
+                        // Nothing to move: the prompt finds the same chunks either way;
+                        // KV names them in the handle.
+                        (InjectionMode::Kv, "kv_resident")
+                    } else if a.kv_cost_ms() + a.kv_margin < a.text_cost_ms() {
                         if kv_ms < text_ms {
                             (InjectionMode::Kv, "kv_faster")
                         } else {
                             (InjectionMode::Kv, "kv_spares_others")
                         }
+                    } else if a.kv_cost_ms() < a.text_cost_ms() {
+                        (InjectionMode::Text, "kv_not_clearly_faster")
                     } else {
                         (InjectionMode::Text, "text_faster")
                     }
@@ -1009,7 +1091,9 @@ mod tests {
     /// ms), link busy 1000 ms, P=64, K=4096 at 8 Gbit/s:
     /// iws: text = 1004 + 839.2 = 1843.2 ≤ kv 1470.56 + 500 + 100 → text;
     /// adaptive: text = 600 + 0.2·4160 = 1432; kv = max(600, 1000 + 1 + 337.92 (4096·82,500
-    /// B at 1 GB/s)) + 40.96 + 0.2·64 = 1392.68 → kv.
+    /// B at 1 GB/s)) + 40.96 + 0.2·64 = 1392.68, faster by less than its margin
+    /// 0.15·(1000 + 338.92 + 53.76) = 208.9 → text. With the link busy 500 ms: kv = 892.68,
+    /// margin 133.9, 1026.6 < 1432 → kv.
     #[test]
     fn adaptive_counts_the_link_wait_once() {
         let m = toy();
@@ -1040,6 +1124,20 @@ mod tests {
         let d = adaptive(&m, &i);
         assert!(close(d.predicted_text_ms, 1432.0), "{d:?}");
         assert!(close(d.predicted_kv_ms, 1392.68), "{d:?}");
+        assert!(
+            close(d.adaptive.unwrap().kv_margin, 0.15 * 1392.68),
+            "{d:?}"
+        );
+        assert_eq!(
+            (d.mode, d.reason),
+            (InjectionMode::Text, "kv_not_clearly_faster")
+        );
+        if let Some(t) = i.transfer.as_mut() {
+            t.link_busy_ms = 500.0;
+        }
+        let d = adaptive(&m, &i);
+        assert!(close(d.predicted_kv_ms, 892.68), "{d:?}");
+        assert!(close(d.adaptive.unwrap().kv_margin, 0.15 * 892.68), "{d:?}");
         assert_eq!((d.mode, d.reason), (InjectionMode::Kv, "kv_faster"));
     }
 
@@ -1279,12 +1377,115 @@ mod tests {
         assert_eq!(off.mode, InjectionMode::Text);
     }
 
+    /// Chunks resident in the instance's store serve a text prompt too (LMCache looks
+    /// every prompt up): both modes cost the same, and KV names what is reused.
+    #[test]
+    fn resident_chunks_serve_text_too() {
+        let m = m8b();
+        let mut i = inputs(64, 4096, Some(link(400.0)));
+        i.knowledge.resident_chunks = 16;
+        i.store_gbps = 100.0;
+        let d = adaptive(&m, &i);
+        let a = d.adaptive.unwrap();
+        assert_eq!(a.text_cached_tokens, 4096);
+        assert!(close(a.text_raw_ms, a.kv_raw_ms), "{a:?}");
+        assert!(a.text_prefill < m.prefill_ms(4160), "{a:?}");
+        assert_eq!(a.kv_margin, 0.0);
+        assert_eq!((d.mode, d.reason), (InjectionMode::Kv, "kv_resident"));
+        // a partial chunk is never resident
+        i.knowledge.knowledge_tokens = 4000;
+        i.knowledge.resident_chunks = 16;
+        let a = adaptive(&m, &i).adaptive.unwrap();
+        assert_eq!(a.text_cached_tokens, 15 * 256);
+    }
+
+    /// What the KDN adds to a job (learned from its finished jobs) is part of the KV
+    /// path: a KDN slow enough per job makes text win where the link alone would not.
+    #[test]
+    fn learned_kdn_overhead_makes_kv_lose() {
+        let m = m8b();
+        let mut i = inputs(64, 4096, Some(link(400.0)));
+        let fast = adaptive(&m, &i);
+        assert_eq!(fast.mode, InjectionMode::Kv, "{fast:?}");
+        assert_eq!(fast.adaptive.unwrap().kdn_overhead, 0.0);
+        let gap = fast.predicted_text_ms - fast.predicted_kv_ms;
+        if let Some(t) = i.transfer.as_mut() {
+            t.job_fixed_ms = gap;
+            t.job_ms_per_mb = 0.01;
+        }
+        let slow = adaptive(&m, &i);
+        let a = slow.adaptive.unwrap();
+        let mb = a.moved_bytes as f64 / 1e6;
+        assert!(close(a.kdn_overhead, gap + 0.01 * mb), "{a:?}");
+        assert!(close(
+            slow.predicted_kv_ms,
+            fast.predicted_kv_ms + a.kdn_overhead
+        ));
+        assert_eq!(
+            (slow.mode, slow.reason),
+            (InjectionMode::Text, "text_faster")
+        );
+        // nothing to move: no job, no overhead
+        i.knowledge.resident_chunks = 16;
+        assert_eq!(adaptive(&m, &i).adaptive.unwrap().kdn_overhead, 0.0);
+    }
+
+    /// A text factor above KV's lifts KV's too: a slow instance is slow in both modes.
+    #[test]
+    fn kv_is_corrected_at_least_as_much_as_text() {
+        let m = m8b();
+        let i = inputs(64, 4096, Some(link(400.0)));
+        let mut c = Corrections::new();
+        for _ in 0..20 {
+            c.observe("i0", InjectionMode::Text, 100.0, 300.0);
+        }
+        let d = decide(
+            InjectionStrategy::Adaptive,
+            InjectionPreference::Auto,
+            &m,
+            &i,
+            &c,
+        );
+        let a = d.adaptive.unwrap();
+        assert!(a.text_factor > 2.5, "{a:?}");
+        assert_eq!(a.kv_factor, a.text_factor);
+        // the same choice as with no correction at all
+        assert_eq!(d.mode, adaptive(&m, &i).mode);
+        // a KV factor below 1 does not drop KV under text's either
+        let mut c = Corrections::new();
+        c.observe("i0", InjectionMode::Kv, 100.0, 30.0);
+        let a = adaptive_terms(&m, &i, &c);
+        assert_eq!(a.kv_factor, 1.0);
+    }
+
+    /// Resident KV teaches no correction; moved KV the KV factor.
+    #[test]
+    fn only_moved_kv_corrects_kv() {
+        let m = m8b();
+        let mut i = inputs(64, 4096, Some(link(400.0)));
+        let moved = adaptive(&m, &i);
+        assert_eq!(moved.mode, InjectionMode::Kv);
+        let raw = moved.adaptive.unwrap().kv_raw_ms;
+        assert_eq!(moved.correction_sample(), Some((InjectionMode::Kv, raw)));
+        i.knowledge.resident_chunks = 16;
+        let resident = adaptive(&m, &i);
+        assert_eq!(resident.reason, "kv_resident");
+        assert_eq!(resident.correction_sample(), None);
+        let iws = decide(
+            InjectionStrategy::Iws,
+            InjectionPreference::Auto,
+            &m,
+            &i,
+            &Corrections::new(),
+        );
+        assert_eq!(iws.correction_sample(), None);
+    }
+
     /// A remote store's link is paid on every KV load: slow enough, and text wins.
     #[test]
     fn a_slow_store_link_makes_kv_loads_cost() {
         let m = m8b();
         let mut i = inputs(64, 4096, Some(link(400.0)));
-        i.knowledge.resident_chunks = 16;
         let local = adaptive(&m, &i);
         assert_eq!(local.mode, InjectionMode::Kv, "{local:?}");
         let bytes = 4096 * m.kv_bytes_per_token;

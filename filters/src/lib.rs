@@ -3,6 +3,7 @@ pub mod balance;
 pub mod bm25;
 pub mod cost_model;
 pub mod injection;
+pub mod kdn_jobs;
 pub mod layout;
 pub mod openai;
 pub mod prefix_tree;

@@ -1,8 +1,11 @@
 //! KV injections the gateway asks KDNs for, shared between requests: one job per
 //! (target store, model, block) at a time, whose readiness every waiting request
 //! watches. Blocks injected recently are remembered as resident in their target
-//! until the KDN's registry (synced) says so itself.
+//! until the KDN's registry (synced) says so itself. Each finished job teaches the
+//! KDN's job-time model (`filters::kdn_jobs`) what a job costs beyond its link time,
+//! which the injection decision then adds to its KV prediction.
 
+use cacheroute_filters::kdn_jobs::{JobCost, JobSample, JobTimes};
 use serde::Deserialize;
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -35,7 +38,14 @@ pub struct KvInjections {
     backlog: Mutex<HashMap<String, u64>>,
     /// Recent jobs with their timings, for the dashboard.
     pub journal: crate::ui::jobs::Journal,
+    /// Per KDN URL: what its jobs cost beyond queue and link, learned from finished
+    /// jobs (bounded by the configured KDNs; an unknown URL is never added by a client).
+    job_times: Mutex<HashMap<String, JobTimes>>,
 }
+
+/// At most this many KDNs' job models are kept (a reload that renames KDNs many times
+/// must not grow the map for ever).
+const MAX_JOB_MODELS: usize = 1024;
 
 #[derive(Deserialize)]
 struct JobView {
@@ -43,6 +53,19 @@ struct JobView {
     status: String,
     #[serde(default)]
     error: Option<String>,
+    /// Logical KV bytes the job copied (chunks already in the target are skipped).
+    #[serde(default)]
+    bytes_moved: u64,
+    /// Time the job's transfers waited for a copy slot at the KDN, ms.
+    #[serde(default)]
+    queue_wait_ms: f64,
+}
+
+/// A finished job as [`run_job`] saw it.
+struct Finished {
+    state: InjectState,
+    /// (bytes moved, KDN queue wait ms) of a job that finished.
+    timing: Option<(u64, f64)>,
 }
 
 impl KvInjections {
@@ -53,6 +76,26 @@ impl KvInjections {
         done.get(key)
             .filter(|(_, at)| at.elapsed() < within.min(RESIDENT_MEMORY))
             .map(|(job, _)| job.clone())
+    }
+
+    /// What a job of the KDN at `kdn_url` costs beyond its queue and link time, once
+    /// enough of its jobs finished.
+    pub fn job_cost(&self, kdn_url: &str) -> Option<JobCost> {
+        let times = self.job_times.lock().unwrap_or_else(|p| p.into_inner());
+        times
+            .get(kdn_url.trim_end_matches('/'))
+            .and_then(|t| t.cost())
+    }
+
+    fn learn_job(&self, kdn_url: &str, sample: JobSample) {
+        let mut times = self.job_times.lock().unwrap_or_else(|p| p.into_inner());
+        if times.len() >= MAX_JOB_MODELS && !times.contains_key(kdn_url) {
+            times.clear();
+        }
+        times
+            .entry(kdn_url.to_string())
+            .or_default()
+            .observe(&sample);
     }
 
     /// KV bytes of the running injections into `target`.
@@ -85,7 +128,9 @@ impl KvInjections {
     }
 
     /// Watch the injection of `key` from the KDN at `kdn_url`, starting it unless one
-    /// is already running.
+    /// is already running. `link_gbps`: the KDN → target link the decision assumed
+    /// (what the job's time is compared with, to learn the KDN's own part).
+    #[allow(clippy::too_many_arguments)]
     pub fn ensure(
         self: &std::sync::Arc<Self>,
         http: &reqwest::Client,
@@ -93,6 +138,7 @@ impl KvInjections {
         token: &str,
         key: InjectKey,
         bytes: u64,
+        link_gbps: f64,
         timeout: Duration,
     ) -> watch::Receiver<InjectState> {
         let mut running = self.running.lock().unwrap_or_else(|p| p.into_inner());
@@ -106,10 +152,14 @@ impl KvInjections {
         let http = http.clone();
         let url = kdn_url.trim_end_matches('/').to_string();
         let token = token.to_string();
+        // the bytes already on the link ahead of this job (ours, as the decision saw them)
+        let ahead = self.backlog_bytes(&key.0);
         self.add_backlog(&key.0, bytes, true);
         let seq = self.journal.start(&url, &key, bytes);
         tokio::spawn(async move {
-            let state = run_job(&http, &url, &token, &key, timeout).await;
+            let sent = Instant::now();
+            let Finished { state, timing } = run_job(&http, &url, &token, &key, timeout).await;
+            let observed_ms = sent.elapsed().as_secs_f64() * 1e3;
             this.add_backlog(&key.0, bytes, false);
             this.journal.finish(
                 seq,
@@ -119,6 +169,25 @@ impl KvInjections {
                     InjectState::Pending => Err("pending".into()),
                 },
             );
+            if let (InjectState::Ready { .. }, Some((moved, kdn_queue_ms))) = (&state, timing) {
+                let link_ms = if link_gbps > 0.0 {
+                    (ahead + moved) as f64 * 8.0 / (link_gbps * 1e9) * 1e3
+                } else {
+                    0.0
+                };
+                let sample = JobSample {
+                    bytes: moved,
+                    observed_ms,
+                    kdn_queue_ms,
+                    link_ms,
+                };
+                tracing::debug!(
+                    kdn = %url, target = %key.0, block = %key.2, bytes = moved,
+                    observed_ms, kdn_queue_ms, link_ms, residual_ms = sample.residual_ms(),
+                    "injection job finished"
+                );
+                this.learn_job(&url, sample);
+            }
             if let InjectState::Ready { job } = &state {
                 let mut done = this.done.lock().unwrap_or_else(|p| p.into_inner());
                 done.retain(|_, (_, at)| at.elapsed() < RESIDENT_MEMORY);
@@ -139,7 +208,11 @@ async fn run_job(
     token: &str,
     (target, model, block): &InjectKey,
     timeout: Duration,
-) -> InjectState {
+) -> Finished {
+    let failed = |e: String| Finished {
+        state: InjectState::Failed(e),
+        timing: None,
+    };
     let body = serde_json::json!({
         "knowledge_ids": [block],
         "model": model,
@@ -157,20 +230,23 @@ async fn run_job(
     let resp = req.send().await;
     let resp = match resp {
         Ok(r) => r,
-        Err(e) => return InjectState::Failed(format!("{url}: {e}")),
+        Err(e) => return failed(format!("{url}: {e}")),
     };
     let status = resp.status();
     let text = resp.text().await.unwrap_or_default();
     if !status.is_success() {
-        return InjectState::Failed(format!("{url}: HTTP {status}: {text}"));
+        return failed(format!("{url}: HTTP {status}: {text}"));
     }
     match serde_json::from_str::<JobView>(&text) {
-        Ok(j) if j.status == "done" => InjectState::Ready { job: j.id },
+        Ok(j) if j.status == "done" => Finished {
+            timing: Some((j.bytes_moved, j.queue_wait_ms)),
+            state: InjectState::Ready { job: j.id },
+        },
         Ok(j) if j.status == "failed" => {
-            InjectState::Failed(j.error.unwrap_or_else(|| "injection failed".into()))
+            failed(j.error.unwrap_or_else(|| "injection failed".into()))
         }
-        Ok(j) => InjectState::Failed(format!("injection job {} still {}", j.id, j.status)),
-        Err(e) => InjectState::Failed(format!("{url}: unexpected answer: {e}")),
+        Ok(j) => failed(format!("injection job {} still {}", j.id, j.status)),
+        Err(e) => failed(format!("{url}: unexpected answer: {e}")),
     }
 }
 

@@ -94,12 +94,10 @@ impl PrefixChecks {
 /// The path from `kdn` to `target`. The link's backlog is the larger of what the KDN
 /// last reported and the gateway's own injections into `target` still running
 /// (`own_backlog_bytes`): under a burst, the report is a sync period old.
-fn transfer_path(
-    fleet: &Fleet,
-    kdn: &KdnLive,
-    target: &str,
-    own_backlog_bytes: u64,
-) -> TransferPath {
+fn transfer_path(state: &GatewayState, fleet: &Fleet, kdn: &KdnLive, target: &str) -> TransferPath {
+    let own_backlog_bytes = state.injections.backlog_bytes(target);
+    // what the KDN's finished jobs took beyond their queue and link time
+    let job = state.injections.job_cost(&kdn.url).unwrap_or_default();
     // Borrowed: the KDN's load (its per-target map included) is read on every KV
     // decision; an empty default does not allocate.
     let unknown = knowledge::KdnLoad::default();
@@ -117,6 +115,8 @@ fn transfer_path(
         kdn_queue_ms: load.queue_wait_ms,
         kdn_pending: load.pending_transfers,
         kdn_bytes_per_sec: load.bandwidth_bytes_per_s,
+        job_fixed_ms: job.fixed_ms,
+        job_ms_per_mb: job.ms_per_mb,
     }
 }
 
@@ -201,8 +201,7 @@ pub fn plan_kv(
             total_chunks: if usable { m.chunks } else { 0 },
             kv_bytes_per_token: m.bytes.checked_div(m.tokens).unwrap_or(0),
         },
-        transfer: kdn
-            .map(|k| transfer_path(fleet, k, &target, state.injections.backlog_bytes(&target))),
+        transfer: kdn.map(|k| transfer_path(state, fleet, k, &target)),
         turn: state
             .knowledge_turn
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed),
@@ -246,6 +245,7 @@ pub fn plan_kv(
                 &fleet.config.knowledge.kdn_token,
                 key.clone(),
                 m.bytes,
+                decision.inputs.transfer.map_or(0.0, |t| t.link_gbps),
                 timeout,
             );
             (Some(rx), None)

@@ -50,16 +50,12 @@ impl RequestFilter for Learning {
                 .with_label_values(&[mode])
                 .observe(measured / predicted);
         }
-        if let Some(a) = &d.adaptive {
-            let raw = match d.mode {
-                InjectionMode::Text => a.text_raw_ms,
-                InjectionMode::Kv => a.kv_raw_ms,
-            };
+        if let Some((mode, raw)) = d.correction_sample() {
             state
                 .corrections
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
-                .observe(instance, d.mode, raw, measured);
+                .observe(instance, mode, raw, measured);
         }
     }
 }
