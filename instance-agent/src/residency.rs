@@ -7,7 +7,7 @@
 
 use crate::engine::error_chain;
 use crate::metrics::AgentMetrics;
-use cacheroute_kdn::store::{open_store, KvStore};
+use cacheroute_lmcache::store::{open_store, KvStore};
 use serde::Serialize;
 use serde_json::Value;
 use std::sync::{Arc, Mutex};
@@ -91,7 +91,7 @@ pub fn parse_kdn_list(v: &Value, model: Option<&str>) -> Vec<BlockKeys> {
 pub async fn resident_chunks(
     store: &dyn KvStore,
     b: &BlockKeys,
-) -> Result<usize, cacheroute_kdn::store::StoreError> {
+) -> Result<usize, cacheroute_lmcache::store::StoreError> {
     let Some(keys) = &b.keys else {
         return Ok(0);
     };
@@ -257,7 +257,7 @@ pub async fn residency_loop(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use cacheroute_kdn::store::{Chunk, MemoryStore};
+    use cacheroute_lmcache::store::{Chunk, MemoryStore};
     use serde_json::json;
 
     fn chunk() -> Chunk {

@@ -5,7 +5,7 @@
 //! * `data/lmcache_generated_vectors.json`: from `tests/gen/gen_lmcache_vectors.py`
 //!   run over every LMCache wheel 0.3.13 – 0.5.6 (see kdn/README.md).
 
-use cacheroute_kdn::keys::{
+use cacheroute_lmcache::keys::{
     chunk_keys, chunk_keys_all_ranks, none_hash, ChunkHash, HashAlgorithm, KeyError, KeyParams,
     KeyScheme,
 };
