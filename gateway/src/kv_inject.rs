@@ -3,7 +3,7 @@
 //! watches. Blocks injected recently are remembered as resident in their target
 //! until the KDN's registry (synced) says so itself.
 
-use serde::Deserialize;
+use cacheroute_wire::kdn::{InjectJob, InjectRequest, JobStatus};
 use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -33,14 +33,6 @@ pub struct KvInjections {
     /// KV bytes of the injections still running, per target: the gateway's own backlog
     /// on each KDN → instance link, known at once (the KDN's report lags a sync period).
     backlog: Mutex<HashMap<String, u64>>,
-}
-
-#[derive(Deserialize)]
-struct JobView {
-    id: String,
-    status: String,
-    #[serde(default)]
-    error: Option<String>,
 }
 
 impl KvInjections {
@@ -129,13 +121,13 @@ async fn run_job(
     (target, model, block): &InjectKey,
     timeout: Duration,
 ) -> InjectState {
-    let body = serde_json::json!({
-        "knowledge_ids": [block],
-        "model": model,
-        "target": target,
-        "wait": true,
-        "timeout_ms": timeout.as_millis() as u64,
-    });
+    let body = InjectRequest {
+        knowledge_ids: vec![block.clone()],
+        model: model.clone(),
+        target: target.clone(),
+        wait: Some(true),
+        timeout_ms: Some(timeout.as_millis() as u64),
+    };
     let mut req = http
         .post(format!("{url}/v1/inject"))
         .json(&body)
@@ -153,12 +145,12 @@ async fn run_job(
     if !status.is_success() {
         return InjectState::Failed(format!("{url}: HTTP {status}: {text}"));
     }
-    match serde_json::from_str::<JobView>(&text) {
-        Ok(j) if j.status == "done" => InjectState::Ready { job: j.id },
-        Ok(j) if j.status == "failed" => {
+    match serde_json::from_str::<InjectJob>(&text) {
+        Ok(j) if j.status == JobStatus::Done => InjectState::Ready { job: j.id },
+        Ok(j) if j.status == JobStatus::Failed => {
             InjectState::Failed(j.error.unwrap_or_else(|| "injection failed".into()))
         }
-        Ok(j) => InjectState::Failed(format!("injection job {} still {}", j.id, j.status)),
+        Ok(j) => InjectState::Failed(format!("injection job {} still {:?}", j.id, j.status)),
         Err(e) => InjectState::Failed(format!("{url}: unexpected answer: {e}")),
     }
 }
