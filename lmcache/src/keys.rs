@@ -1001,7 +1001,7 @@ mod tests {
 
     #[test]
     fn metadata_header_matches_lmcache_bytes() {
-        // research/lmcache.md §4.2: full 70B chunk, TP=1, bf16.
+        // LMCache's packing of a full 70B chunk, TP=1, bf16 (docs/lmcache-keys.md, "Values").
         let m = RemoteMetadata::kv_2ltd("bfloat16", 80, 256, 1024).unwrap();
         assert_eq!(m.length, 83_886_080);
         assert_eq!(
