@@ -167,12 +167,29 @@ impl Health {
     }
 }
 
-async fn fetch_list(client: &reqwest::Client, url: &str) -> Result<Value, String> {
-    let resp = client.get(url).send().await.map_err(|e| error_chain(&e))?;
+/// Why the KDN's knowledge list could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum ListError {
+    /// The request failed, or the body was not JSON (the whole error chain).
+    #[error("{0}")]
+    Request(String),
+    /// The KDN answered with an error status.
+    #[error("HTTP {0}")]
+    Status(reqwest::StatusCode),
+}
+
+async fn fetch_list(client: &reqwest::Client, url: &str) -> Result<Value, ListError> {
+    let resp = client
+        .get(url)
+        .send()
+        .await
+        .map_err(|e| ListError::Request(error_chain(&e)))?;
     if !resp.status().is_success() {
-        return Err(format!("HTTP {}", resp.status()));
+        return Err(ListError::Status(resp.status()));
     }
-    resp.json::<Value>().await.map_err(|e| error_chain(&e))
+    resp.json::<Value>()
+        .await
+        .map_err(|e| ListError::Request(error_chain(&e)))
 }
 
 /// Every `interval`, list the KDN's blocks and check them against the store.
@@ -214,7 +231,7 @@ pub async fn residency_loop(
                     v
                 }
                 Err(e) => {
-                    kdn_health.failed("KDN knowledge list", &cfg.kdn, &e);
+                    kdn_health.failed("KDN knowledge list", &cfg.kdn, &e.to_string());
                     return "kdn_error";
                 }
             };
