@@ -1,6 +1,7 @@
 //! GPU cost model fitted from a calibration profile (plain math, no I/O).
 //!
-//! A [`CalibrationProfile`] is the JSON written by `shared/calibration/profile_llama.py`
+//! A [`CalibrationProfile`] is the JSON written by `scripts/profile_llama.py` or
+//! `scripts/calibrate_profile.py` (`docs/calibration.md`)
 //! (see `conf/profiles/*.json`). [`CostModel::fit`] turns its measured points into a few
 //! closed-form curves, all in milliseconds:
 //!
@@ -100,7 +101,7 @@ impl ModelConfig {
     }
 }
 
-/// A measured GPU profile (the JSON format of `shared/calibration/*.json`).
+/// A measured GPU profile (the JSON format of `conf/profiles/*.json`, `docs/calibration.md`).
 ///
 /// Timing maps keep the string keys of the file ("n", "BxN", "P+S", "BxC", "16MB_pinned");
 /// values that are not numbers (the profiler writes `"error: ..."` for a failed point) are

@@ -2,7 +2,7 @@
 //! and membership (`/v1/members`). Its own listener, so none of it is
 //! reachable on the client port.
 
-use crate::members::{MemberKind, Registration};
+use crate::members::{parse_registration, MemberKind};
 use crate::reload::Reloader;
 use crate::state::GatewayState;
 use async_trait::async_trait;
@@ -115,7 +115,7 @@ impl ServeHttp for ControlPlane {
                 StatusCode::OK,
                 serde_json::to_vec(&self.state.members.to_json()).unwrap_or_default(),
             ),
-            (Method::POST, "/v1/members") => match Registration::parse(&body) {
+            (Method::POST, "/v1/members") => match parse_registration(&body) {
                 Ok(r) => {
                     let k = &self.state.fleet.load().config.knowledge;
                     let (kind, id) = (r.kind, r.id.clone());

@@ -11,65 +11,20 @@ use crate::fleet::Pool;
 use arc_swap::ArcSwap;
 use cacheroute_filters::bm25::Bm25Index;
 use cacheroute_filters::scheduler::{KdnView, PoolView};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
-/// A block's prefix and KV state for one model, on one KDN.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct BlockModel {
-    pub status: String,
-    /// Chat template the prefix was laid out for.
-    #[serde(default)]
-    pub template: String,
-    /// Prefix tokens (a whole number of chunks).
-    #[serde(default)]
-    pub tokens: u64,
-    #[serde(default)]
-    pub chunks: u64,
-    #[serde(default)]
-    pub chunk_size: u64,
-    /// Logical KV bytes of the prefix.
-    #[serde(default)]
-    pub bytes: u64,
-    /// The exact content of the knowledge message, as registered.
-    #[serde(default)]
-    pub content: String,
-    /// Injection targets holding the whole block.
-    #[serde(default)]
-    pub resident: Vec<String>,
+pub use cacheroute_wire::agent::AgentLoad;
+pub use cacheroute_wire::kdn::{BlockModel, KdnLoad, SnapshotBlock};
+
+/// What retrieval indexes of a block (the KDN's own search uses the same fields).
+pub trait IndexText {
+    fn index_text(&self) -> String;
 }
 
-impl BlockModel {
-    pub fn kv_ready(&self) -> bool {
-        self.status == "kv_ready"
-    }
-}
-
-/// One block as a KDN's snapshot lists it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct SnapshotBlock {
-    pub id: String,
-    #[serde(default)]
-    pub title: Option<String>,
-    #[serde(default)]
-    pub tags: Vec<String>,
-    #[serde(default)]
-    pub text: String,
-    #[serde(default)]
-    pub models: BTreeMap<String, BlockModel>,
-    /// The KDN's digest of title, tags, text and contents (absent from older KDNs): a
-    /// block whose digest the gateway already holds is not fetched again.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub digest: Option<String>,
-    /// Size of `text` (known before the text is fetched).
-    #[serde(default)]
-    pub text_bytes: u64,
-}
-
-impl SnapshotBlock {
-    /// What retrieval indexes (the KDN's own search uses the same fields).
-    pub fn index_text(&self) -> String {
+impl IndexText for SnapshotBlock {
+    fn index_text(&self) -> String {
         cacheroute_filters::bm25::document_text(self.title.as_deref(), &self.tags, &self.text)
     }
 }
@@ -190,39 +145,6 @@ impl Catalog {
     }
 }
 
-/// A KDN's load, from its `/v1/load`.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct KdnLoad {
-    #[serde(default)]
-    pub kdn_id: Option<String>,
-    #[serde(default)]
-    pub pending_transfers: u64,
-    #[serde(default)]
-    pub active_transfers: u64,
-    #[serde(default)]
-    pub queue_wait_ms: f64,
-    #[serde(default)]
-    pub oldest_pending_ms: f64,
-    #[serde(default)]
-    pub bandwidth_bytes_per_s: f64,
-    #[serde(default)]
-    pub max_queue: u64,
-    #[serde(default)]
-    pub targets: BTreeMap<String, KdnTargetLoad>,
-}
-
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct KdnTargetLoad {
-    #[serde(default)]
-    pub link_gbps: Option<f64>,
-    #[serde(default)]
-    pub link_backlog_ms: f64,
-    #[serde(default)]
-    pub pending_transfers: u64,
-    #[serde(default)]
-    pub active_transfers: u64,
-}
-
 /// A KDN as the sync task last saw it.
 #[derive(Debug, Clone, Serialize)]
 pub struct KdnLive {
@@ -241,23 +163,6 @@ impl KdnLive {
         let gbps = self.load.as_ref()?.targets.get(target)?.link_gbps?;
         (gbps > 0.0).then(|| 8.0 / gbps)
     }
-}
-
-/// An instance agent's report (`/v1/load`).
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct AgentLoad {
-    #[serde(default)]
-    pub engine_up: bool,
-    #[serde(default)]
-    pub running: u64,
-    #[serde(default)]
-    pub waiting: u64,
-    #[serde(default)]
-    pub kv_usage: f64,
-    #[serde(default)]
-    pub prompt_tokens_per_s: f64,
-    #[serde(default)]
-    pub resident: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]

@@ -6,7 +6,7 @@
 //! which the injection decision then adds to its KV prediction.
 
 use cacheroute_filters::kdn_jobs::{JobCost, JobSample, JobTimes};
-use serde::Deserialize;
+use cacheroute_wire::kdn::{InjectJob, InjectRequest, JobStatus};
 use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -46,20 +46,6 @@ pub struct KvInjections {
 /// At most this many KDNs' job models are kept (a reload that renames KDNs many times
 /// must not grow the map for ever).
 const MAX_JOB_MODELS: usize = 1024;
-
-#[derive(Deserialize)]
-struct JobView {
-    id: String,
-    status: String,
-    #[serde(default)]
-    error: Option<String>,
-    /// Logical KV bytes the job copied (chunks already in the target are skipped).
-    #[serde(default)]
-    bytes_moved: u64,
-    /// Time the job's transfers waited for a copy slot at the KDN, ms.
-    #[serde(default)]
-    queue_wait_ms: f64,
-}
 
 /// A finished job as [`run_job`] saw it.
 struct Finished {
@@ -213,13 +199,13 @@ async fn run_job(
         state: InjectState::Failed(e),
         timing: None,
     };
-    let body = serde_json::json!({
-        "knowledge_ids": [block],
-        "model": model,
-        "target": target,
-        "wait": true,
-        "timeout_ms": timeout.as_millis() as u64,
-    });
+    let body = InjectRequest {
+        knowledge_ids: vec![block.clone()],
+        model: model.clone(),
+        target: target.clone(),
+        wait: Some(true),
+        timeout_ms: Some(timeout.as_millis() as u64),
+    };
     let mut req = http
         .post(format!("{url}/v1/inject"))
         .json(&body)
@@ -237,15 +223,15 @@ async fn run_job(
     if !status.is_success() {
         return failed(format!("{url}: HTTP {status}: {text}"));
     }
-    match serde_json::from_str::<JobView>(&text) {
-        Ok(j) if j.status == "done" => Finished {
+    match serde_json::from_str::<InjectJob>(&text) {
+        Ok(j) if j.status == JobStatus::Done => Finished {
             timing: Some((j.bytes_moved, j.queue_wait_ms)),
             state: InjectState::Ready { job: j.id },
         },
-        Ok(j) if j.status == "failed" => {
+        Ok(j) if j.status == JobStatus::Failed => {
             failed(j.error.unwrap_or_else(|| "injection failed".into()))
         }
-        Ok(j) => failed(format!("injection job {} still {}", j.id, j.status)),
+        Ok(j) => failed(format!("injection job {} still {:?}", j.id, j.status)),
         Err(e) => failed(format!("{url}: unexpected answer: {e}")),
     }
 }

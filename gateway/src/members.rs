@@ -4,43 +4,11 @@
 //! the members start.
 
 use cacheroute_filters::openai::ApiError;
-use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum MemberKind {
-    Kdn,
-    Agent,
-}
-
-impl MemberKind {
-    pub fn parse(s: &str) -> Option<MemberKind> {
-        match s {
-            "kdn" => Some(MemberKind::Kdn),
-            "agent" => Some(MemberKind::Agent),
-            _ => None,
-        }
-    }
-}
-
-/// A registration (the body of `POST /v1/members`).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Registration {
-    pub kind: MemberKind,
-    pub id: String,
-    /// Base URL of the member's API.
-    pub url: String,
-    /// Agents: base URL of the engine they sit beside.
-    #[serde(default)]
-    pub instance: Option<String>,
-    /// Lifetime without a heartbeat; the gateway's `knowledge.member_ttl_s` if absent.
-    #[serde(default)]
-    pub ttl_s: Option<f64>,
-}
+pub use cacheroute_wire::members::{MemberEntry, MemberKind, Registration};
 
 #[derive(Debug, Clone)]
 pub struct Member {
@@ -54,9 +22,9 @@ pub struct Members {
     table: Mutex<BTreeMap<(MemberKind, String), Member>>,
 }
 
-impl Registration {
-    /// Parse and check a registration body.
-    pub fn parse(body: &[u8]) -> Result<Registration, ApiError> {
+/// Parse and check a registration body (`POST /v1/members`).
+pub fn parse_registration(body: &[u8]) -> Result<Registration, ApiError> {
+    {
         let r: Registration = serde_json::from_slice(body).map_err(|e| {
             ApiError::bad_request("invalid_registration", format!("invalid registration: {e}"))
         })?;
@@ -162,15 +130,13 @@ impl Members {
         t.retain(|_, m| m.expires > now);
         let data: Vec<_> = t
             .values()
-            .map(|m| {
-                serde_json::json!({
-                    "kind": m.registration.kind,
-                    "id": m.registration.id,
-                    "url": m.registration.url,
-                    "instance": m.registration.instance,
-                    "expires_in_s": (m.expires - now).as_secs_f64(),
-                    "member_for_s": (now - m.first_seen).as_secs_f64(),
-                })
+            .map(|m| MemberEntry {
+                kind: m.registration.kind,
+                id: m.registration.id.clone(),
+                url: m.registration.url.clone(),
+                instance: m.registration.instance.clone(),
+                expires_in_s: (m.expires - now).as_secs_f64(),
+                member_for_s: (now - m.first_seen).as_secs_f64(),
             })
             .collect();
         serde_json::json!({"object": "list", "data": data})
@@ -244,8 +210,8 @@ mod tests {
             r#"{"kind":"kdn","id":"a","url":"http://x:1","ttl_s":-1}"#,
             r#"not json"#,
         ] {
-            assert!(Registration::parse(body.as_bytes()).is_err(), "{body}");
+            assert!(parse_registration(body.as_bytes()).is_err(), "{body}");
         }
-        assert!(Registration::parse(br#"{"kind":"kdn","id":"a","url":"http://x:1"}"#).is_ok());
+        assert!(parse_registration(br#"{"kind":"kdn","id":"a","url":"http://x:1"}"#).is_ok());
     }
 }

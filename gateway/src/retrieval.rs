@@ -7,7 +7,7 @@
 //! BM25 instead of failing the request.
 
 use crate::config::KnowledgeSection;
-use crate::knowledge::Catalog;
+use crate::knowledge::{Catalog, IndexText};
 use cacheroute_filters::openai::{ApiError, CompletionBody};
 use cacheroute_filters::scheduler::{
     query_text, resolve_explicit, retrieve, Extensions, KnowledgeRequirement, RetrievedBlock,

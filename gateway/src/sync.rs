@@ -14,27 +14,11 @@ use crate::knowledge::{
 };
 use crate::members::MemberKind;
 use crate::state::GatewayState;
-use serde::Deserialize;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
-#[derive(Deserialize)]
-struct SnapshotBody {
-    #[serde(default)]
-    kdn_id: Option<String>,
-    #[serde(default)]
-    version: Option<String>,
-    /// `false` when the blocks come without text and contents.
-    #[serde(default)]
-    text: Option<bool>,
-    blocks: Vec<SnapshotBlock>,
-}
-
-#[derive(Deserialize)]
-struct ContentsBody {
-    data: Vec<SnapshotBlock>,
-}
+use cacheroute_wire::kdn::{Contents as ContentsBody, Snapshot as SnapshotBody};
 
 /// Most ids in one `/v1/knowledge/contents` request (the KDN takes up to 256).
 const CONTENT_BATCH_IDS: usize = 64;
@@ -113,8 +97,8 @@ async fn pull_snapshot(
         Ok(b) => b,
         Err(e) => return SnapshotResult::Failed(format!("snapshot: {e}")),
     };
-    let mut version = etag.or(body.version).unwrap_or_default();
-    let blocks = if body.text == Some(false) {
+    let mut version = etag.unwrap_or(body.version);
+    let blocks = if !body.text {
         match fill_texts(client, url, body.blocks, previous, pulled).await {
             Ok((blocks, complete)) => {
                 if !complete {
@@ -130,7 +114,7 @@ async fn pull_snapshot(
         body.blocks.into_iter().map(Arc::new).collect()
     };
     SnapshotResult::Changed(KdnSnapshot {
-        kdn_id: body.kdn_id.unwrap_or_else(|| url.to_string()),
+        kdn_id: body.kdn_id,
         version,
         blocks,
     })
@@ -292,7 +276,7 @@ pub async fn sync_once(state: &GatewayState, sync: &mut SyncState) {
             .snapshots
             .get(url)
             .map(|s| s.kdn_id.clone())
-            .or_else(|| load.as_ref().and_then(|l| l.kdn_id.clone()))
+            .or_else(|| load.as_ref().map(|l| l.kdn_id.clone()))
             .unwrap_or_else(|| url.clone());
         live.push(KdnLive {
             id,

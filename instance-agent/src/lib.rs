@@ -270,7 +270,7 @@ pub async fn start(args: AgentArgs) -> anyhow::Result<AgentHandle> {
     };
     let membership = (!gateways.is_empty()).then(|| {
         Membership::start(MemberInfo {
-            kind: "agent",
+            kind: cacheroute_wire::members::MemberKind::Agent,
             id: id.clone(),
             url: advertise.clone(),
             instance: Some(engine.clone()),

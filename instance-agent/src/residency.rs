@@ -7,7 +7,7 @@
 
 use crate::engine::error_chain;
 use crate::metrics::AgentMetrics;
-use cacheroute_kdn::store::{open_store, KvStore};
+use cacheroute_lmcache::store::{open_store, KvStore};
 use serde::Serialize;
 use serde_json::Value;
 use std::sync::{Arc, Mutex};
@@ -91,7 +91,7 @@ pub fn parse_kdn_list(v: &Value, model: Option<&str>) -> Vec<BlockKeys> {
 pub async fn resident_chunks(
     store: &dyn KvStore,
     b: &BlockKeys,
-) -> Result<usize, cacheroute_kdn::store::StoreError> {
+) -> Result<usize, cacheroute_lmcache::store::StoreError> {
     let Some(keys) = &b.keys else {
         return Ok(0);
     };
@@ -167,12 +167,29 @@ impl Health {
     }
 }
 
-async fn fetch_list(client: &reqwest::Client, url: &str) -> Result<Value, String> {
-    let resp = client.get(url).send().await.map_err(|e| error_chain(&e))?;
+/// Why the KDN's knowledge list could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum ListError {
+    /// The request failed, or the body was not JSON (the whole error chain).
+    #[error("{0}")]
+    Request(String),
+    /// The KDN answered with an error status.
+    #[error("HTTP {0}")]
+    Status(reqwest::StatusCode),
+}
+
+async fn fetch_list(client: &reqwest::Client, url: &str) -> Result<Value, ListError> {
+    let resp = client
+        .get(url)
+        .send()
+        .await
+        .map_err(|e| ListError::Request(error_chain(&e)))?;
     if !resp.status().is_success() {
-        return Err(format!("HTTP {}", resp.status()));
+        return Err(ListError::Status(resp.status()));
     }
-    resp.json::<Value>().await.map_err(|e| error_chain(&e))
+    resp.json::<Value>()
+        .await
+        .map_err(|e| ListError::Request(error_chain(&e)))
 }
 
 /// Every `interval`, list the KDN's blocks and check them against the store.
@@ -214,7 +231,7 @@ pub async fn residency_loop(
                     v
                 }
                 Err(e) => {
-                    kdn_health.failed("KDN knowledge list", &cfg.kdn, &e);
+                    kdn_health.failed("KDN knowledge list", &cfg.kdn, &e.to_string());
                     return "kdn_error";
                 }
             };
@@ -257,7 +274,7 @@ pub async fn residency_loop(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use cacheroute_kdn::store::{Chunk, MemoryStore};
+    use cacheroute_lmcache::store::{Chunk, MemoryStore};
     use serde_json::json;
 
     fn chunk() -> Chunk {

@@ -15,6 +15,8 @@ use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
+use cacheroute_wire::agent::AgentLoad;
+use cacheroute_wire::error::ErrorBody;
 use serde_json::{json, Value};
 use std::sync::{Arc, Mutex};
 
@@ -33,19 +35,25 @@ impl Shared {
         let resident = resident_ids(&self.resident.lock().unwrap_or_else(|p| p.into_inner()));
         // read under the lock rather than clone the rate history
         let st = self.engine.lock().unwrap_or_else(|p| p.into_inner());
-        json!({
-            "object": "agent.load",
-            "id": self.id,
-            "instance": self.instance,
-            "engine_up": st.engine_up,
-            "running": st.running,
-            "waiting": st.waiting,
-            "kv_usage": st.kv_usage,
-            "prompt_tokens_per_s": st.prompt_tokens_per_s,
-            "generation_tokens_per_s": st.generation_tokens_per_s,
-            "age_ms": st.last_ok.map(|t| t.elapsed().as_millis() as u64),
-            "resident": resident,
-        })
+        let load = AgentLoad {
+            id: Some(self.id.clone()),
+            instance: Some(self.instance.clone()),
+            engine_up: st.engine_up,
+            running: st.running,
+            waiting: st.waiting,
+            kv_usage: st.kv_usage,
+            prompt_tokens_per_s: st.prompt_tokens_per_s,
+            generation_tokens_per_s: Some(st.generation_tokens_per_s),
+            age_ms: st.last_ok.map(|t| t.elapsed().as_millis() as u64),
+            resident,
+        };
+        let mut v = serde_json::to_value(load).expect("serialisable");
+        v["object"] = json!("agent.load");
+        // `age_ms` is null (not absent) before the first scrape, as it always was
+        if v.get("age_ms").is_none() {
+            v["age_ms"] = Value::Null;
+        }
+        v
     }
 
     /// The `/v1/resident` document.
@@ -93,7 +101,11 @@ async fn health(State(s): State<Arc<Shared>>) -> Json<Value> {
 async fn not_found() -> Response {
     (
         StatusCode::NOT_FOUND,
-        Json(json!({"error": {"message": "no such agent endpoint; see /v1/load, /v1/resident, /metrics, /health", "type": "not_found"}})),
+        Json(ErrorBody::new(
+            "no such agent endpoint; see /v1/load, /v1/resident, /metrics, /health",
+            "not_found",
+            Some("not_found"),
+        )),
     )
         .into_response()
 }

@@ -6,7 +6,7 @@ use axum::http::HeaderMap;
 use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use cacheroute_agent::{start, AgentArgs, AgentHandle};
-use cacheroute_kdn::store::{open_store, Chunk};
+use cacheroute_lmcache::store::{open_store, Chunk};
 use cacheroute_sim::{spawn, SimArgs};
 use serde_json::{json, Value};
 use std::net::SocketAddr;

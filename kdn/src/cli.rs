@@ -67,8 +67,8 @@ pub struct KvKeysArgs {
     pub add_special_tokens: bool,
 }
 
-fn parse_scheme(s: &str) -> Result<KeyScheme, String> {
-    s.parse().map_err(|e: crate::keys::KeyError| e.to_string())
+fn parse_scheme(s: &str) -> Result<KeyScheme, crate::keys::KeyError> {
+    s.parse()
 }
 
 impl KvKeysArgs {

@@ -259,11 +259,7 @@ pub struct TargetConfig {
 }
 
 /// Whether `url` names a store [`crate::store::open_store`] can open.
-pub fn is_store_url(url: &str) -> bool {
-    ["redis://", "rediss://", "unix://", "memory://"]
-        .iter()
-        .any(|p| url.starts_with(p))
-}
+pub use cacheroute_lmcache::store::is_store_url;
 
 impl KdnConfig {
     /// Parse TOML and [`validate`](Self::validate).

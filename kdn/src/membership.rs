@@ -9,7 +9,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use serde_json::{json, Value};
+use cacheroute_wire::members::{MemberKind, Registration};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio::time::MissedTickBehavior;
@@ -20,8 +20,8 @@ pub type OnAttempt = Arc<dyn Fn(bool) + Send + Sync>;
 /// What a member tells the gateways.
 #[derive(Clone)]
 pub struct MemberInfo {
-    /// `kdn` or `agent`.
-    pub kind: &'static str,
+    /// What registers.
+    pub kind: MemberKind,
     /// The member's id.
     pub id: String,
     /// The URL gateways reach the KDN at.
@@ -38,17 +38,14 @@ pub struct MemberInfo {
 
 impl MemberInfo {
     /// The registration body.
-    pub fn body(&self) -> Value {
-        let mut v = json!({
-            "kind": self.kind,
-            "id": self.id,
-            "url": self.url,
-            "ttl_s": 3.0 * self.heartbeat.as_secs_f64(),
-        });
-        if let Some(i) = &self.instance {
-            v["instance"] = json!(i);
+    pub fn body(&self) -> Registration {
+        Registration {
+            kind: self.kind,
+            id: self.id.clone(),
+            url: self.url.clone(),
+            instance: self.instance.clone(),
+            ttl_s: Some(3.0 * self.heartbeat.as_secs_f64()),
         }
-        v
     }
 }
 
@@ -120,25 +117,42 @@ fn authorized(req: reqwest::RequestBuilder, token: &str) -> reqwest::RequestBuil
     }
 }
 
-/// One registration: `Err` says why it failed.
+/// Why one registration failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RegisterError {
+    /// The gateway could not be reached (the URL is left out: it is logged beside).
+    #[error("{0}")]
+    Send(reqwest::Error),
+    /// The gateway answered with an error (its body cut to 200 characters).
+    #[error("HTTP {status}: {body}")]
+    Refused {
+        status: reqwest::StatusCode,
+        body: String,
+    },
+}
+
+/// One registration.
 async fn register(
     client: &reqwest::Client,
     gateway: &str,
     info: &MemberInfo,
-    body: &Value,
-) -> Result<(), String> {
+    body: &Registration,
+) -> Result<(), RegisterError> {
     let req = client.post(format!("{gateway}/v1/members")).json(body);
     let resp = authorized(req, &info.token)
         .send()
         .await
-        .map_err(|e| e.without_url().to_string())?;
+        .map_err(|e| RegisterError::Send(e.without_url()))?;
     let status = resp.status();
     if status.is_success() {
         return Ok(());
     }
     let text = resp.text().await.unwrap_or_default();
-    let text: String = text.chars().take(200).collect();
-    Err(format!("HTTP {status}: {}", text.trim()))
+    let body: String = text.chars().take(200).collect();
+    Err(RegisterError::Refused {
+        status,
+        body: body.trim().to_string(),
+    })
 }
 
 /// Percent-encode an id for one URL path segment (ids like `kdn@10.0.0.5:9101` pass as
@@ -158,7 +172,7 @@ fn path_segment(id: &str) -> String {
 async fn deregister(client: &reqwest::Client, gateway: &str, info: &MemberInfo) {
     let url = format!(
         "{gateway}/v1/members/{}/{}",
-        info.kind,
+        info.kind.name(),
         path_segment(&info.id)
     );
     let req = authorized(client.delete(url), &info.token).timeout(DEREGISTER_TIMEOUT);
@@ -235,7 +249,7 @@ mod tests {
     #[test]
     fn body_and_path() {
         let info = MemberInfo {
-            kind: "kdn",
+            kind: MemberKind::Kdn,
             instance: None,
             on_attempt: None,
             id: "kdn@127.0.0.1:9101".into(),
@@ -245,8 +259,8 @@ mod tests {
             heartbeat: Duration::from_millis(2500),
         };
         assert_eq!(
-            info.body(),
-            json!({"kind": "kdn", "id": "kdn@127.0.0.1:9101", "url": "http://127.0.0.1:9101", "ttl_s": 7.5})
+            serde_json::to_value(info.body()).unwrap(),
+            serde_json::json!({"kind": "kdn", "id": "kdn@127.0.0.1:9101", "url": "http://127.0.0.1:9101", "ttl_s": 7.5})
         );
         assert_eq!(path_segment("kdn@127.0.0.1:9101"), "kdn@127.0.0.1:9101");
         assert_eq!(path_segment("a b/c%"), "a%20b%2Fc%25");

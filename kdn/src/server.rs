@@ -543,7 +543,7 @@ pub async fn spawn_kdn(mut config: KdnConfig) -> anyhow::Result<KdnHandle> {
     let k = &kdn.config.kdn;
     let membership = (!k.gateways.is_empty()).then(|| {
         Membership::start(MemberInfo {
-            kind: "kdn",
+            kind: cacheroute_wire::members::MemberKind::Kdn,
             instance: None,
             on_attempt: Some({
                 let metrics = kdn.metrics.clone();

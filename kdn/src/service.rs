@@ -12,6 +12,9 @@ use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 use tokio::sync::{watch, Semaphore};
 
+use cacheroute_wire::error::ErrorBody;
+use cacheroute_wire::kdn::{KdnLoad, KdnTargetLoad};
+
 use cacheroute_filters::prompt::{knowledge_prefix, normalize_knowledge_text};
 
 use crate::config::{is_store_url, KdnConfig, ModelConfig};
@@ -103,8 +106,8 @@ impl KdnError {
         )
     }
 
-    pub fn body(&self) -> Value {
-        json!({"error": {"message": self.message, "type": self.kind, "code": self.code}})
+    pub fn body(&self) -> ErrorBody {
+        ErrorBody::new(self.message.clone(), self.kind, Some(self.code))
     }
 }
 
@@ -1197,14 +1200,47 @@ impl Kdn {
 
     /// `/v1/load`.
     pub fn load(&self) -> Value {
-        let snap = self.injector.load(&self.targets);
-        let mut v = serde_json::to_value(snap).expect("serialisable");
-        v["knowledge_blocks"] = json!(self.registry.len());
-        let (warming, deferred) = self.warmup_counts();
-        v["warmups_queued"] = json!(warming);
-        v["warmups_deferred"] = json!(deferred);
-        v["kdn_id"] = json!(self.id);
+        let mut v = serde_json::to_value(self.load_report()).expect("serialisable");
+        v["object"] = json!("kdn.load");
         v
+    }
+
+    /// `/v1/load` as the wire type gateways read.
+    pub fn load_report(&self) -> KdnLoad {
+        let s = self.injector.load(&self.targets);
+        let (warming, deferred) = self.warmup_counts();
+        KdnLoad {
+            kdn_id: self.id.clone(),
+            pending_jobs: s.pending_jobs as u64,
+            active_jobs: s.active_jobs as u64,
+            pending_transfers: s.pending_transfers as u64,
+            active_transfers: s.active_transfers as u64,
+            queue_wait_ms: s.queue_wait_ms,
+            oldest_pending_ms: s.oldest_pending_ms,
+            recent_bytes_per_s: s.recent_bytes_per_s,
+            bandwidth_bytes_per_s: s.bandwidth_bytes_per_s,
+            backlog_bytes: s.backlog_bytes,
+            max_concurrent_injections: s.max_concurrent_injections as u64,
+            max_queue: s.max_queue as u64,
+            knowledge_blocks: self.registry.len() as u64,
+            warmups_queued: warming as u64,
+            warmups_deferred: deferred as u64,
+            targets: s
+                .targets
+                .into_iter()
+                .map(|(name, t)| {
+                    let t = KdnTargetLoad {
+                        store: t.store,
+                        pending_transfers: t.pending_transfers as u64,
+                        active_transfers: t.active_transfers as u64,
+                        recent_bytes_per_s: t.recent_bytes_per_s,
+                        link_gbps: t.link_gbps,
+                        link_backlog_ms: t.link_backlog_ms,
+                    };
+                    (name, t)
+                })
+                .collect(),
+        }
     }
 
     /// `/metrics`.

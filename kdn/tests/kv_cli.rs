@@ -42,7 +42,7 @@ const TINY9: &str = "[128000, 1, 2, 3, 300, 70000, 128255, 9, 10]";
 
 #[test]
 fn keys_match_lmcache_vector() {
-    // research/lmcache_key_vectors.json: 0.3.13-0.3.15, sha256_cbor, seed "0", tiny9.
+    // lmcache/tests/data/lmcache_key_vectors.json: 0.3.13-0.3.15, sha256_cbor, seed "0", tiny9.
     let out = run(&args(&["--hash-seed", "0"]), TINY9).unwrap();
     assert_eq!(
         out,

@@ -41,12 +41,12 @@ impl CompletionRequest {
     /// LMCache's per-request `lmcache.skip_save` (via `kv_transfer_params`): do not store
     /// this request's KV.
     /// The KV handle in `kv_transfer_params.cacheroute_kv_handle`, parsed (None: absent).
-    pub fn body_kv_handle(&self) -> Option<Result<KvHandle, String>> {
+    pub fn body_kv_handle(&self) -> Option<Result<KvHandle, KvHandleError>> {
         self.kv_transfer_params
             .as_ref()
-            .and_then(|p| p.get("cacheroute_kv_handle"))
+            .and_then(|p| p.get(KV_TRANSFER_PARAMS_KEY))
             .filter(|v| !v.is_null())
-            .map(KvHandle::from_json)
+            .map(kv_handle_from_json)
     }
 
     pub fn lmcache_skip_save(&self) -> bool {
@@ -57,76 +57,14 @@ impl CompletionRequest {
     }
 }
 
-/// A CacheRoute KV handle: the gateway's claim that the KDN made the first `chunks`
-/// LMCache chunks of this prompt resident in the instance's store (`tokens` = `chunks` ×
-/// chunk size). Header `x-cacheroute-kv-handle: job=<id>;chunks=<n>;tokens=<t>`, or
-/// `kv_transfer_params.cacheroute_kv_handle: {"job", "chunks", "tokens"}`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct KvHandle {
-    pub job: String,
-    pub chunks: u64,
-    pub tokens: u64,
-}
+pub use cacheroute_wire::kv_handle::{KvHandle, KvHandleError, KV_TRANSFER_PARAMS_KEY};
 
-impl KvHandle {
-    /// Parse the header form. Unknown `key=value` parts are ignored (room for later
-    /// fields); each known key must appear once.
-    pub fn parse_header(value: &str) -> Result<KvHandle, String> {
-        let (mut job, mut chunks, mut tokens) = (None, None, None);
-        for part in value.split(';').map(str::trim).filter(|p| !p.is_empty()) {
-            let (k, v) = part
-                .split_once('=')
-                .ok_or_else(|| format!("{part:?} is not key=value"))?;
-            let (k, v) = (k.trim(), v.trim());
-            let num = || {
-                v.parse::<u64>()
-                    .map_err(|_| format!("{k}={v:?} is not a non-negative integer"))
-            };
-            let slot_taken = match k {
-                "job" => job.replace(v.to_string()).is_some(),
-                "chunks" => chunks.replace(num()?).is_some(),
-                "tokens" => tokens.replace(num()?).is_some(),
-                _ => false,
-            };
-            if slot_taken {
-                return Err(format!("{k} given twice"));
-            }
-        }
-        Self::complete(job, chunks, tokens)
-    }
-
-    /// Parse the `kv_transfer_params.cacheroute_kv_handle` form.
-    pub fn from_json(v: &Value) -> Result<KvHandle, String> {
-        let obj = v
-            .as_object()
-            .ok_or_else(|| "cacheroute_kv_handle is not an object".to_string())?;
-        let num = |k: &str| match obj.get(k) {
-            None | Some(Value::Null) => Ok(None),
-            Some(x) => x
-                .as_u64()
-                .map(Some)
-                .ok_or_else(|| format!("{k} is not a non-negative integer")),
-        };
-        let job = match obj.get("job") {
-            None | Some(Value::Null) => None,
-            Some(Value::String(s)) => Some(s.clone()),
-            Some(_) => return Err("job is not a string".into()),
-        };
-        Self::complete(job, num("chunks")?, num("tokens")?)
-    }
-
-    fn complete(
-        job: Option<String>,
-        chunks: Option<u64>,
-        tokens: Option<u64>,
-    ) -> Result<KvHandle, String> {
-        let job = job.filter(|j| !j.is_empty()).ok_or("no job")?;
-        Ok(KvHandle {
-            job,
-            chunks: chunks.ok_or("no chunks")?,
-            tokens: tokens.ok_or("no tokens")?,
-        })
-    }
+/// Parse the `kv_transfer_params.cacheroute_kv_handle` form of a KV handle (its header
+/// form is [`KvHandle::parse_header`]).
+pub fn kv_handle_from_json(v: &Value) -> Result<KvHandle, KvHandleError> {
+    serde_json::from_value::<KvHandle>(v.clone())
+        .map_err(|e| KvHandleError::Json(e.to_string()))?
+        .checked()
 }
 
 /// The outcome of checking a KV handle against the sim's store.
@@ -577,31 +515,12 @@ mod tests {
 
     #[test]
     fn kv_handles_parse() {
-        let h = KvHandle::parse_header("job=j-1;chunks=3;tokens=768").unwrap();
-        assert_eq!(
-            h,
-            KvHandle {
-                job: "j-1".into(),
-                chunks: 3,
-                tokens: 768
-            }
-        );
-        // order, spaces, a trailing ';' and unknown keys are fine
-        let h2 = KvHandle::parse_header(" tokens = 768 ; job=j-1; chunks=3; future=x;").unwrap();
-        assert_eq!(h2, h);
-        for bad in [
-            "",
-            "kh-1",
-            "job=j;chunks=3",
-            "job=;chunks=1;tokens=256",
-            "job=j;chunks=-1;tokens=0",
-            "job=j;chunks=1.5;tokens=384",
-            "job=j;chunks=1;tokens=256;chunks=2",
-            "job=j;chunks=x;tokens=256",
-        ] {
-            assert!(KvHandle::parse_header(bad).is_err(), "{bad:?}");
-        }
-        let j = KvHandle::from_json(&json!({"job": "j-1", "chunks": 3, "tokens": 768})).unwrap();
+        let h = KvHandle {
+            job: "j-1".into(),
+            chunks: 3,
+            tokens: 768,
+        };
+        let j = kv_handle_from_json(&json!({"job": "j-1", "chunks": 3, "tokens": 768})).unwrap();
         assert_eq!(j, h);
         for bad in [
             json!("job=j-1;chunks=3;tokens=768"),
@@ -610,7 +529,7 @@ mod tests {
             json!({"job": "j", "chunks": -3, "tokens": 768}),
             json!({"job": "j", "chunks": 3.0, "tokens": 768}),
         ] {
-            assert!(KvHandle::from_json(&bad).is_err(), "{bad}");
+            assert!(kv_handle_from_json(&bad).is_err(), "{bad}");
         }
         let r = parse_request(
             Endpoint::Completions,

@@ -14,7 +14,7 @@ pub mod filler;
 pub mod lmcache;
 pub mod metrics;
 pub mod server;
-pub use cacheroute_kdn::tokenizer;
+pub use cacheroute_lmcache::tokenizer;
 
 use anyhow::Context;
 use cacheroute_filters::cost_model::{CalibrationProfile, CostModel};

@@ -6,7 +6,7 @@
 //! `redis://` remote backend) do:
 //!
 //! 1. the prompt's token ids are cut into `--chunk-size` chunks and each chunk gets its
-//!    LMCache key ([`cacheroute_kdn::keys::chunk_keys`], scheme `--lmcache-scheme`, model
+//!    LMCache key ([`cacheroute_lmcache::keys::chunk_keys`], scheme `--lmcache-scheme`, model
 //!    `--lmcache-model`, seed `--hash-seed`, dtype `--kv-dtype`, rank(s) of
 //!    `--world-size`);
 //! 2. the longest run of leading chunks present in the CPU tier or, failing that, in the
@@ -31,16 +31,14 @@ use crate::cpu_tier::{CpuTier, CpuTierStats};
 use crate::engine::{ExternalHit, Tier};
 use crate::metrics::SimMetrics;
 use crate::SimArgs;
-use anyhow::{anyhow, bail, Context};
+use anyhow::{anyhow, Context};
 use bytes::Bytes;
 use cacheroute_filters::cost_model::ModelConfig;
-use cacheroute_kdn::keys::{
-    chunk_keys, chunk_keys_all_ranks, lmcache_dtype_name, redis_kv_bytes_key, redis_metadata_key,
-    KeyParams, KeyScheme, RemoteMetadata,
+use cacheroute_lmcache::keys::{
+    check_hash_seed, chunk_keys, chunk_keys_all_ranks, lmcache_dtype_name, KeyParams, KeyScheme,
+    RemoteMetadata,
 };
-use cacheroute_kdn::store::{
-    named_memory_store, Chunk, KvStore, MemoryStore, RedisStore, StoreError,
-};
+use cacheroute_lmcache::store::{check_store_url, open_store, Chunk, KvStore, StoreError};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -65,29 +63,6 @@ const WRITE_BATCH_KEYS: usize = 8;
 
 /// Least time between two background attempts to open an unreachable store.
 const RECONNECT_INTERVAL: Duration = Duration::from_secs(1);
-
-/// Check a `--hash-seed` the way CPython checks `PYTHONHASHSEED`: vLLM seeds LMCache's
-/// chain with `sha256_cbor(<the PYTHONHASHSEED string>)`, and Python only starts with
-/// `random` (which here means unset: refused) or a decimal integer in `[0, 4294967295]`.
-/// The string is used as given (`"00"` and `"0"` are different seeds).
-pub fn check_hash_seed(seed: &str) -> anyhow::Result<()> {
-    if seed.is_empty() || seed == "random" {
-        bail!(
-            "--hash-seed {seed:?}: {}",
-            cacheroute_kdn::keys::KeyError::HashSeedUnset
-        );
-    }
-    let in_range = seed.bytes().all(|b| b.is_ascii_digit())
-        && seed.parse::<u64>().is_ok_and(|n| n <= u32::MAX as u64);
-    if !in_range {
-        bail!(
-            "--hash-seed {seed:?} is not a PYTHONHASHSEED value: Python refuses to start \
-             unless it is \"random\" or a decimal integer in [0, 4294967295]; give the exact \
-             string exported to vLLM (e.g. 0)"
-        );
-    }
-    Ok(())
-}
 
 /// Everything `--kv-store` and the LMCache flags configure.
 #[derive(Debug, Clone, PartialEq)]
@@ -127,22 +102,13 @@ impl LmCacheConfig {
         let Some(url) = args.kv_store.clone() else {
             return Ok(None);
         };
-        if let Some(name) = url.strip_prefix("memory://") {
-            anyhow::ensure!(!name.is_empty(), "--kv-store {url}: memory:// needs a name");
-        } else if url.starts_with("redis://")
-            || url.starts_with("rediss://")
-            || url.starts_with("unix://")
-        {
-            // parse only; connecting happens later (and may be retried)
-            redis::Client::open(url.as_str()).map_err(|e| anyhow!("--kv-store {url}: {e}"))?;
-        } else {
-            bail!("--kv-store {url}: unsupported store URL, use redis://host:port[/db] or memory://NAME");
-        }
+        // parse only; connecting happens later (and may be retried)
+        check_store_url(&url).map_err(|e| anyhow!("--kv-store {url}: {e}"))?;
         let scheme: KeyScheme = args
             .lmcache_scheme
             .parse()
             .map_err(|e| anyhow!("--lmcache-scheme: {e}"))?;
-        check_hash_seed(&args.hash_seed)?;
+        check_hash_seed(&args.hash_seed).map_err(|e| anyhow!("--hash-seed: {e}"))?;
         anyhow::ensure!(args.chunk_size > 0, "--chunk-size must be at least 1");
         anyhow::ensure!(args.world_size > 0, "--world-size must be at least 1");
         anyhow::ensure!(args.kv_scale_down > 0, "--kv-scale-down must be at least 1");
@@ -184,7 +150,7 @@ impl LmCacheConfig {
         chunk_keys(&params, &[]).map_err(|e| anyhow!("LMCache keys: {e}"))?;
         let dtype =
             lmcache_dtype_name(scheme, &args.kv_dtype).map_err(|e| anyhow!("--kv-dtype: {e}"))?;
-        let itemsize = cacheroute_kdn::keys::dtype_itemsize(dtype).unwrap_or(2) as u64;
+        let itemsize = cacheroute_lmcache::keys::dtype_itemsize(dtype).unwrap_or(2) as u64;
         let ws = args.world_size as u64;
         let (num_layers, hidden_per_rank) =
             if model.num_hidden_layers > 0 && model.num_key_value_heads > 0 {
@@ -280,84 +246,34 @@ impl Lookup {
     }
 }
 
-/// How a store's chunk presence is checked: both halves of every chunk in one pipelined
-/// round trip.
-enum Presence {
-    Redis(redis::aio::ConnectionManager),
-    Memory(MemoryStore),
-}
-
-impl Presence {
-    /// Per key: whether both `<key>metadata` and `<key>kv_bytes` exist.
-    async fn check(&self, keys: &[String]) -> Result<Vec<bool>, StoreError> {
-        match self {
-            Presence::Memory(m) => Ok(keys
-                .iter()
-                .map(|k| {
-                    m.raw_get(&redis_metadata_key(k)).is_some()
-                        && m.raw_get(&redis_kv_bytes_key(k)).is_some()
-                })
-                .collect()),
-            Presence::Redis(conn) => {
-                let mut pipe = redis::pipe();
-                for k in keys {
-                    pipe.cmd("EXISTS").arg(redis_metadata_key(k));
-                    pipe.cmd("EXISTS").arg(redis_kv_bytes_key(k));
-                }
-                let mut conn = conn.clone();
-                let found: Vec<i64> = pipe.query_async(&mut conn).await?;
-                if found.len() != 2 * keys.len() {
-                    return Err(StoreError::Config(format!(
-                        "presence check: {} answers for {} keys",
-                        found.len(),
-                        keys.len()
-                    )));
-                }
-                Ok(found.chunks(2).map(|p| p[0] > 0 && p[1] > 0).collect())
-            }
-        }
-    }
-}
-
-/// An open store: the chunk store and its presence check.
-#[derive(Clone)]
-struct Backend {
-    store: Arc<dyn KvStore>,
-    presence: Arc<Presence>,
-}
-
-async fn open_backend(url: &str) -> Result<Backend, StoreError> {
-    if let Some(name) = url.strip_prefix("memory://") {
-        let m = named_memory_store(name);
-        return Ok(Backend {
-            store: Arc::new(m.clone()),
-            presence: Arc::new(Presence::Memory(m)),
-        });
-    }
-    let r = RedisStore::connect(url).await?;
-    Ok(Backend {
-        presence: Arc::new(Presence::Redis(r.connection())),
-        store: Arc::new(r),
-    })
+/// Why the remote store could not answer a lookup (its chunks then count as misses).
+#[derive(Debug, thiserror::Error)]
+pub enum RemoteError {
+    #[error("the store is not reachable")]
+    Unreachable,
+    #[error("no answer within {0:?}")]
+    Timeout(Duration),
+    #[error(transparent)]
+    Store(#[from] StoreError),
 }
 
 /// Lazily (re)opened store: a store that cannot be reached yet is retried in the
 /// background while requests miss.
 struct StoreSlot {
     url: String,
-    store: RwLock<Option<Backend>>,
+    store: RwLock<Option<Arc<dyn KvStore>>>,
     connecting: AtomicBool,
     last_attempt: Mutex<Option<Instant>>,
     timeout: Duration,
 }
 
 impl StoreSlot {
-    fn current(&self) -> Option<Backend> {
+    fn current(&self) -> Option<Arc<dyn KvStore>> {
         self.store.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     /// The store, or None (and a background attempt to open it) when not open yet.
-    fn get(self: &Arc<Self>) -> Option<Backend> {
+    fn get(self: &Arc<Self>) -> Option<Arc<dyn KvStore>> {
         if let Some(s) = self.current() {
             return Some(s);
         }
@@ -365,16 +281,16 @@ impl StoreSlot {
         None
     }
 
-    async fn open(&self) -> Result<(), String> {
+    async fn open(&self) -> Result<(), RemoteError> {
         // a connection attempt may retry for a while: bound it
         let limit = self.timeout.max(Duration::from_secs(2));
-        match tokio::time::timeout(limit, open_backend(&self.url)).await {
+        match tokio::time::timeout(limit, open_store(&self.url)).await {
             Ok(Ok(b)) => {
                 *self.store.write().unwrap_or_else(|p| p.into_inner()) = Some(b);
                 Ok(())
             }
-            Ok(Err(e)) => Err(e.to_string()),
-            Err(_) => Err(format!("no answer within {limit:?}")),
+            Ok(Err(e)) => Err(e.into()),
+            Err(_) => Err(RemoteError::Timeout(limit)),
         }
     }
 
@@ -577,16 +493,16 @@ impl LmCache {
     }
 
     /// Per chunk: present in the remote store on every simulated rank.
-    async fn remote_presence(&self, chunks: &[ChunkEntry]) -> Result<Vec<bool>, String> {
-        let Some(Backend { presence, .. }) = self.slot.get() else {
-            return Err("the store is not reachable".into());
+    async fn remote_presence(&self, chunks: &[ChunkEntry]) -> Result<Vec<bool>, RemoteError> {
+        let Some(store) = self.slot.get() else {
+            return Err(RemoteError::Unreachable);
         };
         let flat: Vec<String> = chunks.iter().flat_map(|c| c.keys.clone()).collect();
         let ranks = self.cfg.ranks.len();
-        match tokio::time::timeout(self.cfg.timeout, presence.check(&flat)).await {
+        match tokio::time::timeout(self.cfg.timeout, store.chunks_present(&flat)).await {
             Ok(Ok(found)) => Ok(found.chunks(ranks).map(|r| r.iter().all(|p| *p)).collect()),
-            Ok(Err(e)) => Err(e.to_string()),
-            Err(_) => Err(format!("no answer within {:?}", self.cfg.timeout)),
+            Ok(Err(e)) => Err(e.into()),
+            Err(_) => Err(RemoteError::Timeout(self.cfg.timeout)),
         }
     }
 
@@ -625,7 +541,7 @@ impl LmCache {
         if todo.is_empty() {
             return Ok(0);
         }
-        let Some(Backend { store, .. }) = self.slot.get() else {
+        let Some(store) = self.slot.get() else {
             return Err(StoreError::Config("the store is not reachable".into()));
         };
         let mut written = 0;
@@ -710,7 +626,8 @@ impl crate::PrefixCache for LmCache {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use cacheroute_kdn::store::named_memory_store;
+    use cacheroute_lmcache::keys::{redis_kv_bytes_key, redis_metadata_key};
+    use cacheroute_lmcache::store::named_memory_store;
 
     fn model() -> ModelConfig {
         ModelConfig {
@@ -737,20 +654,6 @@ mod tests {
             .unwrap()
             .unwrap();
         (Arc::new(LmCache::open(cfg, metrics.clone()).await), metrics)
-    }
-
-    #[test]
-    fn hash_seeds_like_python() {
-        for ok in ["0", "42", "00", "4294967295"] {
-            check_hash_seed(ok).unwrap();
-        }
-        for bad in ["", "random", "-1", "4294967296", "abc", " 1", "1.0"] {
-            assert!(check_hash_seed(bad).is_err(), "{bad:?}");
-        }
-        assert!(check_hash_seed("random")
-            .unwrap_err()
-            .to_string()
-            .contains("PYTHONHASHSEED"));
     }
 
     #[test]
@@ -828,14 +731,14 @@ mod tests {
         let key = &miss.chunks[0].keys[0];
         let meta = RemoteMetadata::from_bytes(
             &store
-                .raw_get(&cacheroute_kdn::keys::redis_metadata_key(key))
+                .raw_get(&cacheroute_lmcache::keys::redis_metadata_key(key))
                 .unwrap(),
         )
         .unwrap();
         assert_eq!(meta.shape, [2, 32, 4, 1024]);
         assert_eq!(meta.length, 4 * 131072);
         let blob = store
-            .raw_get(&cacheroute_kdn::keys::redis_kv_bytes_key(key))
+            .raw_get(&cacheroute_lmcache::keys::redis_kv_bytes_key(key))
             .unwrap();
         assert_eq!(blob.len(), 4 * 131072 / 1024);
         let d = Sha256::digest(key.as_bytes());
@@ -861,7 +764,7 @@ mod tests {
         assert_eq!(lm.query(&ids).await.cached_tokens, 8);
         // rank 1 loses chunk 1: only chunk 0 is usable
         let store = named_memory_store("lmcache-unit-2");
-        store.raw_delete(&cacheroute_kdn::keys::redis_metadata_key(
+        store.raw_delete(&cacheroute_lmcache::keys::redis_metadata_key(
             &miss.chunks[1].keys[1],
         ));
         assert_eq!(lm.query(&ids).await.cached_tokens, 4);

@@ -1,7 +1,8 @@
 //! The HTTP surface: vLLM's OpenAI server routes over the simulated engine.
 
 use crate::api::{
-    self, ApiError, CompletionRequest, Endpoint, KvHandle, KvHandleCheck, Prompt, RespMeta,
+    self, ApiError, CompletionRequest, Endpoint, KvHandle, KvHandleCheck, KvHandleError, Prompt,
+    RespMeta,
 };
 use crate::embeddings::{self, EmbeddingResponse};
 use crate::engine::{
@@ -223,7 +224,7 @@ async fn embed(st: Arc<AppState>, body: Bytes) -> Result<Response, ApiError> {
 struct KvHandleIn {
     source: &'static str,
     raw: Value,
-    parsed: Result<KvHandle, String>,
+    parsed: Result<KvHandle, KvHandleError>,
 }
 
 /// The request's KV handle: the header, else `kv_transfer_params.cacheroute_kv_handle`.
@@ -238,7 +239,7 @@ fn kv_handle_in(headers: &HeaderMap, req: &CompletionRequest) -> Option<KvHandle
             Err(_) => KvHandleIn {
                 source: "header",
                 raw: Value::String(String::from_utf8_lossy(v.as_bytes()).into_owned()),
-                parsed: Err("the header is not visible ASCII".into()),
+                parsed: Err(KvHandleError::NotAscii),
             },
         });
     }
@@ -263,7 +264,7 @@ fn check_kv_handle(h: &KvHandleIn, store: Option<(&Lookup, usize)>) -> (KvHandle
     let mut report = json!({"source": h.source, "value": h.raw});
     let result = match &h.parsed {
         Err(e) => {
-            report["error"] = json!(e);
+            report["error"] = json!(e.to_string());
             KvHandleCheck::Malformed
         }
         Ok(k) => {

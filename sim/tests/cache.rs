@@ -6,9 +6,9 @@
 //! The Redis test needs `redis-server` on PATH (or named by `CACHEROUTE_REDIS_SERVER`):
 //! without it, it fails, it does not skip.
 
-use cacheroute_kdn::keys::KeyScheme;
-use cacheroute_kdn::keys::{chunk_keys, redis_kv_bytes_key, redis_metadata_key, KeyParams};
-use cacheroute_kdn::local_redis::LocalRedis;
+use cacheroute_lmcache::keys::KeyScheme;
+use cacheroute_lmcache::keys::{chunk_keys, redis_kv_bytes_key, redis_metadata_key, KeyParams};
+use cacheroute_lmcache::local_redis::LocalRedis;
 use cacheroute_sim::{spawn, spawn_with_prefix_cache, PrefixCache, SimArgs, SimHandle};
 use serde_json::{json, Value};
 use std::sync::atomic::{AtomicUsize, Ordering};

@@ -9,10 +9,10 @@
 //! GPU prefix-cache hit (longer than LMCache's whole chunks), and these tests are about
 //! what LMCache supplies (`tests/cache.rs` covers the tiers together).
 
-use cacheroute_kdn::keys::{
+use cacheroute_lmcache::keys::{
     chunk_keys, redis_kv_bytes_key, redis_metadata_key, KeyParams, KeyScheme, RemoteMetadata,
 };
-use cacheroute_kdn::store::{named_memory_store, KvStore, RedisStore};
+use cacheroute_lmcache::store::{named_memory_store, KvStore, RedisStore};
 use cacheroute_sim::tokenizer::Tokenizer;
 use cacheroute_sim::{spawn, spawn_with_prefix_cache, NoPrefixCache, SimArgs, SimHandle};
 use serde_json::{json, Value};
@@ -725,7 +725,7 @@ async fn kv_handles_without_a_store() {
 // ---------------------------------------------------------------------------
 // A real Redis
 
-use cacheroute_kdn::local_redis::LocalRedis as RedisServer;
+use cacheroute_lmcache::local_redis::LocalRedis as RedisServer;
 
 #[tokio::test]
 async fn two_sims_share_a_real_redis() {

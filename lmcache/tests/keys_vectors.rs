@@ -1,11 +1,12 @@
 //! LMCache key vectors produced by LMCache's own code.
 //!
-//! * `data/lmcache_key_vectors.json`: from the research harness (copied from
-//!   `shared/research/`), covering 0.3.10 – 0.5.6, builtin and sha256_cbor.
+//! * `data/lmcache_key_vectors.json`: from the research harness that ran LMCache's own
+//!   code (provenance in `lmcache/README.md`, "Vectors"), covering 0.3.10 – 0.5.6,
+//!   builtin and sha256_cbor.
 //! * `data/lmcache_generated_vectors.json`: from `tests/gen/gen_lmcache_vectors.py`
-//!   run over every LMCache wheel 0.3.13 – 0.5.6 (see kdn/README.md).
+//!   run over every LMCache wheel 0.3.13 – 0.5.6 (see lmcache/README.md).
 
-use cacheroute_kdn::keys::{
+use cacheroute_lmcache::keys::{
     chunk_keys, chunk_keys_all_ranks, none_hash, ChunkHash, HashAlgorithm, KeyError, KeyParams,
     KeyScheme,
 };

@@ -50,6 +50,15 @@ pub enum StoreError {
     MissingChunk { key: String },
     #[error("{0}")]
     Config(String),
+    /// A store URL this crate cannot open.
+    #[error(
+        "unsupported store URL `{0}`: use redis://host:port[/db] (also rediss://, unix://) \
+         or memory://NAME"
+    )]
+    UnsupportedUrl(String),
+    /// The store answered something that does not fit the request.
+    #[error("unexpected answer from the store: {0}")]
+    Protocol(String),
 }
 
 /// Bytes and chunks moved through a store handle since it was created.
@@ -108,6 +117,19 @@ pub trait KvStore: Send + Sync {
     /// first missing chunk; later hits are useless).
     async fn longest_present_prefix(&self, keys: &[String]) -> Result<usize, StoreError>;
 
+    /// Per key, whether **both** halves (`<key>metadata` and `<key>kv_bytes`) exist:
+    /// stricter than [`exists`](Self::exists), for a reader that must count a
+    /// half-evicted chunk as a miss (the sim's LMCache lookup). The default reads the
+    /// chunks; stores override it with a presence check that moves no KV bytes.
+    async fn chunks_present(&self, keys: &[String]) -> Result<Vec<bool>, StoreError> {
+        Ok(self
+            .get_chunks(keys)
+            .await?
+            .iter()
+            .map(Option::is_some)
+            .collect())
+    }
+
     /// Both values of a chunk; `None` if `metadata` or `kv_bytes` is missing.
     async fn get_chunk(&self, key: &str) -> Result<Option<Chunk>, StoreError> {
         let mut v = self.get_chunks(&[key.to_string()]).await?;
@@ -151,6 +173,9 @@ impl<T: KvStore + ?Sized> KvStore for Arc<T> {
     }
     async fn longest_present_prefix(&self, keys: &[String]) -> Result<usize, StoreError> {
         (**self).longest_present_prefix(keys).await
+    }
+    async fn chunks_present(&self, keys: &[String]) -> Result<Vec<bool>, StoreError> {
+        (**self).chunks_present(keys).await
     }
     async fn get_chunk(&self, key: &str) -> Result<Option<Chunk>, StoreError> {
         (**self).get_chunk(key).await
@@ -271,6 +296,28 @@ impl KvStore for RedisStore {
         let mut conn = self.conn.clone();
         let found: Vec<i64> = pipe.query_async(&mut conn).await?;
         Ok(found.iter().take_while(|&&n| n > 0).count())
+    }
+
+    async fn chunks_present(&self, keys: &[String]) -> Result<Vec<bool>, StoreError> {
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        // both halves of every key in one pipelined round trip
+        let mut pipe = redis::pipe();
+        for k in keys {
+            pipe.cmd("EXISTS").arg(redis_metadata_key(k));
+            pipe.cmd("EXISTS").arg(redis_kv_bytes_key(k));
+        }
+        let mut conn = self.conn.clone();
+        let found: Vec<i64> = pipe.query_async(&mut conn).await?;
+        if found.len() != 2 * keys.len() {
+            return Err(StoreError::Protocol(format!(
+                "presence check: {} answers for {} keys",
+                found.len(),
+                keys.len()
+            )));
+        }
+        Ok(found.chunks(2).map(|p| p[0] > 0 && p[1] > 0).collect())
     }
 
     async fn get_chunks(&self, keys: &[String]) -> Result<Vec<Option<Chunk>>, StoreError> {
@@ -429,6 +476,17 @@ impl KvStore for MemoryStore {
             .iter()
             .take_while(|k| entries.contains_key(&redis_metadata_key(k)))
             .count())
+    }
+
+    async fn chunks_present(&self, keys: &[String]) -> Result<Vec<bool>, StoreError> {
+        let entries = self.entries();
+        Ok(keys
+            .iter()
+            .map(|k| {
+                entries.contains_key(&redis_metadata_key(k))
+                    && entries.contains_key(&redis_kv_bytes_key(k))
+            })
+            .collect())
     }
 
     async fn get_chunks(&self, keys: &[String]) -> Result<Vec<Option<Chunk>>, StoreError> {
@@ -782,18 +840,39 @@ pub fn named_memory_stores() -> Vec<String> {
         .collect()
 }
 
+/// Whether `url` names a store kind [`open_store`] opens (by its scheme only).
+pub fn is_store_url(url: &str) -> bool {
+    ["redis://", "rediss://", "unix://", "memory://"]
+        .iter()
+        .any(|p| url.starts_with(p))
+}
+
+/// Check a store URL without connecting: a supported scheme, a `memory://` name, a
+/// Redis URL that parses. What [`open_store`] would refuse before trying the network.
+pub fn check_store_url(url: &str) -> Result<(), StoreError> {
+    if let Some(name) = url.strip_prefix("memory://") {
+        if name.is_empty() {
+            return Err(StoreError::Config(format!("{url}: memory:// needs a name")));
+        }
+        return Ok(());
+    }
+    if !is_store_url(url) {
+        return Err(StoreError::UnsupportedUrl(url.to_string()));
+    }
+    redis::Client::open(url)?;
+    Ok(())
+}
+
 /// Open a store by URL: `redis://host:port[/db]` (also `rediss://`, `unix://`)
 /// or `memory://NAME` (an in-process store shared by every user of that name).
 pub async fn open_store(url: &str) -> Result<Arc<dyn KvStore>, StoreError> {
     if let Some(name) = url.strip_prefix("memory://") {
         return Ok(Arc::new(named_memory_store(name)));
     }
-    if url.starts_with("redis://") || url.starts_with("rediss://") || url.starts_with("unix://") {
+    if is_store_url(url) {
         return Ok(Arc::new(RedisStore::connect(url).await?));
     }
-    Err(StoreError::Config(format!(
-        "unsupported store URL `{url}`: use redis://host:port[/db] or memory://NAME"
-    )))
+    Err(StoreError::UnsupportedUrl(url.to_string()))
 }
 
 #[cfg(test)]
@@ -812,7 +891,13 @@ mod open_store_tests {
         a.put_chunk("k", &chunk).await.unwrap();
         assert!(b.exists("k").await.unwrap());
         assert!(!c.exists("k").await.unwrap());
-        assert!(open_store("s3://x").await.is_err());
+        assert!(matches!(
+            open_store("s3://x").await,
+            Err(StoreError::UnsupportedUrl(_))
+        ));
+        assert!(check_store_url("memory://").is_err());
+        assert!(check_store_url("redis://127.0.0.1:1/0").is_ok());
+        assert!(check_store_url("s3://x").is_err());
         // a store is freed with its last handle: reopening the name gives an empty one
         assert!(named_memory_stores().contains(&"other-test".to_string()));
         drop(c);

@@ -6,7 +6,7 @@
 //! `tokenizers`, Meta's tiktoken reference and `llama3-tokenizer-js` agreed on, encoded
 //! without special tokens (see `conf/tokenizers/llama3/NOTICE.md`).
 
-use cacheroute_kdn::tokenizer::{
+use cacheroute_lmcache::tokenizer::{
     looks_like_llama3, ChatMessage, Tokenizer, TokenizerChoice, BOS_ID, LLAMA3_VOCAB_SIZE,
 };
 

@@ -20,8 +20,8 @@ modules provide them with the behaviour vLLM 0.13 documents:
 Usage (from anywhere; needs `pip install cbor2`, Python >= 3.10):
 
     pip download --no-deps lmcache==0.3.15 -d wheels/   # repeat per version
-    python3 kdn/tests/gen/gen_lmcache_vectors.py wheels/*.whl \
-        > kdn/tests/data/lmcache_generated_vectors.json
+    python3 lmcache/tests/gen/gen_lmcache_vectors.py wheels/*.whl \
+        > lmcache/tests/data/lmcache_generated_vectors.json
 
 Each wheel is evaluated in its own child interpreter (LMCache keeps NONE_HASH
 in a module global). Versions whose outputs are identical for every case are
@@ -338,7 +338,7 @@ def main() -> None:
 
     doc = {
         "generated_by": (
-            "kdn/tests/gen/gen_lmcache_vectors.py: LMCache's own "
+            "lmcache/tests/gen/gen_lmcache_vectors.py: LMCache's own "
             "lmcache/v1/token_database.py + lmcache/utils.py imported from each "
             "PyPI wheel; vLLM 0.13 sha256_cbor/init_none_hash behaviour provided "
             f"by the script with cbor2 {dist_version('cbor2')}; "
@@ -347,8 +347,8 @@ def main() -> None:
         "command": "for v in "
         + " ".join(sorted(per_version, key=version_key))
         + "; do pip download --no-deps lmcache==$v -d wheels; done; "
-        "python3 kdn/tests/gen/gen_lmcache_vectors.py wheels/lmcache-*.whl "
-        "> kdn/tests/data/lmcache_generated_vectors.json",
+        "python3 lmcache/tests/gen/gen_lmcache_vectors.py wheels/lmcache-*.whl "
+        "> lmcache/tests/data/lmcache_generated_vectors.json",
         "wheels": sorted(per_version, key=version_key),
         "hash_algorithm": "sha256_cbor",
         "notes": [

@@ -136,7 +136,11 @@ impl TokenizerChoice {
     /// The tokenizer for a model known by `names` (served name, vLLM `--model`…): a file
     /// is loaded; `auto` gives the shared Llama-3 tokenizer when any name looks like
     /// Llama-3; otherwise the approximation with `vocab_size`.
-    pub fn resolve(&self, names: &[&str], vocab_size: u32) -> anyhow::Result<Arc<Tokenizer>> {
+    pub fn resolve(
+        &self,
+        names: &[&str],
+        vocab_size: u32,
+    ) -> Result<Arc<Tokenizer>, TokenizerError> {
         match self {
             TokenizerChoice::File(p) => Ok(Arc::new(Tokenizer::from_file(p)?)),
             TokenizerChoice::Auto if names.iter().any(|n| looks_like_llama3(n)) => {
@@ -173,6 +177,17 @@ impl<'de> serde::Deserialize<'de> for TokenizerChoice {
     }
 }
 
+/// Why a tokenizer could not be loaded.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TokenizerError {
+    /// The embedded Llama-3 `tokenizer.json` did not parse (a broken build).
+    #[error("loading the embedded Llama-3 tokenizer: {0}")]
+    Embedded(String),
+    /// A `tokenizer.json` file could not be read or parsed.
+    #[error("loading tokenizer {}: {reason}", path.display())]
+    File { path: PathBuf, reason: String },
+}
+
 /// Text to token ids.
 pub enum Tokenizer {
     /// A HuggingFace `tokenizer.json`.
@@ -200,7 +215,8 @@ impl Tokenizer {
 
     /// The embedded Llama-3 tokenizer, parsed on the first call and shared by every
     /// caller in the process (parsing the 9 MB JSON is the costly part).
-    pub fn llama3() -> anyhow::Result<Arc<Tokenizer>> {
+    pub fn llama3() -> Result<Arc<Tokenizer>, TokenizerError> {
+        // the error is kept as text: `tokenizers`' own error is neither Clone nor Sync
         static LLAMA3: OnceLock<Result<Arc<Tokenizer>, String>> = OnceLock::new();
         LLAMA3
             .get_or_init(|| {
@@ -209,7 +225,7 @@ impl Tokenizer {
                     .map_err(|e| e.to_string())
             })
             .clone()
-            .map_err(|e| anyhow::anyhow!("loading the embedded Llama-3 tokenizer: {e}"))
+            .map_err(TokenizerError::Embedded)
     }
 
     /// Whether this is a real tokenizer (not the approximation).
@@ -218,10 +234,12 @@ impl Tokenizer {
     }
 
     /// Load a HuggingFace `tokenizer.json`.
-    pub fn from_file(path: impl AsRef<Path>) -> anyhow::Result<Tokenizer> {
+    pub fn from_file(path: impl AsRef<Path>) -> Result<Tokenizer, TokenizerError> {
         let path = path.as_ref();
-        let t = tokenizers::Tokenizer::from_file(path)
-            .map_err(|e| anyhow::anyhow!("loading tokenizer {}: {e}", path.display()))?;
+        let t = tokenizers::Tokenizer::from_file(path).map_err(|e| TokenizerError::File {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        })?;
         Ok(Tokenizer::Hf(Box::new(t)))
     }
 

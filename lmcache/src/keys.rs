@@ -17,7 +17,7 @@
 //!
 //! What cannot be reproduced is refused with an error that says what to
 //! configure; see [`KeyError`]. Test vectors produced by LMCache's own code
-//! live in `kdn/tests/data/`.
+//! live in `lmcache/tests/data/`.
 
 use std::fmt;
 use std::str::FromStr;
@@ -64,6 +64,13 @@ pub enum KeyError {
     )]
     HashSeedUnset,
 
+    #[error(
+        "hash seed {0:?} is not a PYTHONHASHSEED value: Python refuses to start unless it \
+         is \"random\" or a decimal integer in [0, 4294967295]; give the exact string \
+         exported to vLLM (e.g. 0)"
+    )]
+    HashSeedInvalid(String),
+
     #[error("pre_caching_hash_algorithm {name:?} cannot be reproduced: {why}; set pre_caching_hash_algorithm: sha256_cbor in the LMCache config and use the same here")]
     UnsupportedHashAlgorithm { name: String, why: String },
 
@@ -77,6 +84,22 @@ pub enum KeyError {
 
     #[error("invalid key parameters: {0}")]
     InvalidParams(String),
+}
+
+/// Check a hash seed the way CPython checks `PYTHONHASHSEED`: vLLM seeds LMCache's
+/// chain with `sha256_cbor(<the PYTHONHASHSEED string>)`, and Python only starts with
+/// `random` (which here means unset: refused) or a decimal integer in `[0, 4294967295]`.
+/// The string is used as given (`"00"` and `"0"` are different seeds).
+pub fn check_hash_seed(seed: &str) -> Result<(), KeyError> {
+    if seed.is_empty() || seed == "random" {
+        return Err(KeyError::HashSeedUnset);
+    }
+    let in_range = seed.bytes().all(|b| b.is_ascii_digit())
+        && seed.parse::<u64>().is_ok_and(|n| n <= u32::MAX as u64);
+    if !in_range {
+        return Err(KeyError::HashSeedInvalid(seed.to_string()));
+    }
+    Ok(())
 }
 
 // ---------------------------------------------------------------------------
@@ -749,6 +772,21 @@ impl RemoteMetadata {
 mod tests {
     use super::*;
 
+    #[test]
+    fn hash_seeds_like_python() {
+        for ok in ["0", "42", "00", "4294967295"] {
+            check_hash_seed(ok).unwrap();
+        }
+        for bad in ["", "random", "-1", "4294967296", "abc", " 1", "1.0"] {
+            assert!(check_hash_seed(bad).is_err(), "{bad:?}");
+        }
+        assert_eq!(check_hash_seed("random"), Err(KeyError::HashSeedUnset));
+        assert!(check_hash_seed("-1")
+            .unwrap_err()
+            .to_string()
+            .contains("PYTHONHASHSEED"));
+    }
+
     fn params(scheme: KeyScheme, seed: &str, chunk: usize, unfull: bool) -> KeyParams {
         KeyParams {
             hash_seed: Some(seed.to_string()),
@@ -963,7 +1001,7 @@ mod tests {
 
     #[test]
     fn metadata_header_matches_lmcache_bytes() {
-        // research/lmcache.md §4.2: full 70B chunk, TP=1, bf16.
+        // LMCache's packing of a full 70B chunk, TP=1, bf16 (docs/lmcache-keys.md, "Values").
         let m = RemoteMetadata::kv_2ltd("bfloat16", 80, 256, 1024).unwrap();
         assert_eq!(m.length, 83_886_080);
         assert_eq!(

@@ -10,15 +10,15 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use cacheroute_kdn::keys::{
+use cacheroute_lmcache::keys::{
     chunk_keys, redis_kv_bytes_key, redis_metadata_key, KeyParams, KeyScheme, RemoteMetadata,
 };
-use cacheroute_kdn::store::{
+use cacheroute_lmcache::store::{
     copy_chunks, copy_chunks_with, Chunk, CopyOptions, IoStats, KvStore, MemoryStore, RedisStore,
     RedisStoreConfig, StoreError,
 };
 
-use cacheroute_kdn::local_redis::LocalRedis as RedisServer;
+use cacheroute_lmcache::local_redis::LocalRedis as RedisServer;
 
 fn fast_fail() -> RedisStoreConfig {
     RedisStoreConfig {

@@ -234,7 +234,7 @@ mod tests {
     #[test]
     fn lmcache_chunk_tuple_layout() {
         // (prev digest, (128000, 1, 2, 3), None): the worked example of
-        // research/lmcache.md §2.4.
+        // the chain link of docs/lmcache-keys.md, "The hash chain".
         let prev = hex::decode("4e1195df020de59e0d65a33a4279f1183e7ae4e5d980e309f8b55adff2e61c3e")
             .unwrap();
         let v = Value::Array(vec![
