@@ -48,13 +48,13 @@ pub struct ServicePlane {
 /// Per-request state, for the `logging` phase.
 pub struct ReqCtx {
     start: Instant,
-    route: &'static str,
+    pub(crate) route: &'static str,
     status: u16,
     /// The instance that answered, if any.
     served_by: Option<Arc<InstanceMetrics>>,
     ttft: Option<Duration>,
     /// The filters' decisions for a completion request.
-    plan: Option<Arc<Plan>>,
+    pub(crate) plan: Option<Arc<Plan>>,
     /// The proxy filter's injection decision for the attempt that answered.
     injection: Option<InjectionDecision>,
     /// How the KV got there, or why it did not.
@@ -63,7 +63,7 @@ pub struct ReqCtx {
     notes: Vec<String>,
     /// The body's framing was broken or it came too slowly: the answer is
     /// the last thing on this connection.
-    body_refused: bool,
+    pub(crate) body_refused: bool,
 }
 
 /// What the filters decided for one completion request.
@@ -442,7 +442,16 @@ impl ServicePlane {
             None => match path.as_str() {
                 "/v1/models" => ("models", http::Method::GET),
                 "/health" => ("health", http::Method::GET),
-                _ => return self.reject(session, ctx, ApiError::not_found(&path)).await,
+                _ => {
+                    // vLLM's other routes pass through; a model card is ours.
+                    if let Some(r) = crate::routes::lookup(&path) {
+                        return self.pass_through(session, ctx, r).await;
+                    }
+                    if let Some(id) = path.strip_prefix("/v1/models/") {
+                        return self.model_card(session, ctx, id).await;
+                    }
+                    return self.reject(session, ctx, ApiError::not_found(&path)).await;
+                }
             },
         };
         ctx.route = label;
@@ -452,10 +461,7 @@ impl ServicePlane {
         }
         match Route::from_path(&path) {
             Some(route) => self.completion(session, ctx, route).await,
-            None if label == "models" => {
-                let body = models_json(&self.state.fleet.load());
-                respond(session, ctx, 200, "application/json", body.into(), &[]).await
-            }
+            None if label == "models" => self.models(session, ctx).await,
             None => {
                 let body = Bytes::from_static(b"{\"status\":\"ok\"}");
                 respond(session, ctx, 200, "application/json", body, &[]).await
@@ -463,7 +469,12 @@ impl ServicePlane {
         }
     }
 
-    async fn reject(&self, session: &mut Session, ctx: &mut ReqCtx, err: ApiError) -> Result<()> {
+    pub(crate) async fn reject(
+        &self,
+        session: &mut Session,
+        ctx: &mut ReqCtx,
+        err: ApiError,
+    ) -> Result<()> {
         let allow = match (err.code, ctx.route) {
             ("method_not_allowed", "chat" | "completions") => Some("POST"),
             ("method_not_allowed", _) => Some("GET"),
@@ -476,7 +487,7 @@ impl ServicePlane {
         self.reject_with(session, ctx, err, headers).await
     }
 
-    async fn reject_with(
+    pub(crate) async fn reject_with(
         &self,
         session: &mut Session,
         ctx: &mut ReqCtx,
@@ -724,7 +735,12 @@ impl ServicePlane {
 
     /// Send the request to an instance, retrying on others while it could not
     /// be sent, and stream the answer back.
-    async fn forward(&self, session: &mut Session, ctx: &mut ReqCtx, fleet: &Fleet) -> Result<()> {
+    pub(crate) async fn forward(
+        &self,
+        session: &mut Session,
+        ctx: &mut ReqCtx,
+        fleet: &Fleet,
+    ) -> Result<()> {
         let metrics = &self.state.metrics;
         let Some(plan) = ctx.plan.clone() else {
             return Ok(());
@@ -1385,7 +1401,7 @@ async fn wait_kv(
 }
 
 /// Read the whole request body, refusing it once it passes `limit` bytes.
-async fn read_body(
+pub(crate) async fn read_body(
     session: &mut Session,
     limit: usize,
     deadline: Duration,
@@ -1464,22 +1480,6 @@ fn body_error(e: &Error) -> Option<ApiError> {
         )),
         _ => None,
     }
-}
-
-fn models_json(fleet: &Fleet) -> Vec<u8> {
-    let data: Vec<_> = fleet
-        .models
-        .iter()
-        .map(|m| {
-            serde_json::json!({
-                "id": m,
-                "object": "model",
-                "created": 0,
-                "owned_by": "cacheroute",
-            })
-        })
-        .collect();
-    serde_json::to_vec(&serde_json::json!({"object": "list", "data": data})).unwrap_or_default()
 }
 
 /// Write a complete response with a body, keeping the connection alive.
