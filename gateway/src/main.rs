@@ -7,6 +7,7 @@ mod config;
 mod control;
 mod decisions;
 mod demo;
+mod doctor;
 mod fleet;
 mod forward;
 mod headers;
@@ -68,6 +69,8 @@ enum Command {
         #[command(subcommand)]
         command: calibrate::CalibrateCommand,
     },
+    /// Check that an engine's LMCache keys will match a KDN's (exit 1 on a mismatch).
+    Doctor(doctor::DoctorArgs),
     /// LMCache KV keys.
     Kv {
         #[command(subcommand)]
@@ -136,6 +139,12 @@ fn run() -> Result<()> {
         }
         Command::Sim(args) => tokio::runtime::Runtime::new()?.block_on(cacheroute_sim::run(args)),
         Command::Demo(args) => demo::run(args),
+        Command::Doctor(args) => {
+            if !tokio::runtime::Runtime::new()?.block_on(doctor::run(args))? {
+                std::process::exit(1);
+            }
+            Ok(())
+        }
         Command::Kv { command } => cacheroute_kdn::cli::run_kv(command),
         Command::Calibrate { command } => calibrate::run(command),
         Command::Kdn(args) => {

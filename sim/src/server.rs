@@ -142,9 +142,41 @@ async fn metrics(State(st): State<Arc<AppState>>) -> Response {
             header::CONTENT_TYPE,
             HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
         )],
-        st.metrics.render(),
+        lmcache_info(&st, st.metrics.render()),
     )
         .into_response()
+}
+
+/// The LMCache settings the sim's keys follow, as an info series after the
+/// rest (`cacheroute doctor` compares them with a KDN's): a real engine
+/// exposes no such series, so the doctor takes them from flags there.
+fn lmcache_info(st: &AppState, text: String) -> String {
+    let Some(lm) = &st.lmcache else {
+        return text;
+    };
+    let p = &lm.config().params;
+    let esc = |v: &str| {
+        v.replace('\\', "\\\\")
+            .replace('"', "\\\"")
+            .replace('\n', "\\n")
+    };
+    let seed = p
+        .hash_seed
+        .as_deref()
+        .map(cacheroute_kdn::keys::hash_seed_digest);
+    format!(
+        "{text}# HELP cacheroute_sim_lmcache_info The simulated LMCache's key settings.\n\
+         # TYPE cacheroute_sim_lmcache_info gauge\n\
+         cacheroute_sim_lmcache_info{{model=\"{}\",scheme=\"{}\",chunk_size=\"{}\",dtype=\"{}\",\
+         world_size=\"{}\",hash_seed_digest=\"{}\",save_unfull_chunk=\"{}\"}} 1\n",
+        esc(&p.model),
+        p.scheme.name(),
+        p.chunk_size,
+        esc(&p.dtype),
+        p.world_size,
+        seed.unwrap_or_default(),
+        p.save_unfull_chunk,
+    )
 }
 
 async fn last_request(State(st): State<Arc<AppState>>) -> Json<Value> {
