@@ -34,7 +34,7 @@ fi
 PY=${PYTHON:-python3}
 pip_missing=()
 for pair in openai:openai httpx:httpx prometheus_client:prometheus-client pytest:pytest \
-    matplotlib:matplotlib tqdm:tqdm; do
+    matplotlib:matplotlib tqdm:tqdm langchain_openai:langchain-openai tokenizers:tokenizers; do
   "$PY" -c "import ${pair%%:*}" >/dev/null 2>&1 || pip_missing+=("${pair#*:}")
 done
 if [ ${#pip_missing[@]} -gt 0 ]; then
