@@ -38,7 +38,7 @@ fi
 PY=${PYTHON:-python3}
 pip_missing=()
 for pair in openai:openai httpx:httpx prometheus_client:prometheus-client pytest:pytest \
-    matplotlib:matplotlib tqdm:tqdm selenium:selenium; do
+    matplotlib:matplotlib tqdm:tqdm selenium:selenium langchain_openai:langchain-openai tokenizers:tokenizers; do
   "$PY" -c "import ${pair%%:*}" >/dev/null 2>&1 || pip_missing+=("${pair#*:}")
 done
 if [ ${#pip_missing[@]} -gt 0 ]; then

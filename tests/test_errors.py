@@ -88,8 +88,8 @@ def test_wrong_method_405_with_allow(stack, path, method, allow):
     assert r.headers.get("allow") == allow, dict(r.headers)
 
 
-@pytest.mark.parametrize("method,path", [("GET", "/nope"), ("POST", "/v1/chat"), ("POST", "/v1/embeddings"),
-                                         ("GET", "/v1/models/extra"), ("GET", "/")])
+@pytest.mark.parametrize("method,path", [("GET", "/nope"), ("POST", "/v1/chat"), ("POST", "/v1/embeddings/x"),
+                                         ("POST", "/sleep"), ("GET", "/metrics"), ("GET", "/")])
 def test_unknown_path_404(stack, method, path):
     s, g = stack
     with client() as c:

@@ -2,6 +2,7 @@
 pub mod balance;
 pub mod bm25;
 pub mod cost_model;
+pub mod errmsg;
 pub mod injection;
 pub mod kdn_jobs;
 pub mod layout;

@@ -222,7 +222,17 @@ fn explain_parse_error(route: Route, body: &[u8], typed: serde_json::Error) -> A
     };
     let shape = match serde_json::from_slice::<de::Shape>(body) {
         Ok(shape) => shape,
-        Err(e) => return ApiError::bad_request("invalid_json", format!("invalid JSON body: {e}")),
+        Err(e) => {
+            return ApiError::bad_request(
+                "invalid_json",
+                format!(
+                    "the body is not valid JSON: {} (line {}, column {})",
+                    crate::errmsg::field_message("", &e.to_string()),
+                    e.line(),
+                    e.column()
+                ),
+            )
+        }
     };
     let Some(present) = shape.present else {
         return ApiError::bad_request("invalid_request", "the request body must be a JSON object");
@@ -236,15 +246,49 @@ fn explain_parse_error(route: Route, body: &[u8], typed: serde_json::Error) -> A
             .with_param(field);
         }
     }
-    invalid_field(typed)
+    invalid_field(route, body, typed)
 }
 
-fn invalid_field(e: serde_json::Error) -> ApiError {
-    // serde's message names the expected type; the untagged enums get a
-    // friendlier wording.
-    let msg = e.to_string();
-    ApiError::bad_request("invalid_type", format!("invalid request body: {msg}"))
+/// A field of the right name with the wrong type or value: a third look finds
+/// which field (serde's own error names none), and its message is reworded.
+fn invalid_field(route: Route, body: &[u8], typed: serde_json::Error) -> ApiError {
+    let located = de::with_limits(body.len(), || {
+        let mut d = serde_json::Deserializer::from_slice(body);
+        match route {
+            Route::Chat => serde_path_to_error::deserialize::<_, ChatCompletionRequest>(&mut d)
+                .map(|_| ())
+                .map_err(|e| (e.path().to_string(), e.into_inner())),
+            Route::Completions => serde_path_to_error::deserialize::<_, CompletionRequest>(&mut d)
+                .map(|_| ())
+                .map_err(|e| (e.path().to_string(), e.into_inner())),
+        }
+    });
+    let (path, inner) = match located {
+        Err((path, e)) => (path, e.to_string()),
+        Ok(()) => (String::new(), typed.to_string()),
+    };
+    let message = crate::errmsg::field_message(&path, &inner);
+    let field = path.split(['.', '[']).next().unwrap_or("");
+    let err = ApiError::bad_request("invalid_type", message);
+    match KNOWN_PARAMS.iter().find(|p| **p == field) {
+        Some(p) => err.with_param(p),
+        None => err,
+    }
 }
+
+/// Top-level fields whose errors name them in `param`.
+const KNOWN_PARAMS: &[&str] = &[
+    "model",
+    "messages",
+    "prompt",
+    "max_tokens",
+    "max_completion_tokens",
+    "temperature",
+    "top_p",
+    "n",
+    "stream",
+    "stream_options",
+];
 
 /// An error answered to the client as OpenAI error JSON:
 /// `{"error":{"message","type","param","code"}}`.

@@ -3,7 +3,6 @@
 //! reading the body whole, keep-alive between requests, and closing after an
 //! error without losing the answer.
 
-use crate::fleet::Fleet;
 use bytes::{Bytes, BytesMut};
 use cacheroute_filters::openai::ApiError;
 use pingora::apps::{HttpPersistentSettings, ReusedHttpStream};
@@ -272,22 +271,6 @@ fn body_error(e: &Error) -> Option<ApiError> {
         )),
         _ => None,
     }
-}
-
-pub fn models_json(fleet: &Fleet) -> Vec<u8> {
-    let data: Vec<_> = fleet
-        .models
-        .iter()
-        .map(|m| {
-            serde_json::json!({
-                "id": m,
-                "object": "model",
-                "created": 0,
-                "owned_by": "cacheroute",
-            })
-        })
-        .collect();
-    serde_json::to_vec(&serde_json::json!({"object": "list", "data": data})).unwrap_or_default()
 }
 
 /// Write a complete response with a body, keeping the connection alive.

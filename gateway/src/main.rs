@@ -2,7 +2,7 @@
 
 use anyhow::{bail, Result};
 use cacheroute_gateway::reload::{ConfigSource, Overrides};
-use cacheroute_gateway::{calibrate, demo, server};
+use cacheroute_gateway::{calibrate, demo, doctor, server};
 use clap::{Args, Parser, Subcommand};
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -43,6 +43,8 @@ enum Command {
         #[command(subcommand)]
         command: calibrate::CalibrateCommand,
     },
+    /// Check that an engine's LMCache keys will match a KDN's (exit 1 on a mismatch).
+    Doctor(doctor::DoctorArgs),
     /// LMCache KV keys.
     Kv {
         #[command(subcommand)]
@@ -111,6 +113,12 @@ fn run() -> Result<()> {
         }
         Command::Sim(args) => tokio::runtime::Runtime::new()?.block_on(cacheroute_sim::run(args)),
         Command::Demo(args) => demo::run(args),
+        Command::Doctor(args) => {
+            if !tokio::runtime::Runtime::new()?.block_on(doctor::run(args))? {
+                std::process::exit(1);
+            }
+            Ok(())
+        }
         Command::Kv { command } => cacheroute_kdn::cli::run_kv(command),
         Command::Calibrate { command } => calibrate::run(command),
         Command::Kdn(args) => {

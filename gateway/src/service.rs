@@ -10,8 +10,8 @@
 
 use crate::config::Role;
 use crate::conn::{
-    check_head, head_error, lingering_close, models_json, read_body, respond, status_label,
-    wait_next_request, HeadLimits, HeadRefusal, COLLECT_AFTER_BYTES, KEEPALIVE_SECS,
+    check_head, head_error, lingering_close, read_body, respond, status_label, wait_next_request,
+    HeadLimits, HeadRefusal, COLLECT_AFTER_BYTES, KEEPALIVE_SECS,
 };
 use crate::fleet::{InflightGuard, InstanceMetrics, PoolInstance, PrefillGuard};
 use crate::forward::{self, ExchangeError};
@@ -40,19 +40,19 @@ pub struct ServicePlane {
 
 /// Per-request state, for the metrics and the filters' done phase.
 pub struct ReqCtx {
-    start: Instant,
-    route: &'static str,
+    pub(crate) start: Instant,
+    pub(crate) route: &'static str,
     pub(crate) status: u16,
     /// The instance that answered, if any.
     served_by: Option<Arc<InstanceMetrics>>,
     ttft: Option<Duration>,
     /// The filters' context of a completion request (its body parsed).
-    pipe: Option<RequestCtx>,
+    pub(crate) pipe: Option<RequestCtx>,
     /// The upstream exchange completed.
     exchanged: bool,
     /// The body's framing was broken or it came too slowly: the answer is
     /// the last thing on this connection.
-    body_refused: bool,
+    pub(crate) body_refused: bool,
 }
 
 #[async_trait]
@@ -194,7 +194,16 @@ impl ServicePlane {
             None => match path.as_str() {
                 "/v1/models" => ("models", http::Method::GET),
                 "/health" => ("health", http::Method::GET),
-                _ => return self.reject(session, ctx, ApiError::not_found(&path)).await,
+                _ => {
+                    // vLLM's other routes pass through; a model card is ours.
+                    if let Some(r) = crate::routes::lookup(&path) {
+                        return self.pass_through(session, ctx, r).await;
+                    }
+                    if let Some(id) = path.strip_prefix("/v1/models/") {
+                        return self.model_card(session, ctx, id).await;
+                    }
+                    return self.reject(session, ctx, ApiError::not_found(&path)).await;
+                }
             },
         };
         ctx.route = label;
@@ -204,10 +213,7 @@ impl ServicePlane {
         }
         match Route::from_path(&path) {
             Some(route) => self.completion(session, ctx, route).await,
-            None if label == "models" => {
-                let body = models_json(&self.state.fleet.load());
-                respond(session, ctx, 200, "application/json", body.into(), &[]).await
-            }
+            None if label == "models" => self.models(session, ctx).await,
             None => {
                 let body = Bytes::from_static(b"{\"status\":\"ok\"}");
                 respond(session, ctx, 200, "application/json", body, &[]).await
@@ -215,7 +221,12 @@ impl ServicePlane {
         }
     }
 
-    async fn reject(&self, session: &mut Session, ctx: &mut ReqCtx, err: ApiError) -> Result<()> {
+    pub(crate) async fn reject(
+        &self,
+        session: &mut Session,
+        ctx: &mut ReqCtx,
+        err: ApiError,
+    ) -> Result<()> {
         let allow = match (err.code, ctx.route) {
             ("method_not_allowed", "chat" | "completions") => Some("POST"),
             ("method_not_allowed", _) => Some("GET"),
@@ -228,7 +239,7 @@ impl ServicePlane {
         self.reject_with(session, ctx, err, headers).await
     }
 
-    async fn reject_with(
+    pub(crate) async fn reject_with(
         &self,
         session: &mut Session,
         ctx: &mut ReqCtx,
@@ -302,7 +313,7 @@ impl ServicePlane {
 
     /// Send the request to an instance, retrying on others while it could not
     /// be sent, and stream the answer back.
-    async fn forward(
+    pub(crate) async fn forward(
         &self,
         session: &mut Session,
         ctx: &mut ReqCtx,

@@ -1284,6 +1284,8 @@ impl Kdn {
                     "chunk_size": c.chunk_size,
                     "dtype": c.dtype,
                     "world_size": c.world_size,
+                    "hash_seed_digest": crate::keys::hash_seed_digest(&c.hash_seed),
+                    "save_unfull_chunk": false,
                     "kv_bytes_per_token": c.kv_bytes_per_token,
                     "producer": c.producer,
                 })

@@ -376,6 +376,15 @@ pub fn lmcache_dtype_name(scheme: KeyScheme, dtype: &str) -> Result<&'static str
 // ---------------------------------------------------------------------------
 // Parameters and results
 
+/// A short fingerprint of a `PYTHONHASHSEED` string: what a KDN or sim shows in
+/// place of the seed (open reads need not reveal it), and what `cacheroute doctor`
+/// compares.
+pub fn hash_seed_digest(seed: &str) -> String {
+    use sha2::{Digest, Sha256};
+    let d = Sha256::digest(format!("cacheroute-hash-seed:{seed}").as_bytes());
+    hex::encode(&d[..8])
+}
+
 /// Everything that determines a chunk's key, as configured on the vLLM +
 /// LMCache instance that will read it.
 #[derive(Debug, Clone, PartialEq, Eq)]

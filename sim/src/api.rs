@@ -27,6 +27,14 @@ pub struct CompletionRequest {
     pub model: Option<String>,
     pub stream: bool,
     pub include_usage: bool,
+    /// `stream_options.continuous_usage_stats` (with `include_usage`): usage on
+    /// every chunk, as vLLM sends it.
+    pub continuous_usage: bool,
+    /// Top log probabilities asked per token (chat: `logprobs: true` with
+    /// `top_logprobs`; completions: `logprobs: N`); None: no log probabilities.
+    pub logprobs: Option<u64>,
+    /// Completions' `echo`: the prompt leads the returned text.
+    pub echo: bool,
     pub max_tokens: Option<u64>,
     pub prompt: Prompt,
     /// vLLM's `add_special_tokens`: whether the tokenizer adds BOS to the (rendered)
@@ -166,6 +174,23 @@ fn opt_u64(body: &Value, field: &str) -> Result<Option<u64>, ApiError> {
     }
 }
 
+/// A count of top log probabilities: 0 up to MAX_TOP_LOGPROBS (null: none).
+fn opt_count(body: &Value, field: &str) -> Result<Option<u64>, ApiError> {
+    let max = crate::logprobs::MAX_TOP_LOGPROBS;
+    match body.get(field) {
+        None | Some(Value::Null) => Ok(None),
+        Some(v) => match v.as_i64() {
+            Some(n) if (0..=max as i64).contains(&n) => Ok(Some(n as u64)),
+            Some(n) => Err(ApiError::bad_request(format!(
+                "{field}: must be between 0 and {max}, got {n}."
+            ))),
+            None => Err(ApiError::bad_request(format!(
+                "{field}: Input should be a valid integer"
+            ))),
+        },
+    }
+}
+
 fn opt_bool(body: &Value, field: &str) -> Result<bool, ApiError> {
     match body.get(field) {
         None | Some(Value::Null) => Ok(false),
@@ -227,6 +252,27 @@ pub fn parse_request(endpoint: Endpoint, body: &Value) -> Result<CompletionReque
             .and_then(|o| o.get("include_usage"))
             .and_then(Value::as_bool)
             .unwrap_or(false);
+    let continuous_usage = include_usage
+        && body
+            .get("stream_options")
+            .and_then(|o| o.get("continuous_usage_stats"))
+            .and_then(Value::as_bool)
+            .unwrap_or(false);
+    let (logprobs, echo) = match endpoint {
+        Endpoint::Chat => {
+            let top = opt_count(body, "top_logprobs")?;
+            match (opt_bool(body, "logprobs")?, top) {
+                (true, top) => (Some(top.unwrap_or(0)), false),
+                (false, Some(_)) => {
+                    return Err(ApiError::bad_request(
+                        "when using `top_logprobs`, `logprobs` must be set to true.",
+                    ))
+                }
+                (false, None) => (None, false),
+            }
+        }
+        Endpoint::Completions => (opt_count(body, "logprobs")?, opt_bool(body, "echo")?),
+    };
     let prompt = match endpoint {
         Endpoint::Chat => {
             let msgs = match body.get("messages") {
@@ -283,6 +329,9 @@ pub fn parse_request(endpoint: Endpoint, body: &Value) -> Result<CompletionReque
         model,
         stream,
         include_usage,
+        continuous_usage,
+        logprobs,
+        echo,
         max_tokens,
         prompt,
         add_special_tokens,
@@ -354,6 +403,7 @@ pub fn full_response(
     text: &str,
     finish_reason: &str,
     usage: Value,
+    logprobs: Value,
 ) -> Value {
     match endpoint {
         Endpoint::Chat => json!({
@@ -364,7 +414,7 @@ pub fn full_response(
             "choices": [{
                 "index": 0,
                 "message": {"role": "assistant", "content": text, "tool_calls": []},
-                "logprobs": null,
+                "logprobs": logprobs,
                 "finish_reason": finish_reason,
                 "stop_reason": null,
             }],
@@ -379,7 +429,7 @@ pub fn full_response(
             "choices": [{
                 "index": 0,
                 "text": text,
-                "logprobs": null,
+                "logprobs": logprobs,
                 "finish_reason": finish_reason,
                 "stop_reason": null,
                 "prompt_logprobs": null,
@@ -394,8 +444,17 @@ fn sse(v: &Value) -> bytes::Bytes {
 }
 
 /// SSE frame of one generated token; the first chat token also carries the role.
-pub fn token_chunk(endpoint: Endpoint, meta: &RespMeta, text: &str, first: bool) -> bytes::Bytes {
-    let v = match endpoint {
+/// `extra`: the token's log probabilities (or null) and, with continuous usage
+/// stats, the usage so far.
+pub fn token_chunk(
+    endpoint: Endpoint,
+    meta: &RespMeta,
+    text: &str,
+    first: bool,
+    extra: ChunkExtra,
+) -> bytes::Bytes {
+    let ChunkExtra { logprobs, usage } = extra;
+    let mut v = match endpoint {
         Endpoint::Chat => {
             let delta = if first {
                 json!({"role": "assistant", "content": text})
@@ -407,7 +466,7 @@ pub fn token_chunk(endpoint: Endpoint, meta: &RespMeta, text: &str, first: bool)
                 "object": "chat.completion.chunk",
                 "created": meta.created,
                 "model": meta.model,
-                "choices": [{"index": 0, "delta": delta, "logprobs": null, "finish_reason": null}],
+                "choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": null}],
             })
         }
         Endpoint::Completions => json!({
@@ -415,15 +474,30 @@ pub fn token_chunk(endpoint: Endpoint, meta: &RespMeta, text: &str, first: bool)
             "object": "text_completion",
             "created": meta.created,
             "model": meta.model,
-            "choices": [{"index": 0, "text": text, "logprobs": null, "finish_reason": null, "stop_reason": null}],
+            "choices": [{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": null, "stop_reason": null}],
         }),
     };
+    if let Some(u) = usage {
+        v["usage"] = u;
+    }
     sse(&v)
 }
 
+/// What a token chunk carries beyond its text.
+#[derive(Debug, Clone, Default)]
+pub struct ChunkExtra {
+    pub logprobs: Value,
+    pub usage: Option<Value>,
+}
+
 /// SSE frame closing the choice with its finish reason.
-pub fn finish_chunk(endpoint: Endpoint, meta: &RespMeta, finish_reason: &str) -> bytes::Bytes {
-    let v = match endpoint {
+pub fn finish_chunk(
+    endpoint: Endpoint,
+    meta: &RespMeta,
+    finish_reason: &str,
+    usage: Option<Value>,
+) -> bytes::Bytes {
+    let mut v = match endpoint {
         Endpoint::Chat => json!({
             "id": meta.id,
             "object": "chat.completion.chunk",
@@ -439,6 +513,9 @@ pub fn finish_chunk(endpoint: Endpoint, meta: &RespMeta, finish_reason: &str) ->
             "choices": [{"index": 0, "text": "", "logprobs": null, "finish_reason": finish_reason, "stop_reason": null}],
         }),
     };
+    if let Some(u) = usage {
+        v["usage"] = u;
+    }
     sse(&v)
 }
 

@@ -12,8 +12,10 @@ pub mod embeddings;
 pub mod engine;
 pub mod filler;
 pub mod lmcache;
+pub mod logprobs;
 pub mod metrics;
 pub mod server;
+pub mod tokenize;
 pub use cacheroute_lmcache::tokenizer;
 
 use anyhow::Context;
@@ -354,6 +356,10 @@ async fn build_state(
     });
     Ok(AppState {
         model: args.model.clone(),
+        root: args
+            .lmcache_model
+            .clone()
+            .unwrap_or_else(|| args.model.clone()),
         max_model_len: args.max_model_len,
         zero_latency: args.zero_latency,
         seed: args.seed,

@@ -48,6 +48,9 @@ pub const CACHED_REMOTE_HEADER: &str = "x-sim-cached-remote";
 /// Everything a sim server shares between requests.
 pub struct AppState {
     pub model: String,
+    /// vLLM's `--model` (the card's `root`; LMCache keys name it): `--lmcache-model`,
+    /// else the served name.
+    pub root: String,
     pub max_model_len: u64,
     pub zero_latency: bool,
     pub seed: u64,
@@ -80,6 +83,8 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/chat/completions", post(chat))
         .route("/v1/completions", post(completions))
         .route("/v1/embeddings", post(embeddings_route))
+        .route("/tokenize", post(crate::tokenize::tokenize))
+        .route("/detokenize", post(crate::tokenize::detokenize))
         .route("/v1/models", get(models))
         .route("/health", get(health))
         .route("/metrics", get(metrics))
@@ -110,10 +115,24 @@ async fn models(State(st): State<Arc<AppState>>) -> Json<Value> {
             "id": st.model,
             "object": "model",
             "created": st.started,
-            "owned_by": "cacheroute-sim",
-            "root": st.model,
+            "owned_by": "vllm",
+            "root": st.root,
             "parent": null,
             "max_model_len": st.max_model_len,
+            "permission": [{
+                "id": format!("modelperm-{:016x}", st.seed ^ st.started),
+                "object": "model_permission",
+                "created": st.started,
+                "allow_create_engine": false,
+                "allow_sampling": true,
+                "allow_logprobs": true,
+                "allow_search_indices": false,
+                "allow_view": true,
+                "allow_fine_tuning": false,
+                "organization": "*",
+                "group": null,
+                "is_blocking": false,
+            }],
         }],
     }))
 }
@@ -124,9 +143,41 @@ async fn metrics(State(st): State<Arc<AppState>>) -> Response {
             header::CONTENT_TYPE,
             HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
         )],
-        st.metrics.render(),
+        lmcache_info(&st, st.metrics.render()),
     )
         .into_response()
+}
+
+/// The LMCache settings the sim's keys follow, as an info series after the
+/// rest (`cacheroute doctor` compares them with a KDN's): a real engine
+/// exposes no such series, so the doctor takes them from flags there.
+fn lmcache_info(st: &AppState, text: String) -> String {
+    let Some(lm) = &st.lmcache else {
+        return text;
+    };
+    let p = &lm.config().params;
+    let esc = |v: &str| {
+        v.replace('\\', "\\\\")
+            .replace('"', "\\\"")
+            .replace('\n', "\\n")
+    };
+    let seed = p
+        .hash_seed
+        .as_deref()
+        .map(cacheroute_lmcache::keys::hash_seed_digest);
+    format!(
+        "{text}# HELP cacheroute_sim_lmcache_info The simulated LMCache's key settings.\n\
+         # TYPE cacheroute_sim_lmcache_info gauge\n\
+         cacheroute_sim_lmcache_info{{model=\"{}\",scheme=\"{}\",chunk_size=\"{}\",dtype=\"{}\",\
+         world_size=\"{}\",hash_seed_digest=\"{}\",save_unfull_chunk=\"{}\"}} 1\n",
+        esc(&p.model),
+        p.scheme.name(),
+        p.chunk_size,
+        esc(&p.dtype),
+        p.world_size,
+        seed.unwrap_or_default(),
+        p.save_unfull_chunk,
+    )
 }
 
 async fn last_request(State(st): State<Arc<AppState>>) -> Json<Value> {
@@ -340,11 +391,71 @@ struct Accepted {
     kv_save: Option<(Arc<LmCache>, Lookup, bool)>,
     /// The KV handle's check, with its debug report (None: no handle).
     kv_check: Option<(KvHandleCheck, Value)>,
+    /// Completions' `echo`: the prompt's text, which leads the answer.
+    echo: String,
 }
 
 impl Accepted {
     fn usage(&self, completion_tokens: u64) -> Value {
         api::usage(self.prompt_tokens, completion_tokens, self.cached.total())
+    }
+
+    /// The log probabilities of tokens `first..` (texts given), or null when not asked.
+    fn logprobs_of(&self, first: u64, texts: &[String], offset: usize) -> Value {
+        match (self.req.logprobs, self.req.endpoint) {
+            (None, _) => Value::Null,
+            (Some(top), Endpoint::Chat) => crate::logprobs::chat(self.seed, first, texts, top),
+            (Some(top), Endpoint::Completions) => {
+                crate::logprobs::completions(self.seed, first, texts, top, offset)
+            }
+        }
+    }
+
+    /// Token `index`'s SSE frame after `produced` tokens (this one included): its log
+    /// probabilities and, with continuous usage stats, the usage so far.
+    fn token_frame(&self, index: u64, piece: String, produced: u64, offset: usize) -> Bytes {
+        let first = produced == 1;
+        let lp = self.logprobs_of(index, std::slice::from_ref(&piece), offset);
+        let extra = api::ChunkExtra {
+            logprobs: lp,
+            usage: self.req.continuous_usage.then(|| self.usage(produced)),
+        };
+        let text = if first && !self.echo.is_empty() {
+            format!("{}{piece}", self.echo)
+        } else {
+            piece
+        };
+        api::token_chunk(self.req.endpoint, &self.meta, &text, first, extra)
+    }
+
+    /// The closing frames: finish (with usage when continuous), usage if asked, `[DONE]`.
+    fn closing_frames(&self, produced: u64, out: &mut Vec<u8>) {
+        let ep = self.req.endpoint;
+        let running = self.req.continuous_usage.then(|| self.usage(produced));
+        out.extend_from_slice(&api::finish_chunk(
+            ep,
+            &self.meta,
+            self.finish_reason,
+            running,
+        ));
+        if self.req.include_usage {
+            out.extend_from_slice(&api::usage_chunk(ep, &self.meta, self.usage(produced)));
+        }
+        out.extend_from_slice(api::DONE);
+    }
+
+    /// The whole answer of `produced` tokens whose texts are `pieces`.
+    fn full(&self, pieces: &[String]) -> Value {
+        let produced = pieces.len() as u64;
+        let text = format!("{}{}", self.echo, pieces.concat());
+        api::full_response(
+            self.req.endpoint,
+            &self.meta,
+            &text,
+            self.finish_reason,
+            self.usage(produced),
+            self.logprobs_of(0, pieces, self.echo.len()),
+        )
     }
 
     /// The prefill is done (first token sampled; `cached` is the split decided at
@@ -566,7 +677,13 @@ async fn accept(
         created: unix_now(),
         model: st.model.clone(),
     };
+    let echo = match (&req.prompt, req.echo) {
+        (_, false) | (Prompt::Chat(_), true) => String::new(),
+        (Prompt::Text(t), true) => t.clone(),
+        (Prompt::Ids(ids), true) => crate::tokenize::decode(&st.tokenizer, ids)?,
+    };
     Ok(Accepted {
+        echo,
         st: st.clone(),
         seq,
         seed: filler::request_seed(st.seed, &ids),
@@ -604,33 +721,20 @@ fn respond_now(st: &AppState, acc: &Accepted) -> Response {
         .request_success
         .with_label_values(&[acc.finish_reason])
         .inc();
-    let ep = acc.req.endpoint;
     if acc.req.stream {
         let mut out = Vec::new();
+        let mut offset = acc.echo.len();
         for i in 0..n {
-            out.extend_from_slice(&api::token_chunk(
-                ep,
-                &acc.meta,
-                &filler::token_text(acc.seed, i),
-                i == 0,
-            ));
+            let piece = filler::token_text(acc.seed, i);
+            let len = piece.len();
+            out.extend_from_slice(&acc.token_frame(i, piece, i + 1, offset));
+            offset += len;
         }
-        out.extend_from_slice(&api::finish_chunk(ep, &acc.meta, acc.finish_reason));
-        if acc.req.include_usage {
-            out.extend_from_slice(&api::usage_chunk(ep, &acc.meta, acc.usage(n)));
-        }
-        out.extend_from_slice(api::DONE);
+        acc.closing_frames(n, &mut out);
         sse_response(Body::from(out))
     } else {
-        let text = filler::text(acc.seed, n);
-        Json(api::full_response(
-            ep,
-            &acc.meta,
-            &text,
-            acc.finish_reason,
-            acc.usage(n),
-        ))
-        .into_response()
+        let pieces: Vec<String> = (0..n).map(|i| filler::token_text(acc.seed, i)).collect();
+        Json(acc.full(&pieces)).into_response()
     }
 }
 
@@ -638,8 +742,7 @@ async fn collect_response(
     mut acc: Accepted,
     mut rx: mpsc::UnboundedReceiver<SeqEvent>,
 ) -> Result<Response, ApiError> {
-    let mut text = String::new();
-    let mut produced = 0u64;
+    let mut pieces = Vec::new();
     let last = loop {
         let Some(ev) = rx.recv().await else {
             return Err(ApiError::internal("the engine dropped the request"));
@@ -647,20 +750,12 @@ async fn collect_response(
         if ev.index == 0 {
             acc.prefill_done(ev.cached).await;
         }
-        text.push_str(&filler::token_text(acc.seed, ev.index));
-        produced += 1;
+        pieces.push(filler::token_text(acc.seed, ev.index));
         if ev.finished {
             break ev;
         }
     };
-    let mut r = Json(api::full_response(
-        acc.req.endpoint,
-        &acc.meta,
-        &text,
-        acc.finish_reason,
-        acc.usage(produced),
-    ))
-    .into_response();
+    let mut r = Json(acc.full(&pieces)).into_response();
     r = with_cached(r, acc.cached);
     let h = r.headers_mut();
     for (name, v) in [
@@ -686,6 +781,8 @@ struct StreamState {
     /// The first token, received before the response head (which carries its split).
     first: Option<SeqEvent>,
     produced: u64,
+    /// Byte offset of the next token in the choice's text (completions' logprobs).
+    offset: usize,
     phase: Phase,
 }
 
@@ -702,9 +799,11 @@ async fn stream_response(
     };
     acc.prefill_done(first.cached).await;
     let cached = acc.cached;
+    let offset = acc.echo.len();
     let state = StreamState {
         acc,
         rx,
+        offset,
         first: Some(first),
         produced: 0,
         phase: Phase::Tokens,
@@ -717,19 +816,15 @@ async fn stream_response(
             Some(ev) => ev,
             None => s.rx.recv().await?,
         };
-        let ep = s.acc.req.endpoint;
         let piece = filler::token_text(s.acc.seed, ev.index);
-        let first = s.produced == 0;
+        let len = piece.len();
         s.produced += 1;
-        let chunk = api::token_chunk(ep, &s.acc.meta, &piece, first);
+        let chunk = s.acc.token_frame(ev.index, piece, s.produced, s.offset);
+        s.offset += len;
         let out = if ev.finished {
             s.phase = Phase::Done;
             let mut out = chunk.to_vec();
-            out.extend_from_slice(&api::finish_chunk(ep, &s.acc.meta, s.acc.finish_reason));
-            if s.acc.req.include_usage {
-                out.extend_from_slice(&api::usage_chunk(ep, &s.acc.meta, s.acc.usage(s.produced)));
-            }
-            out.extend_from_slice(api::DONE);
+            s.acc.closing_frames(s.produced, &mut out);
             Bytes::from(out)
         } else {
             chunk

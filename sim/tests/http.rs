@@ -319,8 +319,11 @@ async fn models_health_and_metrics() {
     assert_eq!(v["object"], "list");
     assert_eq!(v["data"][0]["id"], "m");
     assert_eq!(v["data"][0]["object"], "model");
-    assert_eq!(v["data"][0]["owned_by"], "cacheroute-sim");
+    // vLLM's card: owned_by "vllm", root (vLLM's --model), a permission entry.
+    assert_eq!(v["data"][0]["owned_by"], "vllm");
+    assert_eq!(v["data"][0]["root"], "m");
     assert_eq!(v["data"][0]["max_model_len"], 131072);
+    assert_eq!(v["data"][0]["permission"][0]["object"], "model_permission");
 
     let metrics = |c: reqwest::Client, url: String| async move {
         c.get(format!("{url}/metrics"))

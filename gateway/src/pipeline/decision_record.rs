@@ -42,7 +42,7 @@ impl RequestFilter for DecisionRecorder {
                 .duration_since(std::time::UNIX_EPOCH)
                 .map(|d| d.as_secs_f64())
                 .unwrap_or(0.0),
-            route: ctx.route.label(),
+            route: ctx.route_label,
             role: ctx.role.as_str(),
             hops: ctx.hops,
             tenant: ctx.tenant.as_deref().map(str::to_string),

@@ -176,6 +176,8 @@ pub struct UpstreamDecision {
 pub struct RequestCtx {
     pub start: Instant,
     pub route: Route,
+    /// The route's label in logs and metrics (a pass-through route's own).
+    pub route_label: &'static str,
     /// The fleet the request started with; it keeps it through reloads.
     pub fleet: Arc<Fleet>,
     pub role: Role,
@@ -230,6 +232,7 @@ impl RequestCtx {
         RequestCtx {
             start,
             route,
+            route_label: route.label(),
             fleet,
             role,
             hops: 0,

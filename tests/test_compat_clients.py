@@ -1,0 +1,138 @@
+"""The clients people point at an OpenAI endpoint, through a gateway in front of
+two sims: the `openai` package (sync, async, streaming with usage and with
+continuous usage) and LangChain's ChatOpenAI. Every request succeeds and the
+input length each reports is the real Llama-3 token count, computed here with
+the `tokenizers` package from conf/tokenizers/llama3/tokenizer.json."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import openai
+import pytest
+from tokenizers import Tokenizer
+
+from crtest import MODEL, client
+
+TOKENIZER = Tokenizer.from_file(str(Path(__file__).resolve().parent.parent / "conf/tokenizers/llama3/tokenizer.json"))
+
+# Varied chats: whitespace the template trims, multi-turn, unicode, code, long.
+CHATS = [
+    [{"role": "user", "content": "Hello!"}],
+    [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Name three uses of a KV cache."}],
+    [{"role": "user", "content": "   padded on both sides   \n"}],
+    [{"role": "user", "content": "Qu'est-ce qu'un cache ? 日本語のテキスト, emoji 🚀."}],
+    [{"role": "user", "content": "def f(x):\n    return x ** 2\n\nExplain."},
+     {"role": "assistant", "content": "It squares x."}, {"role": "user", "content": "And f(3)?"}],
+    [{"role": "user", "content": "Summarise: " + "the quick brown fox jumps over the lazy dog. " * 60}],
+]
+
+
+def chat_tokens(messages: list[dict]) -> int:
+    """Llama-3's chat template (content trimmed, generation prompt added), encoded
+    without adding special tokens, as vLLM does for chat."""
+    text = "<|begin_of_text|>"
+    for m in messages:
+        text += f"<|start_header_id|>{m['role']}<|end_header_id|>\n\n{m['content'].strip()}<|eot_id|>"
+    text += "<|start_header_id|>assistant<|end_header_id|>\n\n"
+    return len(TOKENIZER.encode(text, add_special_tokens=False).ids)
+
+
+def prompt_tokens(prompt: str) -> int:
+    return len(TOKENIZER.encode(prompt, add_special_tokens=True).ids)
+
+
+@pytest.fixture
+def fleet(sim, gateway):
+    a, b = sim(), sim()
+    g = gateway(upstreams=[a.url, b.url])
+    return g
+
+
+def test_openai_sync_chat_and_completions_report_real_token_counts(fleet):
+    oa = openai.OpenAI(base_url=fleet.v1, api_key="x", max_retries=0, timeout=30)
+    for messages in CHATS:
+        r = oa.chat.completions.create(model=MODEL, messages=messages, max_tokens=8)
+        assert r.choices[0].message.content
+        assert r.usage.prompt_tokens == chat_tokens(messages), messages
+        assert r.usage.completion_tokens == 8
+    for prompt in ("Once upon a time", "  spaces stay in completions  ", "数字 12345 and more"):
+        r = oa.completions.create(model=MODEL, prompt=prompt, max_tokens=4)
+        assert r.usage.prompt_tokens == prompt_tokens(prompt), prompt
+    # The gateway's /tokenize (passed through to a sim) agrees with the tokenizers package.
+    with client() as c:
+        t = c.post(fleet.url + "/tokenize", json={"model": MODEL, "messages": CHATS[4]}).json()
+    assert t["count"] == chat_tokens(CHATS[4])
+    models = oa.models.list().data
+    assert [m.id for m in models] == [MODEL]
+    card = oa.models.retrieve(MODEL)
+    assert card.owned_by == "vllm" and card.created > 0
+    emb = oa.embeddings.create(model=MODEL, input=["a", "b"])
+    assert len(emb.data) == 2 and emb.data[0].embedding
+    with pytest.raises(openai.BadRequestError) as e:
+        oa.chat.completions.create(model=MODEL, messages=CHATS[0], max_tokens=-1)
+    assert "max_tokens: expected a non-negative integer, got -1" in str(e.value)
+    with pytest.raises(openai.NotFoundError):
+        oa.chat.completions.create(model="no-such-model", messages=CHATS[0])
+    oa.close()
+
+
+def test_openai_async_concurrent_requests_all_succeed(fleet):
+    async def run():
+        oa = openai.AsyncOpenAI(base_url=fleet.v1, api_key="x", max_retries=0, timeout=60)
+        try:
+            jobs = [oa.chat.completions.create(model=MODEL, messages=CHATS[i % len(CHATS)], max_tokens=4)
+                    for i in range(48)]
+            return await asyncio.gather(*jobs)
+        finally:
+            await oa.close()
+    results = asyncio.run(run())
+    assert len(results) == 48
+    for i, r in enumerate(results):
+        assert r.choices[0].finish_reason == "length"
+        assert r.usage.prompt_tokens == chat_tokens(CHATS[i % len(CHATS)])
+
+
+@pytest.mark.parametrize("continuous", [False, True])
+def test_openai_streaming_with_usage(fleet, continuous):
+    oa = openai.OpenAI(base_url=fleet.v1, api_key="x", max_retries=0, timeout=30)
+    options = {"include_usage": True, **({"continuous_usage_stats": True} if continuous else {})}
+    stream = oa.chat.completions.create(model=MODEL, messages=CHATS[1], max_tokens=6, stream=True,
+                                        stream_options=options)
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text
+    final = chunks[-1]
+    assert final.choices == [] and final.usage.prompt_tokens == chat_tokens(CHATS[1])
+    assert final.usage.completion_tokens == 6
+    per_chunk = [c.usage for c in chunks[:-1]]
+    if continuous:
+        assert all(u is not None and u.prompt_tokens == final.usage.prompt_tokens for u in per_chunk)
+        produced = [u.completion_tokens for c, u in zip(chunks, per_chunk) if c.choices and c.choices[0].delta.content]
+        assert produced == list(range(1, 7))
+    else:
+        assert all(u is None for u in per_chunk)
+    oa.close()
+
+
+def test_langchain_chat_openai(fleet):
+    from langchain_openai import ChatOpenAI
+
+    llm = ChatOpenAI(model=MODEL, base_url=fleet.v1, api_key="x", max_tokens=8, max_retries=0, timeout=30)
+    messages = [("system", "You are terse."), ("human", "Name three uses of a KV cache.")]
+    as_dicts = [{"role": "system" if r == "system" else "user", "content": c} for r, c in messages]
+    reply = llm.invoke(messages)
+    assert reply.content
+    assert reply.usage_metadata["input_tokens"] == chat_tokens(as_dicts)
+    assert reply.usage_metadata["output_tokens"] == 8
+    replies = llm.batch([[("human", m[0]["content"])] for m in CHATS[:3]])
+    for r, m in zip(replies, CHATS[:3]):
+        assert r.usage_metadata["input_tokens"] == chat_tokens([{"role": "user", "content": m[0]["content"]}])
+    streamed = ChatOpenAI(model=MODEL, base_url=fleet.v1, api_key="x", max_tokens=5, max_retries=0, timeout=30,
+                          stream_usage=True)
+    total = None
+    for piece in streamed.stream(messages):
+        total = piece if total is None else total + piece
+    assert total is not None and total.content
+    assert total.usage_metadata["input_tokens"] == chat_tokens(as_dicts)
