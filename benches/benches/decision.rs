@@ -9,12 +9,12 @@
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 
-use cacheroute_filters::cost_model::CostModel;
-use cacheroute_filters::injection::{
+use cacheroute_decisions::cost_model::CostModel;
+use cacheroute_decisions::injection::{
     decide, Corrections, InjectionDecision, InjectionInputs, InjectionMode, InjectionStrategy,
     InstanceLoad, KnowledgeShape, TransferPath,
 };
-use cacheroute_filters::scheduler::InjectionPreference;
+use cacheroute_decisions::scheduler::InjectionPreference;
 use criterion::{criterion_group, criterion_main, Criterion};
 
 const PROFILE: &str = include_str!("../../conf/profiles/h100-llama3-8b.json");

@@ -10,9 +10,9 @@ use std::hint::black_box;
 use std::time::{Duration, Instant};
 
 use cacheroute_benches::{corpus, Block};
-use cacheroute_filters::bm25::Bm25Index;
-use cacheroute_filters::openai::{CompletionBody, Route};
-use cacheroute_filters::scheduler::{
+use cacheroute_decisions::bm25::Bm25Index;
+use cacheroute_decisions::openai::{CompletionBody, Route};
+use cacheroute_decisions::scheduler::{
     decide, requirement, take_extensions, KdnView, PoolView, SchedulerConfig, SchedulingDecision,
 };
 use criterion::{criterion_group, criterion_main, Criterion};

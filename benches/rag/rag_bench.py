@@ -737,7 +737,7 @@ class Bench:
                     body["knowledge_ids"] = [bid]
                 else:
                     # Exactly what the gateway sends in text mode: the registered content
-                    # as the first system message (filters/src/prompt.rs).
+                    # as the first system message (decisions/src/prompt.rs).
                     body["messages"] = [{"role": "system", "content": self.content[bid]},
                                         {"role": "user", "content": q}]
                 fh.write(json.dumps({"at_ms": t / x * 1e3, "body": body, "tag": {"i": i, "block": bid}}) + "\n")

@@ -4,7 +4,7 @@
 //! `cargo test -p cacheroute-benches --test retrieval_quality -- --nocapture`
 
 use cacheroute_benches::corpus;
-use cacheroute_filters::bm25::Bm25Index;
+use cacheroute_decisions::bm25::Bm25Index;
 
 fn recall(n: usize, seed: u64) -> (f64, f64) {
     let blocks = corpus(n, seed);

@@ -2,7 +2,7 @@
 //! how well it fits, before trusting it for decisions.
 
 use anyhow::{Context, Result};
-use cacheroute_filters::cost_model::{builtin_profile, CalibrationProfile, CostModel};
+use cacheroute_decisions::cost_model::{builtin_profile, CalibrationProfile, CostModel};
 use clap::Subcommand;
 use std::path::{Path, PathBuf};
 
@@ -82,7 +82,7 @@ mod tests {
 
     #[test]
     fn fits_the_shipped_profiles() {
-        for (short, _) in cacheroute_filters::cost_model::BUILTIN_PROFILES {
+        for (short, _) in cacheroute_decisions::cost_model::BUILTIN_PROFILES {
             let name = &format!("{short}.json");
             // by path and by short name alike
             let text = fit_report(&profile(name), false).unwrap();

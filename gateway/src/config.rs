@@ -5,10 +5,10 @@
 //! further check failing later.
 
 use anyhow::{bail, Context, Result};
-use cacheroute_filters::balance::BalancePolicy;
-use cacheroute_filters::injection::{InjectionStrategy, ReleasePolicy};
-use cacheroute_filters::prompt::ChatTemplate;
-use cacheroute_filters::scheduler::SchedulerConfig;
+use cacheroute_decisions::balance::BalancePolicy;
+use cacheroute_decisions::injection::{InjectionStrategy, ReleasePolicy};
+use cacheroute_decisions::prompt::ChatTemplate;
+use cacheroute_decisions::scheduler::SchedulerConfig;
 use cacheroute_kdn::tokenizer::TokenizerChoice;
 use serde::{Deserialize, Serialize};
 use std::collections::HashSet;

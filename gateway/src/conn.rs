@@ -4,7 +4,7 @@
 //! error without losing the answer.
 
 use bytes::{Bytes, BytesMut};
-use cacheroute_filters::openai::ApiError;
+use cacheroute_decisions::openai::ApiError;
 use pingora::apps::{HttpPersistentSettings, ReusedHttpStream};
 use pingora::http::ResponseHeader;
 use pingora::prelude::*;

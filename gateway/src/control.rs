@@ -6,7 +6,7 @@ use crate::members::{parse_registration, MemberKind};
 use crate::reload::Reloader;
 use crate::state::GatewayState;
 use async_trait::async_trait;
-use cacheroute_filters::openai::ApiError;
+use cacheroute_decisions::openai::ApiError;
 use http::{Method, Response, StatusCode};
 use pingora::apps::http_app::ServeHttp;
 use pingora::protocols::http::ServerSession;

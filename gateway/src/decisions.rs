@@ -7,8 +7,8 @@ use std::collections::VecDeque;
 use std::io::Write;
 use std::sync::Mutex;
 
-use cacheroute_filters::injection::InjectionDecision;
-use cacheroute_filters::scheduler::SchedulingDecision;
+use cacheroute_decisions::injection::InjectionDecision;
+use cacheroute_decisions::scheduler::SchedulingDecision;
 
 /// What happened to the request.
 #[derive(Debug, Clone, Serialize, Default)]

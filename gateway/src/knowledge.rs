@@ -9,8 +9,8 @@
 
 use crate::fleet::Pool;
 use arc_swap::ArcSwap;
-use cacheroute_filters::bm25::Bm25Index;
-use cacheroute_filters::scheduler::{KdnView, PoolView};
+use cacheroute_decisions::bm25::Bm25Index;
+use cacheroute_decisions::scheduler::{KdnView, PoolView};
 use serde::Serialize;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
@@ -25,7 +25,7 @@ pub trait IndexText {
 
 impl IndexText for SnapshotBlock {
     fn index_text(&self) -> String {
-        cacheroute_filters::bm25::document_text(self.title.as_deref(), &self.tags, &self.text)
+        cacheroute_decisions::bm25::document_text(self.title.as_deref(), &self.tags, &self.text)
     }
 }
 

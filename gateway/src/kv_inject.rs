@@ -2,10 +2,10 @@
 //! (target store, model, block) at a time, whose readiness every waiting request
 //! watches. Blocks injected recently are remembered as resident in their target
 //! until the KDN's registry (synced) says so itself. Each finished job teaches the
-//! KDN's job-time model (`filters::kdn_jobs`) what a job costs beyond its link time,
+//! KDN's job-time model (`cacheroute_decisions::kdn_jobs`) what a job costs beyond its link time,
 //! which the injection decision then adds to its KV prediction.
 
-use cacheroute_filters::kdn_jobs::{JobCost, JobSample, JobTimes};
+use cacheroute_decisions::kdn_jobs::{JobCost, JobSample, JobTimes};
 use cacheroute_wire::kdn::{InjectJob, InjectRequest, JobStatus};
 use std::collections::HashMap;
 use std::sync::Mutex;

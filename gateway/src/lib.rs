@@ -19,12 +19,12 @@ pub mod headers;
 pub mod idle_pool;
 pub mod knowledge;
 pub mod kv_inject;
+pub mod kv_plan;
 pub mod members;
 pub mod metrics;
 pub mod models;
 pub mod pickers;
 pub mod pipeline;
-pub mod proxy;
 pub mod reload;
 pub mod retrieval;
 pub mod routes;
@@ -37,7 +37,7 @@ pub mod ui;
 pub use builder::{Gateway, GatewayBuilder};
 /// What a filter reads and answers with, re-exported so that a filter crate needs
 /// no direct dependency on Pingora or the decision crate.
-pub use cacheroute_filters::openai::{ApiError, CompletionBody};
+pub use cacheroute_decisions::openai::{ApiError, CompletionBody};
 pub use pingora::http::{RequestHeader, ResponseHeader};
 pub use pipeline::{
     Attempt, Client, Done, Flow, Incoming, Phases, Reply, RequestCtx, RequestFilter, Stop, World,

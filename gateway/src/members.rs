@@ -3,7 +3,7 @@
 //! stops heartbeating expires; nothing depends on the order in which the gateway and
 //! the members start.
 
-use cacheroute_filters::openai::ApiError;
+use cacheroute_decisions::openai::ApiError;
 use std::collections::BTreeMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};

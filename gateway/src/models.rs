@@ -11,7 +11,7 @@ use crate::conn::respond;
 use crate::fleet::Fleet;
 use crate::service::{ReqCtx, ServicePlane};
 use bytes::Bytes;
-use cacheroute_filters::openai::ApiError;
+use cacheroute_decisions::openai::ApiError;
 use pingora::prelude::*;
 use pingora::protocols::http::ServerSession as Session;
 use serde_json::{json, Value};

@@ -8,8 +8,8 @@
 
 use crate::config::KnowledgeSection;
 use crate::knowledge::{Catalog, IndexText};
-use cacheroute_filters::openai::{ApiError, CompletionBody};
-use cacheroute_filters::scheduler::{
+use cacheroute_decisions::openai::{ApiError, CompletionBody};
+use cacheroute_decisions::scheduler::{
     query_text, resolve_explicit, retrieve, Extensions, KnowledgeRequirement, RetrievedBlock,
     SchedulerConfig,
 };

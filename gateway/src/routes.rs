@@ -13,8 +13,8 @@ use crate::fleet::Fleet;
 use crate::headers;
 use crate::pipeline::RequestCtx;
 use crate::service::{ReqCtx, ServicePlane};
-use cacheroute_filters::openai::{ApiError, Route};
-use cacheroute_filters::scheduler::{KnowledgeRequirement, SchedulingDecision};
+use cacheroute_decisions::openai::{ApiError, Route};
+use cacheroute_decisions::scheduler::{KnowledgeRequirement, SchedulingDecision};
 use pingora::prelude::*;
 use pingora::protocols::http::ServerSession as Session;
 use serde::Deserialize;
@@ -94,7 +94,7 @@ pub fn model_of(body: &[u8]) -> Result<Option<String>, ApiError> {
             "invalid_type",
             format!(
                 "model: expected a string, got {}",
-                cacheroute_filters::errmsg::describe(&other)
+                cacheroute_decisions::errmsg::describe(&other)
             ),
         )
         .with_param("model")),

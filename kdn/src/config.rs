@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use cacheroute_filters::prompt::ChatTemplate;
+use cacheroute_decisions::prompt::ChatTemplate;
 use serde::{Deserialize, Serialize};
 
 use crate::keys::{chunk_keys, HashAlgorithm, KeyParams, KeyScheme};

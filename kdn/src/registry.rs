@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use cacheroute_filters::prompt::ChatTemplate;
+use cacheroute_decisions::prompt::ChatTemplate;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
@@ -120,7 +120,7 @@ pub struct Detail {
 impl KnowledgeRecord {
     /// Text the search index sees.
     pub fn index_text(&self) -> String {
-        cacheroute_filters::bm25::document_text(self.title.as_deref(), &self.tags, &self.text)
+        cacheroute_decisions::bm25::document_text(self.title.as_deref(), &self.tags, &self.text)
     }
 
     /// Size of the text in bytes.

@@ -15,7 +15,7 @@ use tokio::sync::{watch, Semaphore};
 use cacheroute_wire::error::ErrorBody;
 use cacheroute_wire::kdn::{KdnLoad, KdnTargetLoad};
 
-use cacheroute_filters::prompt::{knowledge_prefix, normalize_knowledge_text};
+use cacheroute_decisions::prompt::{knowledge_prefix, normalize_knowledge_text};
 
 use crate::config::{is_store_url, KdnConfig, ModelConfig};
 use crate::inject::{BlockSpec, Injector, InjectorConfig, Job, SubmitError, Target};

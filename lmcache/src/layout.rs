@@ -1,7 +1,7 @@
 //! A knowledge block's prefix for one model: the padded knowledge message
-//! ([`cacheroute_filters::prompt`]) and its token ids, a whole number of chunks.
+//! ([`cacheroute_decisions::prompt`]) and its token ids, a whole number of chunks.
 
-use cacheroute_filters::prompt::{
+use cacheroute_decisions::prompt::{
     knowledge_message_content, knowledge_prefix, padding_for, render_chat, ChatTemplate, Message,
 };
 
@@ -97,7 +97,7 @@ fn layout_padded(
         // give up if the tokenizer does not behave.
         if tries >= 3 || !ids.starts_with(&bare_ids) {
             return Err(LayoutError::Unalignable {
-                unit: cacheroute_filters::prompt::PADDING_UNIT,
+                unit: cacheroute_decisions::prompt::PADDING_UNIT,
                 tokens: ids.len(),
                 padding,
                 chunk_size,
@@ -126,7 +126,7 @@ fn layout_padded(
 mod tests {
     use super::*;
     use crate::tokenizer::{render_llama3_chat, ChatMessage};
-    use cacheroute_filters::prompt::PADDING_UNIT;
+    use cacheroute_decisions::prompt::PADDING_UNIT;
 
     const TEXT: &str = "The Eiffel Tower is a wrought-iron lattice tower on the Champ de \
         Mars in Paris, France. It is named after the engineer Gustave Eiffel, whose company \

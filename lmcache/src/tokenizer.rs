@@ -60,10 +60,10 @@ pub struct ChatMessage {
 }
 
 /// Render messages with the Llama-3 chat template, with the generation prompt.
-/// The template itself lives in [`cacheroute_filters::prompt`], the one the
+/// The template itself lives in [`cacheroute_decisions::prompt`], the one the
 /// KDN's knowledge layout uses: KV hits depend on both rendering alike.
 pub fn render_llama3_chat(messages: &[ChatMessage]) -> String {
-    use cacheroute_filters::prompt::{render_chat, ChatTemplate, Message};
+    use cacheroute_decisions::prompt::{render_chat, ChatTemplate, Message};
     let messages: Vec<Message<'_>> = messages
         .iter()
         .map(|m| Message::new(&m.role, &m.content))

@@ -26,7 +26,7 @@
 
 use crate::apc::{ApcStats, BlockId, BlockPool};
 use crate::metrics::SimMetrics;
-use cacheroute_filters::cost_model::{CostModel, StepShape};
+use cacheroute_decisions::cost_model::{CostModel, StepShape};
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};

@@ -3,7 +3,7 @@
 //! An OpenAI-compatible server shaped like vLLM's (`/v1/chat/completions`,
 //! `/v1/completions`, `/v1/embeddings`, `/v1/models`, `/health`, `/metrics`), whose engine is a
 //! continuous-batching scheduler ([`engine::Scheduler`]) timed by a cost model fitted from a
-//! GPU calibration profile ([`cacheroute_filters::cost_model`]). See `sim/README.md`.
+//! GPU calibration profile ([`cacheroute_decisions::cost_model`]). See `sim/README.md`.
 
 pub mod apc;
 pub mod api;
@@ -19,7 +19,7 @@ pub mod tokenize;
 pub use cacheroute_lmcache::tokenizer;
 
 use anyhow::Context;
-use cacheroute_filters::cost_model::{CalibrationProfile, CostModel};
+use cacheroute_decisions::cost_model::{CalibrationProfile, CostModel};
 use clap::Args;
 use engine::{EngineHandle, EngineStats, Scheduler, SchedulerConfig};
 use lmcache::{LmCache, LmCacheConfig};
@@ -38,7 +38,7 @@ pub const DEFAULT_PROFILE_JSON: &str = include_str!("../../conf/profiles/h100-ll
 
 /// The profile JSON for `--profile`: a shipped profile's short name, or a file.
 fn profile_json(profile: Option<&std::path::Path>) -> anyhow::Result<String> {
-    use cacheroute_filters::cost_model::{builtin_profile, BUILTIN_PROFILES};
+    use cacheroute_decisions::cost_model::{builtin_profile, BUILTIN_PROFILES};
     let Some(p) = profile else {
         return Ok(DEFAULT_PROFILE_JSON.to_string());
     };

@@ -33,7 +33,7 @@ use crate::metrics::SimMetrics;
 use crate::SimArgs;
 use anyhow::{anyhow, Context};
 use bytes::Bytes;
-use cacheroute_filters::cost_model::ModelConfig;
+use cacheroute_decisions::cost_model::ModelConfig;
 use cacheroute_lmcache::keys::{
     check_hash_seed, chunk_keys, chunk_keys_all_ranks, lmcache_dtype_name, KeyParams, KeyScheme,
     RemoteMetadata,

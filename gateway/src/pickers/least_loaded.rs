@@ -3,7 +3,7 @@
 
 use super::{choose_balanced, Load, PickInput, Picker, Ticket};
 use crate::fleet::Pool;
-use cacheroute_filters::balance::BalancePolicy;
+use cacheroute_decisions::balance::BalancePolicy;
 
 #[derive(Default)]
 pub struct LeastLoaded {

@@ -1,7 +1,7 @@
 //! Instance pickers: how one instance of a pool is chosen for an attempt. One trait,
 //! one file per policy, built from the config by [`build`]; a policy that keeps
 //! state (the round-robin ticket, `prefix_affinity`'s prompt tree) owns it. The
-//! arithmetic stays in `cacheroute_filters::balance` (pure, tested there).
+//! arithmetic stays in `cacheroute_decisions::balance` (pure, tested there).
 
 mod knowledge_affinity;
 mod least_inflight;
@@ -13,7 +13,7 @@ use crate::fleet::{Fleet, Pool, PoolInstance};
 use crate::knowledge::{self, AgentLive, Catalog};
 use crate::pipeline::RequestCtx;
 use crate::state::GatewayState;
-use cacheroute_filters::balance::{self, BalancePolicy, Candidate};
+use cacheroute_decisions::balance::{self, BalancePolicy, Candidate};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};

@@ -5,8 +5,8 @@
 
 use super::{choose_balanced, Load, PickInput, Picker, Ticket};
 use crate::fleet::Pool;
-use cacheroute_filters::balance::BalancePolicy;
-use cacheroute_filters::prefix_tree::{self, PrefixAffinityConfig, PrefixTree};
+use cacheroute_decisions::balance::BalancePolicy;
+use cacheroute_decisions::prefix_tree::{self, PrefixAffinityConfig, PrefixTree};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 

@@ -5,7 +5,7 @@
 use super::{Attempt, Client, Flow, Phases, Reply, RequestCtx, RequestFilter, Stop, World};
 use crate::admission::{Refused, Slot};
 use async_trait::async_trait;
-use cacheroute_filters::openai::ApiError;
+use cacheroute_decisions::openai::ApiError;
 use std::time::{Duration, Instant};
 
 pub struct Admission;

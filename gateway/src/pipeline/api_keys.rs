@@ -6,7 +6,7 @@
 
 use super::{Done, Flow, Incoming, Phases, RequestCtx, RequestFilter, World};
 use crate::config::ApiKeysSection;
-use cacheroute_filters::openai::ApiError;
+use cacheroute_decisions::openai::ApiError;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 

@@ -4,7 +4,7 @@
 
 use super::{Done, Phases, RequestCtx, RequestFilter, World};
 use crate::decisions::{DecisionRecord, Outcome};
-use cacheroute_filters::scheduler::KnowledgeRequirement;
+use cacheroute_decisions::scheduler::KnowledgeRequirement;
 
 pub struct DecisionRecorder;
 

@@ -6,8 +6,8 @@
 use super::{Flow, Incoming, Phases, RequestCtx, RequestFilter, UpstreamDecision, World};
 use crate::config::Role;
 use crate::headers;
-use cacheroute_filters::openai::ApiError;
-use cacheroute_filters::scheduler::{take_extensions, InjectionPreference};
+use cacheroute_decisions::openai::ApiError;
+use cacheroute_decisions::scheduler::{take_extensions, InjectionPreference};
 
 pub struct RequestExtensions;
 

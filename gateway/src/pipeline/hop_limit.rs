@@ -3,7 +3,7 @@
 
 use super::{Flow, Incoming, Phases, RequestCtx, RequestFilter, World};
 use crate::headers;
-use cacheroute_filters::openai::ApiError;
+use cacheroute_decisions::openai::ApiError;
 
 pub struct HopLimit;
 

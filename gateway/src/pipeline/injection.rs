@@ -1,5 +1,5 @@
 //! `injection`: per attempt, how the knowledge reaches the chosen instance
-//! (`cacheroute_filters::injection::decide` via `proxy::plan_kv`): as text, or as
+//! (`cacheroute_decisions::injection::decide` via `kv_plan::plan_kv`): as text, or as
 //! KV the KDN copies into the instance's store. A KV attempt whose KV is still on
 //! its way is held under the pool's ready-release policy: wait for it admitted
 //! (holding a slot) or outside the queue (`text_bypass`: in order, and a request
@@ -8,9 +8,9 @@
 
 use super::{admission, Attempt, Client, Flow, Phases, RequestCtx, RequestFilter, Stop, World};
 use crate::kv_inject::{self, InjectState};
-use crate::proxy::{self, KvPlan};
+use crate::kv_plan::{self, KvPlan};
 use async_trait::async_trait;
-use cacheroute_filters::injection::{InjectionMode, ReleasePolicy};
+use cacheroute_decisions::injection::{InjectionMode, ReleasePolicy};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
@@ -33,7 +33,7 @@ impl RequestFilter for Injection {
         };
         at.kv = if ctx.leading_applied {
             let catalog = world.catalog();
-            proxy::plan_kv(state, &ctx.fleet, at.pool, at.index, ctx, &catalog)
+            kv_plan::plan_kv(state, &ctx.fleet, at.pool, at.index, ctx, &catalog)
         } else {
             None
         };

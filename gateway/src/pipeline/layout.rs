@@ -4,8 +4,8 @@
 
 use super::{Flow, Incoming, Phases, RequestCtx, RequestFilter, World};
 use crate::knowledge::Catalog;
-use cacheroute_filters::layout::{self, Applied};
-use cacheroute_filters::prompt;
+use cacheroute_decisions::layout::{self, Applied};
+use cacheroute_decisions::prompt;
 use std::collections::BTreeSet;
 
 pub struct KnowledgeLayout;

@@ -3,7 +3,7 @@
 //! adaptive TTFT predictor with the measured TTFT.
 
 use super::{Done, Phases, RequestCtx, RequestFilter, World};
-use cacheroute_filters::injection::InjectionMode;
+use cacheroute_decisions::injection::InjectionMode;
 
 pub struct Learning;
 

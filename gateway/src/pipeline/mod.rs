@@ -38,12 +38,12 @@ use crate::config::Role;
 use crate::fleet::{Fleet, Pool, PoolInstance};
 use crate::knowledge::{AgentLive, Catalog, KdnLive};
 use crate::kv_inject::KvInjections;
-use crate::proxy::KvPlan;
+use crate::kv_plan::KvPlan;
 use crate::state::GatewayState;
 use async_trait::async_trait;
-use cacheroute_filters::injection::InjectionDecision;
-use cacheroute_filters::openai::{ApiError, CompletionBody, Route};
-use cacheroute_filters::scheduler::{
+use cacheroute_decisions::injection::InjectionDecision;
+use cacheroute_decisions::openai::{ApiError, CompletionBody, Route};
+use cacheroute_decisions::scheduler::{
     Extensions, InjectionPreference, KnowledgeRequirement, PoolView, SchedulingDecision,
 };
 use pingora::http::{RequestHeader, ResponseHeader};

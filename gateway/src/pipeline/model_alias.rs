@@ -3,7 +3,7 @@
 //! goes upstream with the served name.
 
 use super::{Flow, Incoming, Phases, RequestCtx, RequestFilter, World};
-use cacheroute_filters::openai::CompletionBody;
+use cacheroute_decisions::openai::CompletionBody;
 use std::collections::HashMap;
 
 pub struct ModelAlias {

@@ -6,7 +6,7 @@
 
 use super::{Flow, Incoming, Phases, Reply, RequestCtx, RequestFilter, World};
 use crate::config::RateLimitSection;
-use cacheroute_filters::openai::ApiError;
+use cacheroute_decisions::openai::ApiError;
 use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::Instant;
@@ -153,9 +153,9 @@ trait PromptEstimate {
     fn to_prompt_estimate(&self) -> u64;
 }
 
-impl PromptEstimate for cacheroute_filters::openai::CompletionBody {
+impl PromptEstimate for cacheroute_decisions::openai::CompletionBody {
     fn to_prompt_estimate(&self) -> u64 {
-        use cacheroute_filters::openai::{CompletionBody, Prompt};
+        use cacheroute_decisions::openai::{CompletionBody, Prompt};
         let bytes = match self {
             CompletionBody::Chat(c) => c.messages.iter().map(|m| m.text().len()).sum(),
             CompletionBody::Completions(c) => match &c.prompt {

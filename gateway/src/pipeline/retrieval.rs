@@ -6,7 +6,7 @@
 use super::{Flow, Incoming, Phases, Reply, RequestCtx, RequestFilter, World};
 use crate::retrieval;
 use async_trait::async_trait;
-use cacheroute_filters::scheduler::KnowledgeRequirement;
+use cacheroute_decisions::scheduler::KnowledgeRequirement;
 
 pub struct Retrieval;
 

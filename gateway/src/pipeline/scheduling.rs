@@ -1,4 +1,4 @@
-//! `scheduling`: chooses the pool and the KDN (`cacheroute_filters::scheduler::decide`)
+//! `scheduling`: chooses the pool and the KDN (`cacheroute_decisions::scheduler::decide`)
 //! from the knowledge's coverage and the pools' and KDNs' load, or takes a trusted
 //! scheduler's choice; orders the pools to try. In a scheduler gateway it also puts
 //! the decision in the `x-cacheroute-*` headers for the proxy behind.
@@ -8,7 +8,7 @@ use crate::config::Role;
 use crate::fleet::Pool;
 use crate::headers;
 use crate::knowledge;
-use cacheroute_filters::scheduler::{self, InjectionPreference, SchedulingDecision};
+use cacheroute_decisions::scheduler::{self, InjectionPreference, SchedulingDecision};
 use std::sync::Arc;
 
 pub struct Scheduling;

@@ -188,8 +188,8 @@ fn summary(r: &DecisionRecord) -> Value {
     let inj = r.injection.as_ref();
     let mode = inj.map(|d| d.mode.as_str());
     let predicted = inj.map(|d| match d.mode {
-        cacheroute_filters::injection::InjectionMode::Text => d.predicted_text_ms,
-        cacheroute_filters::injection::InjectionMode::Kv => d.predicted_kv_ms,
+        cacheroute_decisions::injection::InjectionMode::Text => d.predicted_text_ms,
+        cacheroute_decisions::injection::InjectionMode::Kv => d.predicted_kv_ms,
     });
     let finite = |x: f64| x.is_finite().then_some(x);
     json!({

@@ -20,7 +20,7 @@ pub mod stats;
 
 use crate::control::{constant_time_eq, ControlPlane};
 use async_trait::async_trait;
-use cacheroute_filters::openai::ApiError;
+use cacheroute_decisions::openai::ApiError;
 use http::{Method, Response, StatusCode};
 use pingora::apps::http_app::ServeHttp;
 use pingora::apps::{HttpPersistentSettings, HttpServerApp, ReusedHttpStream};

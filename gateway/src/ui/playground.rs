@@ -6,7 +6,7 @@
 
 use crate::state::GatewayState;
 use bytes::Bytes;
-use cacheroute_filters::openai::ApiError;
+use cacheroute_decisions::openai::ApiError;
 use futures::StreamExt;
 use pingora::http::ResponseHeader;
 use pingora::protocols::http::ServerSession;

@@ -5,8 +5,8 @@
 //! (4xx/5xx with a message and a code), never a panic. A fixed seed and case
 //! count keep it deterministic and to a few seconds of `cargo test`.
 
-use cacheroute_filters::openai::{ApiError, CompletionBody, Route};
-use cacheroute_filters::scheduler::take_extensions;
+use cacheroute_decisions::openai::{ApiError, CompletionBody, Route};
+use cacheroute_decisions::scheduler::take_extensions;
 use proptest::prelude::*;
 use proptest::test_runner::{Config, RngAlgorithm, TestRng, TestRunner};
 use serde_json::{json, Value};

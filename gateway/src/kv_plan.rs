@@ -1,5 +1,5 @@
-//! The proxy filter's inputs and effects for one attempt on one instance: what the
-//! injection decision looks at (`filters::injection::decide` makes it), the prefix
+//! The KV plan of one attempt on one instance (the proxy filter's inputs and effects): what the
+//! injection decision looks at (`cacheroute_decisions::injection::decide` makes it), the prefix
 //! check, starting the KV injection, and the KV handle.
 
 use crate::fleet::{Fleet, Pool};
@@ -7,11 +7,11 @@ use crate::knowledge::{self, Catalog, KdnLive};
 use crate::kv_inject::{InjectKey, InjectState};
 use crate::pipeline::RequestCtx;
 use crate::state::GatewayState;
-use cacheroute_filters::injection::{
+use cacheroute_decisions::injection::{
     self, InjectionDecision, InjectionInputs, InjectionMode, InstanceLoad, KnowledgeShape,
     TransferPath,
 };
-use cacheroute_filters::prompt::knowledge_prefix;
+use cacheroute_decisions::prompt::knowledge_prefix;
 use std::collections::HashMap;
 use std::sync::Mutex;
 use tokio::sync::watch;

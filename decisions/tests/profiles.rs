@@ -2,7 +2,7 @@
 //! model; the reconstructed 8x RTX 5090 profile reproduces the original CacheRoute's
 //! published batch-1 TTFTs.
 
-use cacheroute_filters::cost_model::{builtin_profile, CostModel, BUILTIN_PROFILES};
+use cacheroute_decisions::cost_model::{builtin_profile, CostModel, BUILTIN_PROFILES};
 
 #[test]
 fn every_shipped_profile_is_embedded_and_fits() {
