@@ -244,6 +244,9 @@ def test_ui_needs_the_control_token(gateway, sim):
         assert c.get(g.control + "/ui", params={"token": "wrong"}).status_code == 401
         assert c.get(g.control + "/ui", headers={"cookie": "cacheroute_ui=wrong"}).status_code == 401
         assert c.post(g.control + "/ui/api/send", json={"body": {}}).status_code == 401
+        # an anonymous caller gets the small body limit, not the relay's 1 MiB
+        r = c.post(g.control + "/ui/api/send", content=b"{" + b" " * (200 << 10))
+        assert r.status_code == 413, r.status_code
 
         r = c.get(g.control + "/ui", headers={"authorization": f"Bearer {token}"})
         assert r.status_code == 200 and "/ui/app.js" in r.text

@@ -119,7 +119,11 @@ async fn finish(http: ServerSession, reusable: bool) -> Option<ReusedHttpStream>
 impl ControlApp {
     async fn ui(&self, http: &mut ServerSession, path: &str) -> Reply {
         let method = http.req_header().method.clone();
-        let limit = if path == "/ui/api/send" {
+        let state = &self.plane.state;
+        let token = state.fleet.load().config.gateway.control_token.clone();
+        // Only an authorized caller may send the relay's larger body: an anonymous one
+        // is read (to answer on a clean connection) up to the small limit only.
+        let limit = if path == "/ui/api/send" && (token.is_empty() || authorized(http, &token)) {
             MAX_SEND_BODY
         } else {
             MAX_UI_BODY
@@ -128,8 +132,6 @@ impl ControlApp {
             Ok(b) => b,
             Err(resp) => return Reply::Full(resp),
         };
-        let state = &self.plane.state;
-        let token = state.fleet.load().config.gateway.control_token.clone();
         let query = query_pairs(http.req_header().uri.query().unwrap_or(""));
         if !token.is_empty() && !authorized(http, &token) {
             // A browser's first visit: the token in the query sets the cookie.
