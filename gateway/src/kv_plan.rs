@@ -12,8 +12,10 @@ use cacheroute_decisions::injection::{
     TransferPath,
 };
 use cacheroute_decisions::prompt::knowledge_prefix;
+use cacheroute_decisions::prompt::ChatTemplate;
+use cacheroute_kdn::tokenizer::Tokenizer;
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use tokio::sync::watch;
 
 /// Link speed assumed when a KDN reports neither shaping nor a measured bandwidth.
@@ -61,33 +63,95 @@ impl KvPlan {
 /// Checked prefixes: (block, model, registered tokens) → tokens match.
 #[derive(Default)]
 pub struct PrefixChecks {
-    seen: Mutex<HashMap<(String, String, u64), bool>>,
+    seen: Arc<Mutex<HashMap<PrefixKey, bool>>>,
+}
+
+type PrefixKey = (String, String, u64);
+
+/// At most this many checks are remembered (then the memory starts over).
+const MAX_PREFIX_CHECKS: usize = 100_000;
+
+fn prefix_matches(
+    template: ChatTemplate,
+    tokenizer: &Tokenizer,
+    content: &str,
+    tokens: u64,
+) -> bool {
+    let ids = tokenizer.encode_with(
+        &knowledge_prefix(template, content),
+        template.add_special_tokens(),
+    );
+    ids.len() as u64 == tokens
 }
 
 impl PrefixChecks {
     /// Whether the prefix the gateway renders for `content` tokenizes to `tokens`
-    /// tokens, as the KDN registered it (cached per block and model).
+    /// tokens, as the KDN registered it (cached per block and model; [`Self::warm`]
+    /// computes it off the worker threads when a sync brings the block).
     fn matches(&self, fleet: &Fleet, id: &str, model: &str, content: &str, tokens: u64) -> bool {
         let key = (id.to_string(), model.to_string(), tokens);
-        if let Some(ok) = self
-            .seen
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&key)
-        {
+        if let Some(ok) = self.lock().get(&key) {
             return *ok;
         }
-        let t = fleet.config.proxy.template_of(model);
-        let ids = fleet
-            .tokenizer_of(model)
-            .encode_with(&knowledge_prefix(t, content), t.add_special_tokens());
-        let ok = ids.len() as u64 == tokens;
-        let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
-        if seen.len() > 100_000 {
+        let ok = prefix_matches(
+            fleet.config.proxy.template_of(model),
+            &fleet.tokenizer_of(model),
+            content,
+            tokens,
+        );
+        self.remember(key, ok);
+        ok
+    }
+
+    /// Check, on the blocking pool, the prefixes of `catalog` for the fleet's models
+    /// that are not checked yet: tokenizing a large block takes milliseconds, which a
+    /// request's worker thread should not pay (measured in `benches/worker_bound`).
+    pub fn warm(&self, fleet: &Fleet, catalog: &Catalog) {
+        let todo: Vec<(PrefixKey, ChatTemplate, Arc<Tokenizer>, String)> = {
+            let seen = self.lock();
+            catalog
+                .blocks
+                .iter()
+                .flat_map(|(id, b)| b.block.models.iter().map(move |(m, bm)| (id, m, bm)))
+                .filter(|(_, m, bm)| !bm.content.is_empty() && fleet.models.iter().any(|x| x == *m))
+                .map(|(id, m, bm)| ((id.clone(), m.clone(), bm.tokens), bm))
+                .filter(|(key, _)| !seen.contains_key(key))
+                .take(MAX_PREFIX_CHECKS)
+                .map(|(key, bm)| {
+                    let model = key.1.clone();
+                    (
+                        key,
+                        fleet.config.proxy.template_of(&model),
+                        fleet.tokenizer_of(&model),
+                        bm.content.clone(),
+                    )
+                })
+                .collect()
+        };
+        if todo.is_empty() {
+            return;
+        }
+        let checks = PrefixChecks {
+            seen: self.seen.clone(),
+        };
+        tokio::task::spawn_blocking(move || {
+            for (key, template, tokenizer, content) in todo {
+                let ok = prefix_matches(template, &tokenizer, &content, key.2);
+                checks.remember(key, ok);
+            }
+        });
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<PrefixKey, bool>> {
+        self.seen.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn remember(&self, key: PrefixKey, ok: bool) {
+        let mut seen = self.lock();
+        if seen.len() >= MAX_PREFIX_CHECKS {
             seen.clear();
         }
         seen.insert(key, ok);
-        ok
     }
 }
 

@@ -303,6 +303,8 @@ pub async fn sync_once(state: &GatewayState, sync: &mut SyncState) {
             .metrics
             .knowledge_blocks
             .set(catalog.blocks.len() as i64);
+        // the prefix checks of new blocks, off the request path
+        state.prefix_checks.warm(&state.fleet.load(), &catalog);
         state.knowledge.catalog.store(Arc::new(catalog));
     }
 
