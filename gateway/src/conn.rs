@@ -30,7 +30,9 @@ pub async fn lingering_close(session: Session) {
         return;
     }
     let drain = async {
-        let mut buf = [0u8; 16 * 1024];
+        // On the heap: an array here would sit in every request's future
+        // (copied whole when Pingora boxes it), not only in the rare lingering one.
+        let mut buf = vec![0u8; 16 * 1024];
         let mut left = LINGER_BYTES;
         while left > 0 {
             match stream.read(&mut buf).await {

@@ -197,7 +197,7 @@ impl ServicePlane {
                 _ => {
                     // vLLM's other routes pass through; a model card is ours.
                     if let Some(r) = crate::routes::lookup(&path) {
-                        return self.pass_through(session, ctx, r).await;
+                        return Box::pin(self.pass_through(session, ctx, r)).await;
                     }
                     if let Some(id) = path.strip_prefix("/v1/models/") {
                         return self.model_card(session, ctx, id).await;
@@ -212,7 +212,10 @@ impl ServicePlane {
             return self.reject(session, ctx, err).await;
         }
         match Route::from_path(&path) {
-            Some(route) => self.completion(session, ctx, route).await,
+            // Boxed, so that the request's outer future, which Pingora moves
+            // twice per request, stays small: the completion's large state
+            // is moved once.
+            Some(route) => Box::pin(self.completion(session, ctx, route)).await,
             None if label == "models" => self.models(session, ctx).await,
             None => {
                 let body = Bytes::from_static(b"{\"status\":\"ok\"}");
