@@ -6,8 +6,10 @@
 # apt, the Python packages openai, httpx, prometheus-client, pytest, selenium (the
 # dashboard's browser test), and matplotlib and tqdm for the RAG bench test, from
 # pip), builds the
-# workspace (dev profile), runs the Rust tests, then the end-to-end suite in
-# tests/ against the freshly built binary. Exits non-zero on any failure.
+# workspace (dev profile), installs the compatibility suite's tools (AIPerf in
+# its own venv under the target directory), runs the Rust tests, then the
+# end-to-end suite in tests/ against the freshly built binary. Exits non-zero on
+# any failure.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -56,6 +58,24 @@ TARGET_DIR=$(cargo metadata --format-version 1 --no-deps \
   | "$PY" -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')
 export CACHEROUTE_BIN="$TARGET_DIR/debug/cacheroute"
 [ -x "$CACHEROUTE_BIN" ] || die "binary not found: $CACHEROUTE_BIN"
+
+# --- AIPerf (tests/test_compat_aiperf.py) ---------------------------------------
+# In its own virtual environment: its pins (transformers, pandas, numpy, ...)
+# must not move the system packages. About 1.2 GB and 2-3 minutes on a clean
+# machine; kept between runs in the target directory. If it cannot be installed
+# the test is skipped, saying so.
+AIPERF_VERSION=0.13.0
+AIPERF_VENV="$TARGET_DIR/compat-venv"
+export AIPERF_BIN="$AIPERF_VENV/bin/aiperf"
+if ! "$AIPERF_BIN" --version 2>/dev/null | grep -qx "$AIPERF_VERSION"; then
+  step "installing AIPerf $AIPERF_VERSION into $AIPERF_VENV (pip)"
+  rm -rf "$AIPERF_VENV"
+  if ! { "$PY" -m venv "$AIPERF_VENV" \
+         && timeout 900 "$AIPERF_VENV/bin/pip" install -q --disable-pip-version-check "aiperf==$AIPERF_VERSION"; }; then
+    printf '\n==> [test.sh] WARNING: AIPerf could not be installed; tests/test_compat_aiperf.py will be skipped\n' >&2
+    rm -rf "$AIPERF_VENV"
+  fi
+fi
 
 # --- tests -----------------------------------------------------------------------
 failed=()

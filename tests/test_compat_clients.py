@@ -7,15 +7,12 @@ the `tokenizers` package from conf/tokenizers/llama3/tokenizer.json."""
 from __future__ import annotations
 
 import asyncio
-from pathlib import Path
 
 import openai
 import pytest
-from tokenizers import Tokenizer
 
 from crtest import MODEL, client
-
-TOKENIZER = Tokenizer.from_file(str(Path(__file__).resolve().parent.parent / "conf/tokenizers/llama3/tokenizer.json"))
+from llama3 import chat_tokens, prompt_tokens
 
 # Varied chats: whitespace the template trims, multi-turn, unicode, code, long.
 CHATS = [
@@ -27,20 +24,6 @@ CHATS = [
      {"role": "assistant", "content": "It squares x."}, {"role": "user", "content": "And f(3)?"}],
     [{"role": "user", "content": "Summarise: " + "the quick brown fox jumps over the lazy dog. " * 60}],
 ]
-
-
-def chat_tokens(messages: list[dict]) -> int:
-    """Llama-3's chat template (content trimmed, generation prompt added), encoded
-    without adding special tokens, as vLLM does for chat."""
-    text = "<|begin_of_text|>"
-    for m in messages:
-        text += f"<|start_header_id|>{m['role']}<|end_header_id|>\n\n{m['content'].strip()}<|eot_id|>"
-    text += "<|start_header_id|>assistant<|end_header_id|>\n\n"
-    return len(TOKENIZER.encode(text, add_special_tokens=False).ids)
-
-
-def prompt_tokens(prompt: str) -> int:
-    return len(TOKENIZER.encode(prompt, add_special_tokens=True).ids)
 
 
 @pytest.fixture
