@@ -2,14 +2,14 @@
 # The test command: `bash scripts/test.sh` (CI runs exactly this via .ci/run).
 #
 # On a fresh Debian machine with the Rust toolchain, gcc and Python 3 + pip,
-# it installs what is missing (cmake, redis-server, chromium and chromium-driver from
-# apt, the Python packages openai, httpx, prometheus-client, pytest, selenium (the
-# dashboard's browser test), and matplotlib and tqdm for the RAG bench test, from
-# pip), builds the
-# workspace (dev profile), installs the compatibility suite's tools (AIPerf in
-# its own venv under the target directory), runs the Rust tests, then the
-# end-to-end suite in tests/ against the freshly built binary. Exits non-zero on
-# any failure.
+# it installs what is missing (cmake, redis-server, chromium and chromium-driver,
+# nodejs and npm from apt; the Python packages openai, httpx, prometheus-client,
+# pytest, selenium (the dashboard's browser test), matplotlib and tqdm for the
+# RAG bench test, langchain-openai and tokenizers from pip; the openai npm
+# package with `npm ci` in tests/npm), builds the workspace (dev profile),
+# installs AIPerf in its own venv under the target directory, runs the Rust
+# tests, then the end-to-end suite in tests/ against the freshly built binary.
+# Exits non-zero on any failure.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -29,6 +29,9 @@ command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
 # the dashboard's browser test (tests/test_webui.py): headless Chromium + its driver
 command -v chromium >/dev/null 2>&1 || missing+=(chromium)
 command -v chromedriver >/dev/null 2>&1 || missing+=(chromium-driver)
+# the openai npm package's test (tests/test_compat_npm.py)
+command -v node >/dev/null 2>&1 || missing+=(nodejs)
+command -v npm >/dev/null 2>&1 || missing+=(npm)
 if [ ${#missing[@]} -gt 0 ]; then
   step "installing ${missing[*]} (apt-get)"
   export DEBIAN_FRONTEND=noninteractive
@@ -49,6 +52,10 @@ if [ ${#pip_missing[@]} -gt 0 ]; then
     || "$PY" -m pip install -q --break-system-packages "${pip_missing[@]}" \
     || die "pip install ${pip_missing[*]}"
 fi
+
+# --- npm packages (tests/npm: the openai package, pinned by package-lock.json) ---
+step "npm ci (tests/npm)"
+(cd tests/npm && npm ci --no-audit --no-fund --loglevel=error) || die "npm ci in tests/npm"
 
 # --- build ---------------------------------------------------------------------
 step "cargo build --workspace --all-targets"
