@@ -5,7 +5,7 @@
 # it installs what is missing (cmake, redis-server, chromium and chromium-driver,
 # nodejs and npm from apt; the Python packages openai, httpx, prometheus-client,
 # pytest, selenium (the dashboard's browser test), matplotlib and tqdm for the
-# RAG bench test, langchain-openai and tokenizers from pip; the openai npm
+# RAG bench test, langchain-openai, tokenizers and pyyaml from pip; the openai npm
 # package with `npm ci` in tests/npm), builds the workspace (dev profile),
 # installs AIPerf in its own venv under the target directory, runs the Rust
 # tests, then the end-to-end suite in tests/ against the freshly built binary.
@@ -43,7 +43,7 @@ fi
 PY=${PYTHON:-python3}
 pip_missing=()
 for pair in openai:openai httpx:httpx prometheus_client:prometheus-client pytest:pytest \
-    matplotlib:matplotlib tqdm:tqdm selenium:selenium langchain_openai:langchain-openai tokenizers:tokenizers; do
+    matplotlib:matplotlib tqdm:tqdm selenium:selenium langchain_openai:langchain-openai tokenizers:tokenizers yaml:pyyaml; do
   "$PY" -c "import ${pair%%:*}" >/dev/null 2>&1 || pip_missing+=("${pair#*:}")
 done
 if [ ${#pip_missing[@]} -gt 0 ]; then
