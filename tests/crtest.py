@@ -48,6 +48,20 @@ def free_port() -> int:
     raise RuntimeError("could not find a free port")
 
 
+def two_free_ports() -> int:
+    """N such that N and N+1 are both free now (`cacheroute demo --sim-port N`
+    takes both)."""
+    for _ in range(100):
+        n = free_port()
+        try:
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", n + 1))
+            return n
+        except OSError:
+            continue
+    raise RuntimeError("no two consecutive free ports")
+
+
 def client(timeout: float = PROMPT_TIMEOUT, **kw: Any) -> httpx.Client:
     """An httpx client that ignores proxy settings from the environment."""
     return httpx.Client(timeout=timeout, trust_env=False, **kw)
@@ -462,3 +476,34 @@ class RecordingProxy:
     def close(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+# --------------------------------------------------------------------------
+# `cacheroute demo`
+
+
+class Demo:
+    """A running `cacheroute demo`: gateway (service and control), two sims, a KDN."""
+
+    def __init__(self, proc: "Proc", port: int, control_port: int, sim_port: int):
+        self.proc = proc
+        self.url = f"http://127.0.0.1:{port}"
+        self.control = f"http://127.0.0.1:{control_port}"
+        self.sims = [f"http://127.0.0.1:{sim_port}", f"http://127.0.0.1:{sim_port + 1}"]
+
+    @property
+    def v1(self) -> str:
+        return self.url + "/v1"
+
+
+def start_demo(procs, cr_bin: str, *extra: str) -> Demo:
+    """`cacheroute demo` on fresh loopback ports, answering on both planes and
+    listing its model (the README's main job)."""
+    port, cport, kport, sim_port = free_port(), free_port(), free_port(), two_free_ports()
+    p = procs.start("demo", [cr_bin, "demo", "--listen", f"127.0.0.1:{port}", "--control", f"127.0.0.1:{cport}",
+                             "--sim-port", str(sim_port), "--kdn-listen", f"127.0.0.1:{kport}", *extra])
+    d = Demo(p, port, cport, sim_port)
+    p.wait_http(d.url + "/health")
+    p.wait_http(d.control + "/healthz")
+    p.wait_http(d.v1 + "/models", ok=lambda r: r.status_code == 200 and MODEL in r.text)
+    return d

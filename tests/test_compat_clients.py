@@ -1,21 +1,18 @@
 """The clients people point at an OpenAI endpoint, through a gateway in front of
 two sims: the `openai` package (sync, async, streaming with usage and with
-continuous usage) and LangChain's ChatOpenAI. Every request succeeds and the
+continuous usage, echo with prompt logprobs) and LangChain's ChatOpenAI. Every request succeeds and the
 input length each reports is the real Llama-3 token count, computed here with
 the `tokenizers` package from conf/tokenizers/llama3/tokenizer.json."""
 
 from __future__ import annotations
 
 import asyncio
-from pathlib import Path
 
 import openai
 import pytest
-from tokenizers import Tokenizer
 
 from crtest import MODEL, client
-
-TOKENIZER = Tokenizer.from_file(str(Path(__file__).resolve().parent.parent / "conf/tokenizers/llama3/tokenizer.json"))
+from llama3 import TOKENIZER, chat_tokens, prompt_ids, prompt_tokens
 
 # Varied chats: whitespace the template trims, multi-turn, unicode, code, long.
 CHATS = [
@@ -27,20 +24,6 @@ CHATS = [
      {"role": "assistant", "content": "It squares x."}, {"role": "user", "content": "And f(3)?"}],
     [{"role": "user", "content": "Summarise: " + "the quick brown fox jumps over the lazy dog. " * 60}],
 ]
-
-
-def chat_tokens(messages: list[dict]) -> int:
-    """Llama-3's chat template (content trimmed, generation prompt added), encoded
-    without adding special tokens, as vLLM does for chat."""
-    text = "<|begin_of_text|>"
-    for m in messages:
-        text += f"<|start_header_id|>{m['role']}<|end_header_id|>\n\n{m['content'].strip()}<|eot_id|>"
-    text += "<|start_header_id|>assistant<|end_header_id|>\n\n"
-    return len(TOKENIZER.encode(text, add_special_tokens=False).ids)
-
-
-def prompt_tokens(prompt: str) -> int:
-    return len(TOKENIZER.encode(prompt, add_special_tokens=True).ids)
 
 
 @pytest.fixture
@@ -113,6 +96,54 @@ def test_openai_streaming_with_usage(fleet, continuous):
         assert produced == list(range(1, 7))
     else:
         assert all(u is None for u in per_chunk)
+    oa.close()
+
+
+def test_openai_echo_with_logprobs_returns_the_prompts_too(fleet):
+    """vLLM's echo with logprobs on /v1/completions: one entry per prompt token (the
+    first with a null logprob), then the generated ones; offsets run over the
+    tokens' texts from 0; the raw `prompt_logprobs` beside them. Chat gets
+    `prompt_logprobs` as vLLM's extra parameter."""
+    oa = openai.OpenAI(base_url=fleet.v1, api_key="x", max_retries=0, timeout=30)
+    prompt = "Caches keep façades fast: 日本語 too."
+    ids = prompt_ids(prompt)
+    real = [TOKENIZER.decode([i], skip_special_tokens=False) for i in ids]
+    r = oa.completions.create(model=MODEL, prompt=prompt, max_tokens=5, echo=True, logprobs=2)
+    ch = r.choices[0]
+    assert r.usage.prompt_tokens == len(ids) and r.usage.completion_tokens == 5
+    lp = ch.logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.text_offset) == len(lp.top_logprobs) == len(ids) + 5
+    assert lp.tokens[:len(ids)] == real, "the prompt's tokens, as the real tokenizer has them"
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert all(x < 0 for x in lp.token_logprobs[1:])
+    assert ch.text.startswith(prompt) and ch.text == prompt + "".join(lp.tokens[len(ids):])
+    offsets = [0]
+    for t in lp.tokens[:-1]:
+        offsets.append(offsets[-1] + len(t))
+    assert lp.text_offset == offsets
+    for tok, lprob, top in zip(lp.tokens[1:], lp.token_logprobs[1:], lp.top_logprobs[1:]):
+        assert top[tok] == lprob and 1 <= len(top) <= 3, "itself and up to logprobs + 1 in all"
+    raw = ch.model_extra["prompt_logprobs"]
+    assert raw[0] is None and len(raw) == len(ids)
+    for pos, step in enumerate(raw[1:], start=1):
+        own = step[str(ids[pos])]
+        assert own["decoded_token"] == real[pos] and own["logprob"] == lp.token_logprobs[pos] and own["rank"] >= 1
+    # Streamed: the first chunk carries the prompt's tokens and the first generated one.
+    chunks = list(oa.completions.create(model=MODEL, prompt=prompt, max_tokens=3, echo=True, logprobs=0,
+                                        stream=True))
+    first = chunks[0].choices[0]
+    assert first.text.startswith(prompt)
+    assert first.logprobs.tokens[:len(ids)] == real and len(first.logprobs.tokens) == len(ids) + 1
+    assert chunks[1].choices[0].logprobs.text_offset == [len(first.text)]
+    # Chat: vLLM's `prompt_logprobs` (top-level), one entry per prompt token.
+    c = oa.chat.completions.create(model=MODEL, messages=CHATS[1], max_tokens=2, extra_body={"prompt_logprobs": 1})
+    plp = c.model_extra["prompt_logprobs"]
+    assert len(plp) == c.usage.prompt_tokens == chat_tokens(CHATS[1]) and plp[0] is None
+    assert all(1 <= len(step) <= 2 for step in plp[1:])
+    with pytest.raises(openai.BadRequestError) as e:
+        oa.completions.create(model=MODEL, prompt=prompt, max_tokens=2, stream=True,
+                              extra_body={"prompt_logprobs": 1})
+    assert "`prompt_logprobs` are not available when `stream=True`." in str(e.value)
     oa.close()
 
 

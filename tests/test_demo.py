@@ -3,25 +3,11 @@ the openai client as printed."""
 
 from __future__ import annotations
 
-import socket
 from collections import Counter
 
 import openai
 
-from crtest import free_port, norm_url
-
-
-def two_free_ports() -> int:
-    """N such that N and N+1 are both free now."""
-    for _ in range(100):
-        n = free_port()
-        try:
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", n + 1))
-            return n
-        except OSError:
-            continue
-    raise RuntimeError("no two consecutive free ports")
+from crtest import free_port, norm_url, two_free_ports
 
 
 def test_demo(procs, cr_bin):

@@ -151,8 +151,12 @@ def test_sim_logprobs_echo_and_continuous_usage(sim):
         ch = r["choices"][0]
         assert ch["text"].startswith("Once upon") and len(ch["text"]) > len("Once upon")
         lp = ch["logprobs"]
-        assert len(lp["tokens"]) == len(lp["token_logprobs"]) == len(lp["text_offset"]) == 4
-        assert ch["text"][lp["text_offset"][0]:] == "".join(lp["tokens"])
+        # vLLM: the prompt's tokens (BOS first, nothing predicts it) and then the 4 generated
+        prompt_n = r["usage"]["prompt_tokens"]
+        assert len(lp["tokens"]) == len(lp["token_logprobs"]) == len(lp["text_offset"]) == prompt_n + 4
+        assert lp["tokens"][0] == "<|begin_of_text|>" and lp["token_logprobs"][0] is None
+        assert "".join(lp["tokens"]) == "<|begin_of_text|>" + ch["text"]
+        assert ch["prompt_logprobs"][0] is None and len(ch["prompt_logprobs"]) == prompt_n
 
         body = chat_body(max_tokens=4, stream=True,
                          stream_options={"include_usage": True, "continuous_usage_stats": True})

@@ -1,60 +1,67 @@
 #!/usr/bin/env bash
-# A load tool of the ecosystem against the demo: GuideLLM, a short fixed run of
-# 100 synchronous chat requests (256 prompt tokens, 32 output tokens, Meta's
-# Llama-3 tokenizer), then the check that every request was answered 200 (the
-# gateway's own counts). GuideLLM's report (guidellm.txt, guidellm.json) shows
-# the input lengths the server reported next to the 256 tokens it generated.
+# A load tool of the ecosystem against the demo: AIPerf, a fixed run of 100 chat
+# requests streamed with per-chunk usage (256 synthetic input tokens, 32 output
+# tokens, concurrency 4, the server's token counts), offline with the repo's
+# Llama-3 tokenizer. Then benches/compat/aiperf_check.py reads AIPerf's own
+# output files: every request answered 200, and the input length AIPerf reports
+# for each request equals the real Llama-3 token count of the prompt it sent.
+# The figures it prints are the README's (section "Compatibility").
 #
-# Not part of scripts/test.sh: GuideLLM pulls in torch and CUDA wheels (several
-# GB). It installs into its own virtual environment ($VENV).
+# tests/test_compat_aiperf.py runs the same check, shorter, in CI.
 #
-#   bash benches/compat/run.sh            # build first: cargo build --release
-#   CACHEROUTE_BIN=target/debug/cacheroute bash benches/compat/run.sh
+#   cargo build && bash benches/compat/run.sh
+#   REQUESTS=200 CONCURRENCY=8 bash benches/compat/run.sh
+#
+# AIPerf installs into its own virtual environment ($VENV, the one
+# scripts/test.sh makes): about 1.2 GB, no torch.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-BIN=${CACHEROUTE_BIN:-target/release/cacheroute}
-VENV=${VENV:-/tmp/cacheroute-compat-venv}
+BIN=${CACHEROUTE_BIN:-target/debug/cacheroute}
+VENV=${VENV:-target/compat-venv}
+AIPERF_VERSION=0.13.0
 OUT=${OUT:-benches/results/compat}
 REQUESTS=${REQUESTS:-100}
+CONCURRENCY=${CONCURRENCY:-4}
+ISL=${ISL:-256}
+OSL=${OSL:-32}
 PORT=${PORT:-17301}
 mkdir -p "$OUT"
 
-[ -x "$BIN" ] || { echo "no $BIN: cargo build --release first" >&2; exit 1; }
-if [ ! -x "$VENV/bin/guidellm" ]; then
+[ -x "$BIN" ] || { echo "no $BIN: cargo build first" >&2; exit 1; }
+if ! "$VENV/bin/aiperf" --version 2>/dev/null | grep -qx "$AIPERF_VERSION"; then
+  rm -rf "$VENV"
   python3 -m venv "$VENV"
-  "$VENV/bin/pip" install -q "guidellm==0.8.1"
+  "$VENV/bin/pip" install -q --disable-pip-version-check "aiperf==$AIPERF_VERSION"
 fi
+
+# AIPerf's offline mode reads tokenizers only from the Hub cache: lay the repo's
+# copy of Meta's tokenizer out as that entry (the revision its hashes match).
+HUB=$(mktemp -d)
+REV=8afb486c1db24fe5011ec46dfbe5b5dccdb575c2
+ENTRY="$HUB/models--meta-llama--Meta-Llama-3-8B-Instruct"
+mkdir -p "$ENTRY/refs" "$ENTRY/snapshots/$REV"
+printf '%s' "$REV" > "$ENTRY/refs/main"
+cp conf/tokenizers/llama3/tokenizer.json conf/tokenizers/llama3/tokenizer_config.json "$ENTRY/snapshots/$REV/"
 
 "$BIN" demo --listen "127.0.0.1:$PORT" --control "127.0.0.1:$((PORT + 1))" \
   --sim-port $((PORT + 10)) --kdn-listen "127.0.0.1:$((PORT + 20))" --time-scale 20 \
   > "$OUT/demo.log" 2>&1 &
 DEMO=$!
-trap 'kill $DEMO 2>/dev/null || true' EXIT
+trap 'kill $DEMO 2>/dev/null || true; rm -rf "$HUB"' EXIT
 for _ in $(seq 1 120); do
   curl -sf "http://127.0.0.1:$PORT/v1/models" | grep -q llama3-8b && break
   sleep 0.5
 done
 
-"$VENV/bin/guidellm" benchmark \
-  --target "http://127.0.0.1:$PORT" --model llama3-8b \
-  --processor conf/tokenizers/llama3 \
-  --data "prompt_tokens=256,output_tokens=32" \
-  --rate-type synchronous --max-requests "$REQUESTS" \
-  --output-path "$OUT/guidellm.json" | tee "$OUT/guidellm.txt"
+rm -rf "$OUT/aiperf"
+HF_HUB_OFFLINE=1 HF_HUB_CACHE="$HUB" HF_HUB_DISABLE_TELEMETRY=1 \
+"$VENV/bin/aiperf" profile --model llama3-8b --url "http://127.0.0.1:$PORT" \
+  --endpoint-type chat --streaming --tokenizer meta-llama/Meta-Llama-3-8B-Instruct \
+  --synthetic-input-tokens-mean "$ISL" --synthetic-input-tokens-stddev 0 \
+  --output-tokens-mean "$OSL" --output-tokens-stddev 0 \
+  --request-count "$REQUESTS" --concurrency "$CONCURRENCY" --random-seed 7 \
+  --use-server-token-count --per-chunk-usage \
+  --export-level raw --artifact-dir "$OUT/aiperf" --no-auto-plot | tee "$OUT/aiperf.txt"
 
-# The gateway's own count of what it answered, by status.
-curl -s "http://127.0.0.1:$((PORT + 1))/metrics" > "$OUT/gateway-metrics.txt"
-python3 - "$OUT/gateway-metrics.txt" "$REQUESTS" <<'PY'
-import re, sys
-text = open(sys.argv[1]).read()
-by_status = {}
-for m in re.finditer(r'^cacheroute_requests_total\{([^}]*)\} (\S+)$', text, re.M):
-    labels = dict(re.findall(r'(\w+)="([^"]*)"', m.group(1)))
-    if labels.get("route") in ("chat", "completions"):
-        by_status[labels["status"]] = by_status.get(labels["status"], 0) + float(m.group(2))
-print("gateway answers by status:", by_status)
-ok = by_status.get("200", 0)
-bad = sum(v for k, v in by_status.items() if k != "200")
-assert bad == 0 and ok >= int(sys.argv[2]), "some requests failed"
-print(f"{int(ok)} requests, all 200")
-PY
+python3 benches/compat/aiperf_check.py "$OUT/aiperf" --requests "$REQUESTS" --osl "$OSL" \
+  | tee "$OUT/aiperf-check.txt"

@@ -35,6 +35,10 @@ pub struct CompletionRequest {
     pub logprobs: Option<u64>,
     /// Completions' `echo`: the prompt leads the returned text.
     pub echo: bool,
+    /// vLLM's `prompt_logprobs`: top log probabilities asked per prompt token (the
+    /// prompt token's own always listed); None: not asked, or asked as 0 in a stream
+    /// (vLLM accepts that and returns nothing).
+    pub prompt_logprobs: Option<u64>,
     pub max_tokens: Option<u64>,
     pub prompt: Prompt,
     /// vLLM's `add_special_tokens`: whether the tokenizer adds BOS to the (rendered)
@@ -46,6 +50,22 @@ pub struct CompletionRequest {
 }
 
 impl CompletionRequest {
+    /// How many top log probabilities per prompt token this request gets back:
+    /// `prompt_logprobs` when given; else, for completions' `echo` with `logprobs`,
+    /// `logprobs` (vLLM computes the prompt's to echo them); None: none.
+    pub fn prompt_logprob_count(&self) -> Option<u64> {
+        match (
+            self.prompt_logprobs,
+            self.endpoint,
+            self.echo,
+            self.logprobs,
+        ) {
+            (Some(n), _, _, _) => Some(n),
+            (None, Endpoint::Completions, true, Some(n)) => Some(n),
+            _ => None,
+        }
+    }
+
     /// LMCache's per-request `lmcache.skip_save` (via `kv_transfer_params`): do not store
     /// this request's KV.
     /// The KV handle in `kv_transfer_params.cacheroute_kv_handle`, parsed (None: absent).
@@ -191,6 +211,39 @@ fn opt_count(body: &Value, field: &str) -> Result<Option<u64>, ApiError> {
     }
 }
 
+/// `prompt_logprobs` as vLLM checks it: -1 (the whole vocabulary, more than this
+/// server allows) or 0..=MAX_TOP_LOGPROBS; not with `stream` unless 0.
+fn prompt_logprobs(body: &Value, stream: bool) -> Result<Option<u64>, ApiError> {
+    let max = crate::logprobs::MAX_TOP_LOGPROBS;
+    let n = match body.get("prompt_logprobs") {
+        None | Some(Value::Null) => return Ok(None),
+        Some(v) => v.as_i64().ok_or_else(|| {
+            ApiError::bad_request("prompt_logprobs: Input should be a valid integer")
+        })?,
+    };
+    if n < -1 {
+        return Err(ApiError::bad_request(
+            "`prompt_logprobs` must be a positive value or -1.",
+        ));
+    }
+    if stream && n != 0 {
+        return Err(ApiError::bad_request(
+            "`prompt_logprobs` are not available when `stream=True`.",
+        ));
+    }
+    if n == -1 || n > max as i64 {
+        let asked = if n == -1 {
+            "-1 (the whole vocabulary)".to_string()
+        } else {
+            n.to_string()
+        };
+        return Err(ApiError::bad_request(format!(
+            "prompt_logprobs: must be between 0 and {max}, got {asked}."
+        )));
+    }
+    Ok((!stream).then_some(n as u64))
+}
+
 fn opt_bool(body: &Value, field: &str) -> Result<bool, ApiError> {
     match body.get(field) {
         None | Some(Value::Null) => Ok(false),
@@ -273,6 +326,7 @@ pub fn parse_request(endpoint: Endpoint, body: &Value) -> Result<CompletionReque
         }
         Endpoint::Completions => (opt_count(body, "logprobs")?, opt_bool(body, "echo")?),
     };
+    let prompt_logprobs = prompt_logprobs(body, stream)?;
     let prompt = match endpoint {
         Endpoint::Chat => {
             let msgs = match body.get("messages") {
@@ -332,6 +386,7 @@ pub fn parse_request(endpoint: Endpoint, body: &Value) -> Result<CompletionReque
         continuous_usage,
         logprobs,
         echo,
+        prompt_logprobs,
         max_tokens,
         prompt,
         add_special_tokens,
@@ -404,6 +459,7 @@ pub fn full_response(
     finish_reason: &str,
     usage: Value,
     logprobs: Value,
+    prompt_logprobs: Value,
 ) -> Value {
     match endpoint {
         Endpoint::Chat => json!({
@@ -419,7 +475,7 @@ pub fn full_response(
                 "stop_reason": null,
             }],
             "usage": usage,
-            "prompt_logprobs": null,
+            "prompt_logprobs": prompt_logprobs,
         }),
         Endpoint::Completions => json!({
             "id": meta.id,
@@ -432,7 +488,7 @@ pub fn full_response(
                 "logprobs": logprobs,
                 "finish_reason": finish_reason,
                 "stop_reason": null,
-                "prompt_logprobs": null,
+                "prompt_logprobs": prompt_logprobs,
             }],
             "usage": usage,
         }),
@@ -588,6 +644,65 @@ mod tests {
         )
         .unwrap();
         assert_eq!(r.kv_transfer_params, None);
+    }
+
+    #[test]
+    fn prompt_logprobs_as_vllm_checks_them() {
+        let parse = |b: Value| parse_request(Endpoint::Completions, &b);
+        let r = parse(json!({"prompt": "x", "prompt_logprobs": 2})).unwrap();
+        assert_eq!(r.prompt_logprob_count(), Some(2));
+        let r = parse(json!({"prompt": "x", "echo": true, "logprobs": 3})).unwrap();
+        assert_eq!(r.prompt_logprobs, None);
+        assert_eq!(r.prompt_logprob_count(), Some(3), "echo with logprobs");
+        let r = parse(json!({"prompt": "x", "echo": true, "logprobs": 3, "prompt_logprobs": 1}))
+            .unwrap();
+        assert_eq!(r.prompt_logprob_count(), Some(1), "an explicit one wins");
+        assert_eq!(
+            parse(json!({"prompt": "x", "echo": true}))
+                .unwrap()
+                .prompt_logprob_count(),
+            None
+        );
+        let r = parse(json!({"prompt": "x", "prompt_logprobs": 0, "stream": true})).unwrap();
+        assert_eq!(
+            r.prompt_logprob_count(),
+            None,
+            "0 in a stream: accepted, nothing back"
+        );
+        let chat = parse_request(
+            Endpoint::Chat,
+            &json!({"messages": [{"role": "user", "content": "x"}], "prompt_logprobs": 0}),
+        )
+        .unwrap();
+        assert_eq!(chat.prompt_logprob_count(), Some(0));
+        for (b, message) in [
+            (
+                json!({"prompt": "x", "prompt_logprobs": 1, "stream": true}),
+                "`prompt_logprobs` are not available when `stream=True`.",
+            ),
+            (
+                json!({"prompt": "x", "prompt_logprobs": -1, "stream": true}),
+                "`prompt_logprobs` are not available when `stream=True`.",
+            ),
+            (
+                json!({"prompt": "x", "prompt_logprobs": -2}),
+                "`prompt_logprobs` must be a positive value or -1.",
+            ),
+            (
+                json!({"prompt": "x", "prompt_logprobs": -1}),
+                "prompt_logprobs: must be between 0 and 20, got -1 (the whole vocabulary).",
+            ),
+            (
+                json!({"prompt": "x", "prompt_logprobs": 21}),
+                "prompt_logprobs: must be between 0 and 20, got 21.",
+            ),
+            (
+                json!({"prompt": "x", "prompt_logprobs": "2"}),
+                "prompt_logprobs: Input should be a valid integer",
+            ),
+        ] {
+            assert_eq!(parse(b.clone()).unwrap_err().message, message, "{b}");
+        }
     }
 
     #[test]

@@ -393,6 +393,9 @@ struct Accepted {
     kv_check: Option<(KvHandleCheck, Value)>,
     /// Completions' `echo`: the prompt's text, which leads the answer.
     echo: String,
+    /// The prompt's log probabilities, when asked (`prompt_logprobs`, or `echo` with
+    /// `logprobs`).
+    prompt_lp: Option<crate::logprobs::PromptLogprobs>,
 }
 
 impl Accepted {
@@ -400,22 +403,38 @@ impl Accepted {
         api::usage(self.prompt_tokens, completion_tokens, self.cached.total())
     }
 
-    /// The log probabilities of tokens `first..` (texts given), or null when not asked.
-    fn logprobs_of(&self, first: u64, texts: &[String], offset: usize) -> Value {
+    /// The log probabilities of tokens `first..` (texts given), or null when not asked;
+    /// `echoed`: this text starts with the echoed prompt, whose tokens lead (vLLM).
+    fn logprobs_of(&self, first: u64, texts: &[String], offset: usize, echoed: bool) -> Value {
         match (self.req.logprobs, self.req.endpoint) {
             (None, _) => Value::Null,
             (Some(top), Endpoint::Chat) => crate::logprobs::chat(self.seed, first, texts, top),
             (Some(top), Endpoint::Completions) => {
-                crate::logprobs::completions(self.seed, first, texts, top, offset)
+                let generated = crate::logprobs::completion_entries(self.seed, first, texts, top);
+                match self.prompt_lp.as_ref().filter(|_| echoed && self.req.echo) {
+                    Some(p) => {
+                        let mut all = p.entries(top);
+                        all.extend(generated);
+                        crate::logprobs::completions_value(&all, offset)
+                    }
+                    None => crate::logprobs::completions_value(&generated, offset),
+                }
             }
         }
+    }
+
+    /// vLLM's `prompt_logprobs` field of the whole answer (null when not asked).
+    fn prompt_logprobs(&self) -> Value {
+        self.prompt_lp
+            .as_ref()
+            .map_or(Value::Null, crate::logprobs::PromptLogprobs::vllm)
     }
 
     /// Token `index`'s SSE frame after `produced` tokens (this one included): its log
     /// probabilities and, with continuous usage stats, the usage so far.
     fn token_frame(&self, index: u64, piece: String, produced: u64, offset: usize) -> Bytes {
         let first = produced == 1;
-        let lp = self.logprobs_of(index, std::slice::from_ref(&piece), offset);
+        let lp = self.logprobs_of(index, std::slice::from_ref(&piece), offset, first);
         let extra = api::ChunkExtra {
             logprobs: lp,
             usage: self.req.continuous_usage.then(|| self.usage(produced)),
@@ -454,7 +473,8 @@ impl Accepted {
             &text,
             self.finish_reason,
             self.usage(produced),
-            self.logprobs_of(0, pieces, self.echo.len()),
+            self.logprobs_of(0, pieces, 0, true),
+            self.prompt_logprobs(),
         )
     }
 
@@ -682,11 +702,26 @@ async fn accept(
         (Prompt::Text(t), true) => t.clone(),
         (Prompt::Ids(ids), true) => crate::tokenize::decode(&st.tokenizer, ids)?,
     };
+    let seed = filler::request_seed(st.seed, &ids);
+    let prompt_lp = match req.prompt_logprob_count() {
+        None => None,
+        // decoding every prompt token and its alternatives: off the async threads
+        Some(top) => {
+            let tok = st.tokenizer.clone();
+            let lp = tokio::task::spawn_blocking(move || {
+                crate::logprobs::for_prompt(&tok, seed, &ids, top)
+            })
+            .await
+            .map_err(|e| ApiError::internal(format!("prompt logprobs task failed: {e}")))??;
+            Some(lp)
+        }
+    };
     Ok(Accepted {
         echo,
+        prompt_lp,
         st: st.clone(),
         seq,
-        seed: filler::request_seed(st.seed, &ids),
+        seed,
         req,
         meta,
         prompt_tokens,
@@ -723,12 +758,13 @@ fn respond_now(st: &AppState, acc: &Accepted) -> Response {
         .inc();
     if acc.req.stream {
         let mut out = Vec::new();
-        let mut offset = acc.echo.len();
+        let mut offset = 0;
         for i in 0..n {
             let piece = filler::token_text(acc.seed, i);
-            let len = piece.len();
+            // the next frame's offset: the characters sent so far (the echo with the first)
+            let sent = piece.chars().count() + if i == 0 { acc.echo.chars().count() } else { 0 };
             out.extend_from_slice(&acc.token_frame(i, piece, i + 1, offset));
-            offset += len;
+            offset += sent;
         }
         acc.closing_frames(n, &mut out);
         sse_response(Body::from(out))
@@ -781,7 +817,8 @@ struct StreamState {
     /// The first token, received before the response head (which carries its split).
     first: Option<SeqEvent>,
     produced: u64,
-    /// Byte offset of the next token in the choice's text (completions' logprobs).
+    /// Character offset of the next frame's text in the choice's text (completions'
+    /// logprobs).
     offset: usize,
     phase: Phase,
 }
@@ -799,11 +836,10 @@ async fn stream_response(
     };
     acc.prefill_done(first.cached).await;
     let cached = acc.cached;
-    let offset = acc.echo.len();
     let state = StreamState {
         acc,
         rx,
-        offset,
+        offset: 0,
         first: Some(first),
         produced: 0,
         phase: Phase::Tokens,
@@ -817,10 +853,15 @@ async fn stream_response(
             None => s.rx.recv().await?,
         };
         let piece = filler::token_text(s.acc.seed, ev.index);
-        let len = piece.len();
         s.produced += 1;
+        let sent = piece.chars().count()
+            + if s.produced == 1 {
+                s.acc.echo.chars().count()
+            } else {
+                0
+            };
         let chunk = s.acc.token_frame(ev.index, piece, s.produced, s.offset);
-        s.offset += len;
+        s.offset += sent;
         let out = if ev.finished {
             s.phase = Phase::Done;
             let mut out = chunk.to_vec();
