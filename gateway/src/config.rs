@@ -9,7 +9,7 @@ use cacheroute_decisions::balance::BalancePolicy;
 use cacheroute_decisions::injection::{InjectionStrategy, ReleasePolicy};
 use cacheroute_decisions::prompt::ChatTemplate;
 use cacheroute_decisions::scheduler::SchedulerConfig;
-use cacheroute_kdn::tokenizer::TokenizerChoice;
+use cacheroute_lmcache::tokenizer::TokenizerChoice;
 use serde::{Deserialize, Serialize};
 use std::collections::HashSet;
 use std::net::SocketAddr;

@@ -18,7 +18,9 @@ use async_trait::async_trait;
 use cacheroute_decisions::cost_model::{builtin_profile, CostModel, BUILTIN_PROFILES};
 use cacheroute_decisions::injection::{InjectionStrategy, ReleasePolicy};
 use cacheroute_decisions::openai::Route;
-use cacheroute_kdn::tokenizer::{looks_like_llama3, Tokenizer, TokenizerChoice, LLAMA3_VOCAB_SIZE};
+use cacheroute_lmcache::tokenizer::{
+    looks_like_llama3, Tokenizer, TokenizerChoice, LLAMA3_VOCAB_SIZE,
+};
 use pingora::http::RequestHeader;
 use pingora::lb::discovery::ServiceDiscovery;
 use pingora::lb::health_check::{HealthCheck, HttpHealthCheck};

@@ -13,7 +13,7 @@ use cacheroute_decisions::injection::{
 };
 use cacheroute_decisions::prompt::knowledge_prefix;
 use cacheroute_decisions::prompt::ChatTemplate;
-use cacheroute_kdn::tokenizer::Tokenizer;
+use cacheroute_lmcache::tokenizer::Tokenizer;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use tokio::sync::watch;

@@ -66,10 +66,10 @@ impl ConfigSource {
             config.gateway.log_decisions = p.clone();
         }
         let g = &mut config.gateway;
-        g.control_token = cacheroute_kdn::auth::token_or_env(&g.control_token, CONTROL_TOKEN_ENV);
-        g.peer_token = cacheroute_kdn::auth::token_or_env(&g.peer_token, PEER_TOKEN_ENV);
+        g.control_token = cacheroute_auth::token_or_env(&g.control_token, CONTROL_TOKEN_ENV);
+        g.peer_token = cacheroute_auth::token_or_env(&g.peer_token, PEER_TOKEN_ENV);
         let k = &mut config.knowledge;
-        k.kdn_token = cacheroute_kdn::auth::token_or_env(&k.kdn_token, cacheroute_kdn::TOKEN_ENV);
+        k.kdn_token = cacheroute_auth::token_or_env(&k.kdn_token, cacheroute_auth::KDN_TOKEN_ENV);
         Ok((config, text))
     }
 }
@@ -316,4 +316,13 @@ async fn fetch_models(client: &reqwest::Client, base: &str) -> Result<Vec<String
         .await
         .context("unexpected /v1/models answer")?;
     Ok(list.data.into_iter().map(|e| e.id).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    /// The gateway reads the KDN's token from the variable the KDN itself reads.
+    #[test]
+    fn kdn_token_env_is_the_kdns() {
+        assert_eq!(cacheroute_auth::KDN_TOKEN_ENV, cacheroute_kdn::TOKEN_ENV);
+    }
 }
