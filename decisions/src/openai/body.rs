@@ -4,6 +4,7 @@
 use super::de;
 use super::{ApiError, ChatCompletionRequest, CommonParams, CompletionRequest, Route};
 use serde_json::{Map, Value};
+
 /// A parsed completion request of either route.
 #[derive(Debug, Clone, PartialEq)]
 pub enum CompletionBody {

@@ -2,6 +2,7 @@
 //! constructor per case the gateway answers.
 
 use std::fmt;
+
 /// An error answered to the client as OpenAI error JSON:
 /// `{"error":{"message","type","param","code"}}`.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -4,8 +4,8 @@
 //! precise message, while every field the gateway does not know is kept in
 //! `extra` (in its original order) and serialised back unchanged.
 //!
-//! [`types`]: the request types; [`body`]: [`CompletionBody`], parsing and the
-//! explanation of a refused body; [`error`]: [`ApiError`], the OpenAI error JSON;
+//! `types`: the request types; `body`: [`CompletionBody`], parsing and the
+//! explanation of a refused body; `error`: [`ApiError`], the OpenAI error JSON;
 //! `de`: the hand-written one-pass deserialisers and their bounds.
 
 mod body;
