@@ -39,6 +39,7 @@ pub use profile::{
     CachedPoint, CalibrationProfile, DecodePoint, H2dPoint, ModelConfig, PrefillPoint,
 };
 pub use report::{evaluate, CurveReport, FitReport};
+
 /// The profiles shipped in `conf/profiles/`, embedded, by short name (the file name
 /// without `.json`): what `--profile NAME` / `profile = "NAME"` select.
 pub const BUILTIN_PROFILES: &[(&str, &str)] = &[

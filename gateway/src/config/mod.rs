@@ -26,6 +26,7 @@ use anyhow::{bail, Context, Result};
 use cacheroute_decisions::scheduler::SchedulerConfig;
 use serde::{Deserialize, Serialize};
 use std::collections::HashSet;
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
