@@ -24,6 +24,7 @@ pub mod metrics;
 pub mod models;
 pub mod pickers;
 pub mod pipeline;
+pub mod pull;
 pub mod reload;
 pub mod retrieval;
 pub mod routes;
