@@ -82,8 +82,8 @@ fi
 # --- the gateway --------------------------------------------------------------
 CACHEROUTE_BIN="${CACHEROUTE_BIN:-$TARGET_DIR/release/cacheroute}"
 if [ "${SKIP_BUILD:-}" != 1 ]; then
-  say "cargo build --release -p cacheroute-gateway"
-  cargo build --release -p cacheroute-gateway
+  say "cargo build --release -p cacheroute-cli"
+  cargo build --release -p cacheroute-cli
 fi
 [ -x "$CACHEROUTE_BIN" ] || die "no gateway binary at $CACHEROUTE_BIN (build it, or set CACHEROUTE_BIN)"
 

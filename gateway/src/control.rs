@@ -78,9 +78,9 @@ impl ServeHttp for ControlPlane {
                     StatusCode::OK,
                     serde_json::to_vec(&outcome).unwrap_or_default(),
                 ),
-                Err(msg) => json(
+                Err(e) => json(
                     StatusCode::BAD_REQUEST,
-                    serde_json::to_vec(&serde_json::json!({"ok": false, "error": msg}))
+                    serde_json::to_vec(&serde_json::json!({"ok": false, "error": e.to_string()}))
                         .unwrap_or_default(),
                 ),
             },

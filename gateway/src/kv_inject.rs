@@ -5,6 +5,7 @@
 //! KDN's job-time model (`cacheroute_decisions::kdn_jobs`) what a job costs beyond its link time,
 //! which the injection decision then adds to its KV prediction.
 
+use crate::ui::jobs::JobEnd;
 use cacheroute_decisions::kdn_jobs::{JobCost, JobSample, JobTimes};
 use cacheroute_wire::kdn::{InjectJob, InjectRequest, JobStatus};
 use std::collections::HashMap;
@@ -150,9 +151,11 @@ impl KvInjections {
             this.journal.finish(
                 seq,
                 match &state {
-                    InjectState::Ready { job } => Ok(job.clone()),
-                    InjectState::Failed(e) => Err(e.clone()),
-                    InjectState::Pending => Err("pending".into()),
+                    InjectState::Ready { job } => JobEnd::Done { job: job.clone() },
+                    InjectState::Failed(e) => JobEnd::Failed { reason: e.clone() },
+                    InjectState::Pending => JobEnd::Failed {
+                        reason: "pending".into(),
+                    },
                 },
             );
             if let (InjectState::Ready { .. }, Some((moved, kdn_queue_ms))) = (&state, timing) {

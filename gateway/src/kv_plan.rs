@@ -13,7 +13,7 @@ use cacheroute_decisions::injection::{
 };
 use cacheroute_decisions::prompt::knowledge_prefix;
 use cacheroute_decisions::prompt::ChatTemplate;
-use cacheroute_kdn::tokenizer::Tokenizer;
+use cacheroute_lmcache::tokenizer::Tokenizer;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use tokio::sync::watch;
@@ -325,4 +325,89 @@ pub fn plan_kv(
         chunks: m.chunks,
         chunk_size,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fleet::FleetBuilder;
+    use crate::knowledge::{BlockModel, KdnSnapshot, SnapshotBlock};
+    use crate::pipeline::testing::fleet_from;
+    use std::collections::BTreeMap;
+    use std::time::{Duration, Instant};
+
+    const CONFIG: &str = r#"
+[[pools]]
+name = "p"
+models = ["m"]
+instances = [{ url = "http://127.0.0.1:9" }]
+"#;
+
+    fn block(id: &str, model: &str, content: &str, tokens: u64) -> Arc<SnapshotBlock> {
+        Arc::new(SnapshotBlock {
+            id: id.into(),
+            title: None,
+            tags: vec![],
+            text: content.into(),
+            models: BTreeMap::from([(
+                model.to_string(),
+                BlockModel {
+                    status: "kv_ready".into(),
+                    template: "llama3".into(),
+                    tokens,
+                    chunks: 1,
+                    chunk_size: 256,
+                    bytes: 0,
+                    content: content.into(),
+                    resident: vec![],
+                },
+            )]),
+            digest: None,
+            text_bytes: content.len() as u64,
+        })
+    }
+
+    /// `warm` checks, on the blocking pool, the blocks of the models the fleet serves
+    /// that have content and are not checked yet; `matches` then answers from memory.
+    #[tokio::test]
+    async fn warm_checks_new_served_blocks_and_requests_read_the_result() {
+        let fleet = fleet_from(&FleetBuilder::new(&Default::default()), CONFIG).await;
+        let template = fleet.config.proxy.template_of("m");
+        let content = "ctx volcanic basalt and tidal flats";
+        let right = fleet
+            .tokenizer_of("m")
+            .encode_with(
+                &knowledge_prefix(template, content),
+                template.add_special_tokens(),
+            )
+            .len() as u64;
+        let snap = KdnSnapshot {
+            kdn_id: "k".into(),
+            version: "1".into(),
+            blocks: vec![
+                block("good", "m", content, right),
+                block("stale", "m", content, right + 1),
+                block("unserved", "other", content, right),
+                block("empty", "m", "", right),
+            ],
+        };
+        let catalog = Catalog::build(&[&snap], &Catalog::default());
+        let checks = PrefixChecks::default();
+        checks.warm(&fleet, &catalog);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while checks.lock().len() < 2 {
+            assert!(Instant::now() < deadline, "the warm-up never finished");
+            tokio::task::yield_now().await;
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let seen = checks.lock().clone();
+        let key = |id: &str, tokens| (id.to_string(), "m".to_string(), tokens);
+        assert_eq!(
+            seen,
+            HashMap::from([(key("good", right), true), (key("stale", right + 1), false)])
+        );
+        // A request reads the remembered answer (here one set by hand), no tokenizing.
+        checks.remember(key("good", right), false);
+        assert!(!checks.matches(&fleet, "good", "m", content, right));
+    }
 }

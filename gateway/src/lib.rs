@@ -1,18 +1,17 @@
 //! CacheRoute's gateway as a library: the Pingora server, its request filters
 //! ([`pipeline`]), instance pickers ([`pickers`]), configuration and hot reload.
-//! The `cacheroute` binary is a thin CLI over it; [`Gateway::builder`] runs a
-//! gateway with filters of one's own.
+//! The `cacheroute` binary (crate `cli/`) is a thin CLI over it; [`Gateway::builder`]
+//! runs a gateway with filters of one's own. It depends on neither the KDN server nor
+//! the sim: the tokenizer comes from `cacheroute-lmcache`, bearer tokens from
+//! `cacheroute-auth`.
 
 pub mod admission;
 pub mod background;
 pub mod builder;
-pub mod calibrate;
 pub mod config;
 pub mod conn;
 pub mod control;
 pub mod decisions;
-pub mod demo;
-pub mod doctor;
 pub mod fleet;
 pub mod forward;
 pub mod headers;
@@ -25,6 +24,7 @@ pub mod metrics;
 pub mod models;
 pub mod pickers;
 pub mod pipeline;
+pub mod pull;
 pub mod reload;
 pub mod retrieval;
 pub mod routes;

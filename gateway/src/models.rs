@@ -2,10 +2,12 @@
 //! report, merged, so that a client sees vLLM's fields (`created`, `owned_by`,
 //! `root`, `parent`, `max_model_len`, `permission`) through the gateway.
 //!
-//! Cards are fetched live from the healthy instances (clients ask rarely; a
-//! cached copy would go stale on reloads), at most MODELS_TIMEOUT each, all at
-//! once. Only models the gateway routes are listed; a routed model no instance
-//! answered for gets a minimal card, so the list never loses a model.
+//! Cards are fetched from the healthy instances, at most MODELS_TIMEOUT each, all
+//! at once, and the merged list is kept for CARDS_TTL ([`ModelCards`]): a client
+//! polling `/v1/models` does not cost every instance a request each time. A reload,
+//! a discovery rebuild or a health change makes a new key, so the list is fetched
+//! again at once. Only models the gateway routes are listed; a routed model no
+//! instance answered for gets a minimal card, so the list never loses a model.
 
 use crate::conn::respond;
 use crate::fleet::Fleet;
@@ -15,14 +17,94 @@ use cacheroute_decisions::openai::ApiError;
 use pingora::prelude::*;
 use pingora::protocols::http::ServerSession as Session;
 use serde_json::{json, Value};
-use std::collections::HashMap;
-use std::time::Duration;
+use std::collections::hash_map::RandomState;
+use std::collections::{HashMap, VecDeque};
+use std::hash::BuildHasher;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 /// How long one instance gets to list its models.
 const MODELS_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Largest `/v1/models` answer read from one instance.
 const MAX_MODELS_BYTES: usize = 1 << 20;
+
+/// How long a merged list is served without asking the instances again.
+const CARDS_TTL: Duration = Duration::from_secs(2);
+
+/// Merged lists kept at once: one per distinct `authorization` a client sent (the
+/// instances may answer differently per key), the oldest dropped first.
+const CARDS_ENTRIES: usize = 16;
+
+/// What a merged list was built from: a change in any part fetches it again.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CardsKey {
+    /// The fleet's version and routed models (a reload, a discovery rebuild).
+    pub version: u64,
+    pub models: Vec<String>,
+    /// The healthy instances asked (a health or membership change).
+    pub sources: Vec<String>,
+    /// A keyed hash of the client's `authorization` (the value itself is not kept).
+    pub auth: u64,
+}
+
+struct CardsEntry {
+    key: CardsKey,
+    at: Instant,
+    cards: Arc<Vec<Value>>,
+}
+
+/// The recently merged model lists, bounded by CARDS_ENTRIES and CARDS_TTL.
+pub struct ModelCards {
+    hasher: RandomState,
+    entries: Mutex<VecDeque<CardsEntry>>,
+}
+
+impl Default for ModelCards {
+    fn default() -> Self {
+        ModelCards {
+            hasher: RandomState::new(),
+            entries: Mutex::new(VecDeque::with_capacity(CARDS_ENTRIES)),
+        }
+    }
+}
+
+impl ModelCards {
+    /// The key of a list built from `fleet` for a client sending `auth`.
+    pub fn key(&self, fleet: &Fleet, auth: Option<&str>) -> CardsKey {
+        CardsKey {
+            version: fleet.version,
+            models: fleet.models.clone(),
+            sources: sources(fleet),
+            auth: self.hasher.hash_one(auth),
+        }
+    }
+
+    /// The list stored under `key` if it is younger than CARDS_TTL at `now`.
+    pub fn get(&self, key: &CardsKey, now: Instant) -> Option<Arc<Vec<Value>>> {
+        let entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        entries
+            .iter()
+            .find(|e| e.key == *key && now.saturating_duration_since(e.at) < CARDS_TTL)
+            .map(|e| Arc::clone(&e.cards))
+    }
+
+    /// Store `cards` under `key`, replacing that key's older list and, when full,
+    /// the oldest one.
+    pub fn put(&self, key: CardsKey, cards: Arc<Vec<Value>>, now: Instant) {
+        let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        entries
+            .retain(|e| e.key.auth != key.auth && now.saturating_duration_since(e.at) < CARDS_TTL);
+        while entries.len() >= CARDS_ENTRIES {
+            entries.pop_front();
+        }
+        entries.push_back(CardsEntry {
+            key,
+            at: now,
+            cards,
+        });
+    }
+}
 
 /// The base URLs of the healthy instances serving each routed model.
 fn sources(fleet: &Fleet) -> Vec<String> {
@@ -125,34 +207,45 @@ fn percent_decode(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// A 200 with a JSON body.
+async fn json_ok(session: &mut Session, ctx: &mut ReqCtx, body: &Value) -> Result<()> {
+    let body = serde_json::to_vec(body).unwrap_or_default();
+    respond(
+        session,
+        ctx,
+        200,
+        "application/json",
+        Bytes::from(body),
+        &[],
+    )
+    .await
+}
+
 impl ServicePlane {
-    async fn merged_cards(&self, session: &Session) -> Vec<Value> {
+    async fn merged_cards(&self, session: &Session) -> Arc<Vec<Value>> {
         let fleet = self.state.fleet.load_full();
         let auth = session
             .req_header()
             .headers
             .get("authorization")
             .and_then(|v| v.to_str().ok());
-        let urls = sources(&fleet);
+        let cache = &self.state.model_cards;
+        let key = cache.key(&fleet, auth);
+        if let Some(cards) = cache.get(&key, Instant::now()) {
+            return cards;
+        }
         let http = &self.state.http;
         let reported =
-            futures::future::join_all(urls.iter().map(|u| cards_of(http, u, auth))).await;
-        merge(&fleet.models, reported)
+            futures::future::join_all(key.sources.iter().map(|u| cards_of(http, u, auth))).await;
+        let cards = Arc::new(merge(&fleet.models, reported));
+        cache.put(key, Arc::clone(&cards), Instant::now());
+        cards
     }
 
     /// `GET /v1/models`.
     pub(crate) async fn models(&self, session: &mut Session, ctx: &mut ReqCtx) -> Result<()> {
         let data = self.merged_cards(session).await;
-        let body = serde_json::to_vec(&json!({"object": "list", "data": data})).unwrap_or_default();
-        respond(
-            session,
-            ctx,
-            200,
-            "application/json",
-            Bytes::from(body),
-            &[],
-        )
-        .await
+        json_ok(session, ctx, &json!({"object": "list", "data": *data})).await
     }
 
     /// `GET /v1/models/{id}`: one merged card, or OpenAI's 404.
@@ -181,19 +274,11 @@ impl ServicePlane {
         let card = self
             .merged_cards(session)
             .await
-            .into_iter()
+            .iter()
             .find(|c| c.get("id").and_then(Value::as_str) == Some(id.as_str()))
+            .cloned()
             .unwrap_or_else(|| minimal_card(&id));
-        let body = serde_json::to_vec(&card).unwrap_or_default();
-        respond(
-            session,
-            ctx,
-            200,
-            "application/json",
-            Bytes::from(body),
-            &[],
-        )
-        .await
+        json_ok(session, ctx, &card).await
     }
 }
 
@@ -217,6 +302,47 @@ mod tests {
         // Nobody described b: a minimal card keeps it listed.
         assert_eq!(merged[1]["id"], "b");
         assert_eq!(merged[1]["object"], "model");
+    }
+
+    fn key(version: u64, auth: u64) -> CardsKey {
+        CardsKey {
+            version,
+            models: vec!["m".into()],
+            sources: vec!["http://i0".into()],
+            auth,
+        }
+    }
+
+    #[test]
+    fn cached_cards_expire_change_with_the_fleet_and_stay_bounded() {
+        let cache = ModelCards::default();
+        let t0 = Instant::now();
+        let cards = Arc::new(vec![json!({"id": "m"})]);
+        cache.put(key(1, 7), Arc::clone(&cards), t0);
+        assert_eq!(cache.get(&key(1, 7), t0 + CARDS_TTL / 2), Some(cards));
+        // expired
+        assert_eq!(cache.get(&key(1, 7), t0 + CARDS_TTL), None);
+        // a reload (new version), other sources or another client's key: not served
+        assert_eq!(cache.get(&key(2, 7), t0), None);
+        let mut moved = key(1, 7);
+        moved.sources.push("http://i1".into());
+        assert_eq!(cache.get(&moved, t0), None);
+        assert_eq!(cache.get(&key(1, 8), t0), None);
+        // one list per client key, and never more than CARDS_ENTRIES
+        for auth in 0..(3 * CARDS_ENTRIES as u64) {
+            cache.put(key(1, auth), Arc::new(Vec::new()), t0);
+            cache.put(key(1, auth), Arc::new(Vec::new()), t0);
+        }
+        assert_eq!(cache.entries.lock().unwrap().len(), CARDS_ENTRIES);
+    }
+
+    #[test]
+    fn the_client_key_is_hashed_per_process() {
+        let cache = ModelCards::default();
+        let a = cache.hasher.hash_one(Some("Bearer a"));
+        assert_eq!(a, cache.hasher.hash_one(Some("Bearer a")));
+        assert_ne!(a, cache.hasher.hash_one(Some("Bearer b")));
+        assert_ne!(a, cache.hasher.hash_one(None::<&str>));
     }
 
     #[test]

@@ -66,12 +66,25 @@ impl ConfigSource {
             config.gateway.log_decisions = p.clone();
         }
         let g = &mut config.gateway;
-        g.control_token = cacheroute_kdn::auth::token_or_env(&g.control_token, CONTROL_TOKEN_ENV);
-        g.peer_token = cacheroute_kdn::auth::token_or_env(&g.peer_token, PEER_TOKEN_ENV);
+        g.control_token = cacheroute_auth::token_or_env(&g.control_token, CONTROL_TOKEN_ENV);
+        g.peer_token = cacheroute_auth::token_or_env(&g.peer_token, PEER_TOKEN_ENV);
         let k = &mut config.knowledge;
-        k.kdn_token = cacheroute_kdn::auth::token_or_env(&k.kdn_token, cacheroute_kdn::TOKEN_ENV);
+        k.kdn_token = cacheroute_auth::token_or_env(&k.kdn_token, cacheroute_auth::KDN_TOKEN_ENV);
         Ok((config, text))
     }
+}
+
+/// Why a reload was refused; the configuration in force stays. The message is the
+/// whole context chain (file, section, key).
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    /// The configuration could not be read, parsed or validated.
+    #[error("{0:#}")]
+    Invalid(anyhow::Error),
+    /// A valid configuration whose fleet could not be built (an instance that does
+    /// not resolve, a profile that does not fit, a filter that does not build).
+    #[error("{0:#}")]
+    Build(anyhow::Error),
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -131,7 +144,7 @@ impl Reloader {
     }
 
     /// Reload now. `trigger` says why, for the log.
-    pub async fn reload(&self, trigger: &str) -> std::result::Result<ReloadOutcome, String> {
+    pub async fn reload(&self, trigger: &str) -> std::result::Result<ReloadOutcome, ReloadError> {
         let mut memo = self.memo.lock().await;
         let result = self.reload_locked(&mut memo).await;
         let metrics = &self.state.metrics;
@@ -143,22 +156,25 @@ impl Reloader {
                 Ok(outcome)
             }
             Err(e) => {
-                let msg = format!("{e:#}");
+                let msg = e.to_string();
                 metrics.reloads.with_label_values(&["error"]).inc();
-                memo.last_error = Some(msg.clone());
                 tracing::error!(trigger, error = %msg, "configuration rejected; the previous one stays in force");
-                Err(msg)
+                memo.last_error = Some(msg);
+                Err(e)
             }
         }
     }
 
-    async fn reload_locked(&self, memo: &mut Memo) -> Result<ReloadOutcome> {
+    async fn reload_locked(
+        &self,
+        memo: &mut Memo,
+    ) -> std::result::Result<ReloadOutcome, ReloadError> {
         let loaded = self.source.load(&self.overrides);
         if let ConfigSource::File(path) = &self.source {
             // Remember what was tried, so an invalid file is reported once.
             memo.last_text = std::fs::read_to_string(path).unwrap_or_default();
         }
-        let (config, _) = loaded?;
+        let (config, _) = loaded.map_err(ReloadError::Invalid)?;
         let current = self.state.fleet.load_full();
         let mut restart_required = Vec::new();
         let ((listen, control, threads), new) = (self.running, &config.gateway);
@@ -177,7 +193,8 @@ impl Reloader {
             .state
             .builder
             .build(config, version, &discovered, &self.state.metrics)
-            .await?;
+            .await
+            .map_err(ReloadError::Build)?;
         memo.discovered = discovered;
         if let Err(e) = self
             .state
@@ -316,4 +333,13 @@ async fn fetch_models(client: &reqwest::Client, base: &str) -> Result<Vec<String
         .await
         .context("unexpected /v1/models answer")?;
     Ok(list.data.into_iter().map(|e| e.id).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    /// The gateway reads the KDN's token from the variable the KDN itself reads.
+    #[test]
+    fn kdn_token_env_is_the_kdns() {
+        assert_eq!(cacheroute_auth::KDN_TOKEN_ENV, cacheroute_kdn::TOKEN_ENV);
+    }
 }

@@ -8,6 +8,7 @@
 
 use crate::config::KnowledgeSection;
 use crate::knowledge::{Catalog, IndexText};
+use crate::pull::PullError;
 use cacheroute_decisions::openai::{ApiError, CompletionBody};
 use cacheroute_decisions::scheduler::{
     query_text, resolve_explicit, retrieve, Extensions, KnowledgeRequirement, RetrievedBlock,
@@ -33,6 +34,20 @@ struct Embedding {
     embedding: Vec<f32>,
 }
 
+/// Why an embeddings call gave no usable vectors.
+#[derive(Debug, thiserror::Error)]
+pub enum EmbedError {
+    #[error(transparent)]
+    Pull(#[from] PullError),
+    /// The endpoint answered with a different number of vectors than inputs.
+    #[error("{url}: {got} embeddings for {want} inputs")]
+    Count {
+        url: String,
+        got: usize,
+        want: usize,
+    },
+}
+
 fn normalised(mut v: Vec<f32>) -> Vec<f32> {
     let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt();
     if norm > 0.0 {
@@ -46,7 +61,7 @@ async fn embed(
     cfg: &KnowledgeSection,
     inputs: &[String],
     timeout: Duration,
-) -> Result<Vec<Vec<f32>>, String> {
+) -> Result<Vec<Vec<f32>>, EmbedError> {
     let url = format!("{}/v1/embeddings", cfg.embeddings_url.trim_end_matches('/'));
     let body = serde_json::json!({"model": cfg.embeddings_model, "input": inputs});
     let resp = client
@@ -55,17 +70,19 @@ async fn embed(
         .timeout(timeout)
         .send()
         .await
-        .map_err(|e| format!("{url}: {e}"))?;
+        .map_err(|e| PullError::send(&url, e))?;
     if !resp.status().is_success() {
-        return Err(format!("{url}: HTTP {}", resp.status()));
+        return Err(PullError::status(&url, resp.status()).into());
     }
-    let mut list: EmbeddingList = resp.json().await.map_err(|e| format!("{url}: {e}"))?;
+    let body = resp.bytes().await.map_err(|e| PullError::body(&url, e))?;
+    let mut list: EmbeddingList =
+        serde_json::from_slice(&body).map_err(|e| PullError::json(&url, e))?;
     if list.data.len() != inputs.len() {
-        return Err(format!(
-            "{url}: {} embeddings for {} inputs",
-            list.data.len(),
-            inputs.len()
-        ));
+        return Err(EmbedError::Count {
+            url,
+            got: list.data.len(),
+            want: inputs.len(),
+        });
     }
     list.data.sort_by_key(|e| e.index);
     Ok(list

@@ -28,7 +28,7 @@ pub fn run(
     let listen = config.gateway.listen;
     let control = config.gateway.control;
     let threads = config.gateway.threads;
-    cacheroute_kdn::auth::check_unauthenticated_listen(
+    cacheroute_auth::check_unauthenticated_listen(
         "the control plane",
         control,
         &config.gateway.control_token,

@@ -44,6 +44,8 @@ pub struct GatewayState {
     /// Service-plane requests being handled now (read, queued, streaming): a
     /// SIGTERM drain ends when this reaches zero.
     pub active_requests: AtomicU64,
+    /// `/v1/models`' merged cards, briefly (see [`crate::models`]).
+    pub model_cards: crate::models::ModelCards,
 }
 
 impl GatewayState {
@@ -73,6 +75,7 @@ impl GatewayState {
             prefix_checks: PrefixChecks::default(),
             knowledge_turn: AtomicU64::new(0),
             active_requests: AtomicU64::new(0),
+            model_cards: crate::models::ModelCards::default(),
         })
     }
 

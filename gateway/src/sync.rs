@@ -13,6 +13,7 @@ use crate::knowledge::{
     AgentLive, AgentLoad, Catalog, KdnLive, KdnLoad, KdnSnapshot, SnapshotBlock,
 };
 use crate::members::MemberKind;
+use crate::pull::PullError;
 use crate::state::GatewayState;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -57,10 +58,19 @@ fn kdn_sources(state: &GatewayState) -> Vec<(String, bool)> {
     out
 }
 
+/// Why a KDN's registry could not be synced this round.
+#[derive(Debug, thiserror::Error)]
+enum SnapshotError {
+    #[error("snapshot: {0}")]
+    Snapshot(PullError),
+    #[error("contents: {0}")]
+    Contents(PullError),
+}
+
 enum SnapshotResult {
     Unchanged,
     Changed(KdnSnapshot),
-    Failed(String),
+    Failed(SnapshotError),
 }
 
 async fn pull_snapshot(
@@ -69,19 +79,21 @@ async fn pull_snapshot(
     previous: Option<&KdnSnapshot>,
     pulled: &mut u64,
 ) -> SnapshotResult {
-    let mut req = client.get(format!("{url}/v1/knowledge/snapshot?text=false"));
+    let snapshot_url = format!("{url}/v1/knowledge/snapshot?text=false");
+    let failed = |e| SnapshotResult::Failed(SnapshotError::Snapshot(e));
+    let mut req = client.get(&snapshot_url);
     if let Some(p) = previous.filter(|p| !p.version.is_empty()) {
         req = req.header("if-none-match", format!("\"{}\"", p.version));
     }
     let resp = match req.send().await {
         Ok(r) => r,
-        Err(e) => return SnapshotResult::Failed(format!("snapshot: {e}")),
+        Err(e) => return failed(PullError::send(&snapshot_url, e)),
     };
     if resp.status() == reqwest::StatusCode::NOT_MODIFIED {
         return SnapshotResult::Unchanged;
     }
     if !resp.status().is_success() {
-        return SnapshotResult::Failed(format!("snapshot: HTTP {}", resp.status()));
+        return failed(PullError::status(&snapshot_url, resp.status()));
     }
     let etag = resp
         .headers()
@@ -90,12 +102,12 @@ async fn pull_snapshot(
         .map(|v| v.trim_start_matches("W/").trim_matches('"').to_string());
     let body = match resp.bytes().await {
         Ok(b) => b,
-        Err(e) => return SnapshotResult::Failed(format!("snapshot: {e}")),
+        Err(e) => return failed(PullError::body(&snapshot_url, e)),
     };
     *pulled += body.len() as u64;
     let body: SnapshotBody = match serde_json::from_slice(&body) {
         Ok(b) => b,
-        Err(e) => return SnapshotResult::Failed(format!("snapshot: {e}")),
+        Err(e) => return failed(PullError::json(&snapshot_url, e)),
     };
     let mut version = etag.unwrap_or(body.version);
     let blocks = if !body.text {
@@ -108,7 +120,7 @@ async fn pull_snapshot(
                 }
                 blocks
             }
-            Err(e) => return SnapshotResult::Failed(format!("contents: {e}")),
+            Err(e) => return SnapshotResult::Failed(SnapshotError::Contents(e)),
         }
     } else {
         body.blocks.into_iter().map(Arc::new).collect()
@@ -149,7 +161,7 @@ async fn fill_texts(
     metas: Vec<SnapshotBlock>,
     previous: Option<&KdnSnapshot>,
     pulled: &mut u64,
-) -> Result<(Vec<Arc<SnapshotBlock>>, bool), String> {
+) -> Result<(Vec<Arc<SnapshotBlock>>, bool), PullError> {
     let known: HashMap<&str, &Arc<SnapshotBlock>> = previous
         .map(|p| p.blocks.iter().map(|b| (b.id.as_str(), b)).collect())
         .unwrap_or_default();
@@ -193,18 +205,23 @@ async fn fill_texts(
         let batch = &missing[batch_start..end];
         batch_start = end;
         let ids: Vec<&str> = batch.iter().map(|&i| metas[i].id.as_str()).collect();
+        let contents_url = format!("{url}/v1/knowledge/contents");
         let resp = client
-            .get(format!("{url}/v1/knowledge/contents"))
+            .get(&contents_url)
             .query(&[("ids", ids.join(","))])
             .send()
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| PullError::send(&contents_url, e))?;
         if !resp.status().is_success() {
-            return Err(format!("HTTP {}", resp.status()));
+            return Err(PullError::status(&contents_url, resp.status()));
         }
-        let body = resp.bytes().await.map_err(|e| e.to_string())?;
+        let body = resp
+            .bytes()
+            .await
+            .map_err(|e| PullError::body(&contents_url, e))?;
         *pulled += body.len() as u64;
-        let body: ContentsBody = serde_json::from_slice(&body).map_err(|e| e.to_string())?;
+        let body: ContentsBody =
+            serde_json::from_slice(&body).map_err(|e| PullError::json(&contents_url, e))?;
         let mut fetched: HashMap<String, SnapshotBlock> =
             body.data.into_iter().map(|b| (b.id.clone(), b)).collect();
         for &i in batch {
@@ -224,12 +241,17 @@ async fn fill_texts(
 async fn pull_json<T: serde::de::DeserializeOwned>(
     client: &reqwest::Client,
     url: String,
-) -> Result<T, String> {
-    let resp = client.get(&url).send().await.map_err(|e| e.to_string())?;
+) -> Result<T, PullError> {
+    let resp = client
+        .get(&url)
+        .send()
+        .await
+        .map_err(|e| PullError::send(&url, e))?;
     if !resp.status().is_success() {
-        return Err(format!("{url}: HTTP {}", resp.status()));
+        return Err(PullError::status(&url, resp.status()));
     }
-    resp.json::<T>().await.map_err(|e| format!("{url}: {e}"))
+    let body = resp.bytes().await.map_err(|e| PullError::body(&url, e))?;
+    serde_json::from_slice(&body).map_err(|e| PullError::json(&url, e))
 }
 
 /// One round over every KDN and agent.
@@ -263,12 +285,12 @@ pub async fn sync_once(state: &GatewayState, sync: &mut SyncState) {
                 sync.snapshots.insert(url.clone(), s);
                 changed = true;
             }
-            SnapshotResult::Failed(e) => error = Some(e),
+            SnapshotResult::Failed(e) => error = Some(e.to_string()),
         }
         let load = match load {
             Ok(l) => Some(l),
             Err(e) => {
-                error.get_or_insert(e);
+                error.get_or_insert(e.to_string());
                 None
             }
         };

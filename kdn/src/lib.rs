@@ -10,9 +10,10 @@
 //! * [`config`]: the configuration (`conf/kdn.example.toml`).
 //! * [`cli`]: `cacheroute kv ...`; [`client_cli`]: `cacheroute knowledge ...`.
 
+/// Bearer tokens, shared with the gateway (`crate::auth::...` paths keep working).
+pub use cacheroute_auth as auth;
 pub use cacheroute_lmcache::{cbor, keys, layout, local_redis, store, tokenizer};
 
-pub mod auth;
 pub mod bm25;
 pub mod cli;
 pub mod client_cli;

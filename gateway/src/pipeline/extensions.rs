@@ -45,7 +45,7 @@ impl RequestFilter for RequestExtensions {
         let peer = req.header.headers.get(headers::PEER).map(|v| v.as_bytes());
         if ctx.role == Role::Proxy
             && ctx.hops > 0
-            && cacheroute_kdn::auth::secret_matches(peer, &gw.peer_token)
+            && cacheroute_auth::secret_matches(peer, &gw.peer_token)
         {
             match upstream_decision(req) {
                 Ok(d) => ctx.upstream = d,

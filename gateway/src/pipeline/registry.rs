@@ -10,26 +10,105 @@ use super::{
 use crate::config::{Config, Role};
 use std::sync::Arc;
 
-/// The built-in filters' names.
-pub const BUILT_IN: &[&str] = &[
-    "hop_limit",
-    "api_keys",
-    "rate_limit",
-    "model_alias",
-    "extensions",
-    "retrieval",
-    "scheduling",
-    "layout",
-    "injection",
-    "admission",
-    "learning",
-    "decision_record",
+/// A built-in filter: its name, the presets it is part of, and how it is built.
+struct BuiltIn {
+    name: &'static str,
+    /// In the chain of `role = "all"` and `role = "proxy"`.
+    in_full: bool,
+    /// In the chain of `role = "scheduler"` (the proxy behind lays the knowledge out
+    /// and decides the injection).
+    in_scheduler: bool,
+    build: fn(&Config) -> Result<Arc<dyn RequestFilter>, ChainError>,
+}
+
+/// Every built-in filter, once, in the order the presets run them.
+const BUILT_IN: &[BuiltIn] = &[
+    BuiltIn {
+        name: "hop_limit",
+        in_full: true,
+        in_scheduler: true,
+        build: |_| Ok(Arc::new(hop_limit::HopLimit)),
+    },
+    BuiltIn {
+        name: "api_keys",
+        in_full: false,
+        in_scheduler: false,
+        build: |c| Ok(Arc::new(api_keys::ApiKeys::from_config(&c.api_keys)?)),
+    },
+    BuiltIn {
+        name: "rate_limit",
+        in_full: false,
+        in_scheduler: false,
+        build: |c| Ok(Arc::new(rate_limit::RateLimit::new(&c.rate_limit))),
+    },
+    BuiltIn {
+        name: "model_alias",
+        in_full: false,
+        in_scheduler: false,
+        build: |c| Ok(Arc::new(model_alias::ModelAlias::new(&c.model_aliases))),
+    },
+    BuiltIn {
+        name: "extensions",
+        in_full: true,
+        in_scheduler: true,
+        build: |_| Ok(Arc::new(extensions::RequestExtensions)),
+    },
+    BuiltIn {
+        name: "retrieval",
+        in_full: true,
+        in_scheduler: true,
+        build: |_| Ok(Arc::new(retrieval::Retrieval)),
+    },
+    BuiltIn {
+        name: "scheduling",
+        in_full: true,
+        in_scheduler: true,
+        build: |_| Ok(Arc::new(scheduling::Scheduling)),
+    },
+    BuiltIn {
+        name: "layout",
+        in_full: true,
+        in_scheduler: false,
+        build: |_| Ok(Arc::new(layout::KnowledgeLayout)),
+    },
+    BuiltIn {
+        name: "injection",
+        in_full: true,
+        in_scheduler: false,
+        build: |_| Ok(Arc::new(injection::Injection)),
+    },
+    BuiltIn {
+        name: "admission",
+        in_full: true,
+        in_scheduler: true,
+        build: |_| Ok(Arc::new(admission::Admission)),
+    },
+    BuiltIn {
+        name: "learning",
+        in_full: true,
+        in_scheduler: false,
+        build: |_| Ok(Arc::new(learning::Learning)),
+    },
+    BuiltIn {
+        name: "decision_record",
+        in_full: true,
+        in_scheduler: true,
+        build: |_| Ok(Arc::new(decision_record::DecisionRecorder)),
+    },
 ];
+
+/// The built-in filters' names.
+pub fn built_in() -> impl Iterator<Item = &'static str> {
+    BUILT_IN.iter().map(|b| b.name)
+}
 
 /// Why a chain could not be built.
 #[derive(Debug, thiserror::Error)]
 pub enum ChainError {
-    #[error("gateway.filters: unknown filter `{0}` (built in: {list})", list = BUILT_IN.join(", "))]
+    #[error(
+        "gateway.filters: unknown filter `{0}` (built in: {list})",
+        list = built_in().collect::<Vec<_>>().join(", ")
+    )]
     Unknown(String),
     #[error("gateway.filters: `{0}` is listed twice")]
     Twice(String),
@@ -38,29 +117,15 @@ pub enum ChainError {
 }
 
 /// The chain a role stands for.
-pub fn preset(role: Role) -> &'static [&'static str] {
-    match role {
-        Role::All | Role::Proxy => &[
-            "hop_limit",
-            "extensions",
-            "retrieval",
-            "scheduling",
-            "layout",
-            "injection",
-            "admission",
-            "learning",
-            "decision_record",
-        ],
-        // The proxy behind lays the knowledge out and decides the injection.
-        Role::Scheduler => &[
-            "hop_limit",
-            "extensions",
-            "retrieval",
-            "scheduling",
-            "admission",
-            "decision_record",
-        ],
-    }
+pub fn preset(role: Role) -> Vec<&'static str> {
+    BUILT_IN
+        .iter()
+        .filter(|b| match role {
+            Role::All | Role::Proxy => b.in_full,
+            Role::Scheduler => b.in_scheduler,
+        })
+        .map(|b| b.name)
+        .collect()
 }
 
 /// The chain for `config`. `custom` are filters added through the library's
@@ -74,7 +139,7 @@ pub fn build_chain(
     let named: Vec<String> = if gw.filters.is_empty() {
         let mut v: Vec<String> = Vec::new();
         for n in preset(gw.role) {
-            if *n == "extensions" {
+            if n == "extensions" {
                 v.extend(custom.iter().map(|f| f.name().to_string()));
             }
             v.push(n.to_string());
@@ -88,24 +153,13 @@ pub fn build_chain(
         if named[..i].contains(name) {
             return Err(ChainError::Twice(name.clone()));
         }
-        let f: Arc<dyn RequestFilter> = match name.as_str() {
-            "hop_limit" => Arc::new(hop_limit::HopLimit),
-            "api_keys" => Arc::new(api_keys::ApiKeys::from_config(&config.api_keys)?),
-            "rate_limit" => Arc::new(rate_limit::RateLimit::new(&config.rate_limit)),
-            "model_alias" => Arc::new(model_alias::ModelAlias::new(&config.model_aliases)),
-            "extensions" => Arc::new(extensions::RequestExtensions),
-            "retrieval" => Arc::new(retrieval::Retrieval),
-            "scheduling" => Arc::new(scheduling::Scheduling),
-            "layout" => Arc::new(layout::KnowledgeLayout),
-            "injection" => Arc::new(injection::Injection),
-            "admission" => Arc::new(admission::Admission),
-            "learning" => Arc::new(learning::Learning),
-            "decision_record" => Arc::new(decision_record::DecisionRecorder),
-            other => custom
+        let f: Arc<dyn RequestFilter> = match BUILT_IN.iter().find(|b| b.name == name) {
+            Some(b) => (b.build)(config)?,
+            None => custom
                 .iter()
-                .find(|f| f.name() == other)
+                .find(|f| f.name() == name)
                 .cloned()
-                .ok_or_else(|| ChainError::Unknown(other.to_string()))?,
+                .ok_or_else(|| ChainError::Unknown(name.clone()))?,
         };
         filters.push(f);
     }
@@ -128,5 +182,31 @@ mod tests {
         assert!(err.to_string().contains("unknown filter `nope`"), "{err}");
         c.gateway.filters = vec!["hop_limit".into(), "hop_limit".into()];
         assert!(matches!(build_chain(&c, &[]), Err(ChainError::Twice(_))));
+    }
+
+    #[test]
+    fn every_built_in_builds_under_its_own_name_and_presets_keep_their_order() {
+        let mut c = Config::default();
+        c.gateway.filters = built_in().map(String::from).collect();
+        let chain = build_chain(&c, &[]).expect("every built-in filter");
+        assert_eq!(chain.names(), built_in().collect::<Vec<_>>());
+        assert_eq!(
+            preset(Role::Scheduler),
+            [
+                "hop_limit",
+                "extensions",
+                "retrieval",
+                "scheduling",
+                "admission",
+                "decision_record"
+            ]
+        );
+        assert_eq!(preset(Role::Proxy), preset(Role::All));
+        assert!(preset(Role::All).ends_with(&[
+            "injection",
+            "admission",
+            "learning",
+            "decision_record"
+        ]));
     }
 }

@@ -10,6 +10,15 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 /// Jobs kept (running ones and the most recent finished ones).
 const KEEP: usize = 64;
 
+/// How an injection ended.
+#[derive(Debug, Clone, PartialEq)]
+pub enum JobEnd {
+    /// The KDN finished job `job`.
+    Done { job: String },
+    /// It failed (the KDN's or the transport's reason), or was given up on.
+    Failed { reason: String },
+}
+
 /// One injection as the gateway saw it.
 #[derive(Debug, Clone)]
 struct Job {
@@ -22,7 +31,7 @@ struct Job {
     started: Instant,
     started_unix: f64,
     /// When it finished, and how (`ok`, or the failure).
-    ended: Option<(Instant, Result<String, String>)>,
+    ended: Option<(Instant, JobEnd)>,
 }
 
 #[derive(Default)]
@@ -67,8 +76,8 @@ impl Journal {
         seq
     }
 
-    /// Note how injection `seq` ended: `Ok(kdn job id)` or `Err(why)`.
-    pub fn finish(&self, seq: u64, result: Result<String, String>) {
+    /// Note how injection `seq` ended.
+    pub fn finish(&self, seq: u64, result: JobEnd) {
         let mut g = self.jobs.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(j) = g.1.iter_mut().find(|j| j.seq == seq) {
             j.ended = Some((Instant::now(), result));
@@ -82,8 +91,12 @@ impl Journal {
             .rev()
             .map(|j| {
                 let (elapsed, state, job, error) = match &j.ended {
-                    Some((at, Ok(job))) => (*at - j.started, "done", Some(job.clone()), None),
-                    Some((at, Err(e))) => (*at - j.started, "failed", None, Some(e.clone())),
+                    Some((at, JobEnd::Done { job })) => {
+                        (*at - j.started, "done", Some(job.clone()), None)
+                    }
+                    Some((at, JobEnd::Failed { reason })) => {
+                        (*at - j.started, "failed", None, Some(reason.clone()))
+                    }
                     None => (j.started.elapsed(), "running", None, None),
                 };
                 let secs = elapsed.as_secs_f64();
@@ -138,8 +151,18 @@ mod tests {
         let j = Journal::default();
         let a = j.start("k", &key("a"), 1_000_000);
         let b = j.start("k", &key("b"), 10);
-        j.finish(a, Ok("job-1".into()));
-        j.finish(b, Err("boom".into()));
+        j.finish(
+            a,
+            JobEnd::Done {
+                job: "job-1".into(),
+            },
+        );
+        j.finish(
+            b,
+            JobEnd::Failed {
+                reason: "boom".into(),
+            },
+        );
         let v = j.view(|_, _| Some(1.0));
         assert_eq!(v.len(), 2);
         assert_eq!(v[0]["state"], "failed");
@@ -149,7 +172,7 @@ mod tests {
         assert!(v[1]["bandwidth_bytes_per_s"].as_f64().unwrap() > 0.0);
         for i in 0..500 {
             let s = j.start("k", &key(&format!("x{i}")), 1);
-            j.finish(s, Ok("j".into()));
+            j.finish(s, JobEnd::Done { job: "j".into() });
         }
         assert!(j.view(|_, _| None).len() <= KEEP);
     }

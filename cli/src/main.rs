@@ -1,8 +1,14 @@
-//! `cacheroute`: one binary, one subcommand per component.
+//! `cacheroute`: one binary, one subcommand per component. A thin CLI over the
+//! component crates (gateway library, KDN, agent, sim); `demo`, `calibrate` and `doctor`
+//! live here because only the CLI uses them.
+
+mod calibrate;
+mod demo;
+mod doctor;
 
 use anyhow::{bail, Result};
 use cacheroute_gateway::reload::{ConfigSource, Overrides};
-use cacheroute_gateway::{calibrate, demo, doctor, server};
+use cacheroute_gateway::server;
 use clap::{Args, Parser, Subcommand};
 use std::net::SocketAddr;
 use std::path::PathBuf;

@@ -8,8 +8,8 @@
 //! up through sim 0) and injected into sim 1, so a chat request whose first system
 //! message is a block's registered content hits the KV cache on either sim.
 
-use crate::reload::{ConfigSource, Overrides};
 use anyhow::{Context, Result};
+use cacheroute_gateway::reload::{ConfigSource, Overrides};
 use cacheroute_kdn::config::KdnConfig;
 use cacheroute_kdn::service::{InjectRequest, Kdn, RegisterRequest};
 use cacheroute_kdn::tokenizer::TokenizerChoice;
@@ -229,7 +229,7 @@ pub fn run(mut args: DemoArgs) -> Result<()> {
             .collect::<String>()
     )?;
     print_banner(&args, &sims, kdn_addr, &qs, &config_path);
-    crate::server::run(
+    cacheroute_gateway::server::run(
         ConfigSource::File(config_path),
         Overrides::default(),
         Vec::new(),

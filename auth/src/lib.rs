@@ -1,8 +1,15 @@
 //! Bearer tokens on write paths, shared by the KDN, the gateway's control plane and the
 //! instance agent: how a request proves it may write, and the start-up rule that a
 //! component with no token stays on loopback unless told `insecure`.
+//!
+//! A crate of its own so that the gateway library and the KDN share it without the
+//! gateway depending on the KDN server.
 
 use std::net::SocketAddr;
+
+/// The environment variable that holds a KDN's write token, read by the KDN and by the
+/// gateways that write to it.
+pub const KDN_TOKEN_ENV: &str = "CACHEROUTE_KDN_TOKEN";
 
 /// Whether an `Authorization` header value carries `Bearer <token>`. The comparison
 /// takes the same time wherever the first difference is.
@@ -43,6 +50,20 @@ pub fn token_or_env(configured: &str, env: &str) -> String {
     std::env::var(env).unwrap_or_default()
 }
 
+/// A component asked to serve writes without a token beyond this machine.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "{what} on {listen} has no token: anyone who can reach it could write to it. \
+     Set {env} (or the config's token), listen on loopback, or pass --insecure"
+)]
+pub struct UnauthenticatedListen {
+    /// The component ("KDN", "control plane", ...).
+    pub what: String,
+    pub listen: SocketAddr,
+    /// The environment variable that would supply the token.
+    pub env: String,
+}
+
 /// Refuse to serve unauthenticated writes beyond this machine: with no token, `listen`
 /// must be a loopback address unless `insecure`. Says so loudly either way.
 pub fn check_unauthenticated_listen(
@@ -51,15 +72,16 @@ pub fn check_unauthenticated_listen(
     token: &str,
     insecure: bool,
     env: &str,
-) -> anyhow::Result<()> {
+) -> Result<(), UnauthenticatedListen> {
     if !token.is_empty() {
         return Ok(());
     }
     if !listen.ip().is_loopback() && !insecure {
-        anyhow::bail!(
-            "{what} on {listen} has no token: anyone who can reach it could write to it. \
-             Set {env} (or the config's token), listen on loopback, or pass --insecure"
-        );
+        return Err(UnauthenticatedListen {
+            what: what.to_string(),
+            listen,
+            env: env.to_string(),
+        });
     }
     tracing::warn!(
         "{what} on {listen} has NO TOKEN: its write paths are open to anyone who can reach \
