@@ -409,6 +409,44 @@ mod tests {
         (id.to_string(), "m".to_string())
     }
 
+    /// The registry keeps the warm-up error as text: it must name what to fix.
+    #[test]
+    fn warmup_errors_say_what_to_configure() {
+        let e = WarmupError::Missing {
+            present: 1,
+            total: 3,
+            store: "redis://kdn:6379".into(),
+            first_missing: "m@1@0@ab@bfloat16".into(),
+            lmcache_model: "meta-llama/Llama-3.1-8B-Instruct".into(),
+            scheme: "lmcache-0.3.15".into(),
+            chunk_size: 256,
+            hash_seed: "0".into(),
+            dtype: "bfloat16".into(),
+            world_size: 2,
+        }
+        .to_string();
+        assert!(e.contains("only 1 of 3 chunks"), "{e}");
+        assert!(e.contains("first missing key m@1@0@ab@bfloat16"), "{e}");
+        assert!(
+            e.contains("lmcache_model \"meta-llama/Llama-3.1-8B-Instruct\""),
+            "{e}"
+        );
+        assert!(
+            e.contains("hash seed \"0\", dtype bfloat16, world_size 2"),
+            "{e}"
+        );
+        let e = WarmupError::NoProducer {
+            model: "m16".into(),
+            store: "memory://kdn".into(),
+        }
+        .to_string();
+        assert!(
+            e.starts_with("no producer is configured for model m16"),
+            "{e}"
+        );
+        assert!(e.contains("set `producer` for the model"), "{e}");
+    }
+
     #[test]
     fn deferred_warmups_are_kept_once_and_forgotten_with_their_block() {
         let mut d = Deferred::default();
