@@ -1,9 +1,9 @@
 //! The HTTP surface: vLLM's OpenAI server routes over the simulated engine.
 //!
 //! This file holds the router and the completion path (validation, admission to the
-//! engine, token accounting); [`state`] holds the shared state and the header names,
-//! [`info`] the small routes (models, health, metrics, debug), [`embed`] the
-//! embeddings route, [`kv_handle`] the KV-handle check, and [`respond`] the answers
+//! engine, token accounting); `state` holds the shared state and the header names,
+//! `info` the small routes (models, health, metrics, debug), `embed` the
+//! embeddings route, `kv_handle` the KV-handle check, and `respond` the answers
 //! (at once, collected, or streamed as SSE).
 
 use crate::api::{self, ApiError, CompletionRequest, Endpoint, KvHandleCheck, Prompt, RespMeta};

@@ -18,8 +18,8 @@
 //!   is finished no earlier than its slot on the emulated link ends.
 //!
 //! This module holds the [`Injector`] (its limits, the request types and `submit`);
-//! [`link`] holds the link shaper, [`job`] the transfers and jobs and their views,
-//! [`copy`] the transfer worker (the pipelined copy), [`load`] the load report.
+//! `link` holds the link shaper, `job` the transfers and jobs and their views,
+//! `copy` the transfer worker (the pipelined copy), `load` the load report.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};

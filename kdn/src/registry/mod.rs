@@ -6,7 +6,7 @@
 //! entirely or not at all.
 //!
 //! This module holds the [`Registry`] (the in-memory copy, key references, versions,
-//! registration); [`record`] holds the record types and their JSON views, [`backend`]
+//! registration); `record` holds the record types and their JSON views, `backend`
 //! the persistence (Redis or in-process).
 
 use std::collections::{BTreeMap, HashMap};

@@ -19,7 +19,7 @@
 
 //!
 //! This module holds the router, the write-token check and the server's lifecycle
-//! ([`KdnHandle`], [`KdnArgs`]); the endpoint handlers are in [`handlers`].
+//! ([`KdnHandle`], [`KdnArgs`]); the endpoint handlers are in `handlers`.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

@@ -2,10 +2,10 @@
 //! through a producer, deletion, inject requests and load.
 //!
 //! This module holds the [`Kdn`] itself (its state, start-up, load and metrics); each
-//! concern lives in its own file: [`error`] (the HTTP-shaped error), [`model`] (a
-//! model's layout and keys), [`register`] (validation and registration), [`warmup`]
-//! (warm-ups through a producer and the deferred queue), [`delete`] (removing a block
-//! and its KV) and [`injection`] (inject requests).
+//! concern lives in its own file: `error` (the HTTP-shaped error), `model` (a
+//! model's layout and keys), `register` (validation and registration), `warmup`
+//! (warm-ups through a producer and the deferred queue), `delete` (removing a block
+//! and its KV) and `injection` (inject requests).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};

@@ -19,10 +19,10 @@
 //! configure; see [`KeyError`]. Test vectors produced by LMCache's own code
 //! live in `lmcache/tests/data/`.
 //!
-//! This module holds the Redis entry names and [`KeyError`]; [`scheme`] holds the key
-//! schemes (LMCache releases), hash algorithms and dtype names, [`params`] the key
-//! parameters and results, [`chain`] the hash chain that turns token ids into keys, and
-//! [`metadata`] the header LMCache writes before a chunk's bytes in Redis.
+//! This module holds the Redis entry names and [`KeyError`]; `scheme` holds the key
+//! schemes (LMCache releases), hash algorithms and dtype names, `params` the key
+//! parameters and results, `chain` the hash chain that turns token ids into keys, and
+//! `metadata` the header LMCache writes before a chunk's bytes in Redis.
 
 mod chain;
 mod metadata;

@@ -12,7 +12,7 @@
 //! * [`copy_chunks`]: copy chunks between any two stores in pipelined batches.
 //!
 //! This module holds the chunk, the error, the I/O counters, the [`KvStore`] trait and
-//! [`open_store`] by URL; [`redis_store`], [`memory`] and [`copy`] hold the two stores and the
+//! [`open_store`] by URL; `redis_store`, `memory` and `copy` hold the two stores and the
 //! copy.
 
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -24,8 +24,8 @@
 //!    computed tokens reach its length samples one token (the first one at the end of the
 //!    step that finishes its prefill: its TTFT).
 //!
-//! [`spec`] holds the scheduler's configuration, inputs and outputs, [`scheduler`] the
-//! [`Scheduler`] itself, and [`task`] the tokio task and its handle ([`EngineHandle`]).
+//! `spec` holds the scheduler's configuration, inputs and outputs, `scheduler` the
+//! [`Scheduler`] itself, and `task` the tokio task and its handle ([`EngineHandle`]).
 
 mod scheduler;
 mod spec;

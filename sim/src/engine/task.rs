@@ -34,7 +34,7 @@ pub struct EngineStats {
     /// Cached prompt tokens supplied at admission, by tier (a re-admitted preempted
     /// sequence counts again).
     pub cached_tokens: CachedSplit,
-    /// Simulated ms of forward time spent on prefill (see [`StepPlan::prefill_compute_ms`]).
+    /// Simulated ms of forward time spent on prefill (see [`StepPlan::prefill_compute_ms`](super::StepPlan::prefill_compute_ms)).
     pub prefill_ms: f64,
     /// Simulated ms spent loading LMCache hits (host-to-device and the store link).
     pub load_ms: f64,

@@ -28,7 +28,7 @@
 //! is retried in the background (at most once a second) while requests miss it.
 //!
 //! This module holds [`LmCache`] (lookup, save, CPU-tier keeping) and its lookup types;
-//! [`config`] holds the configuration from the flags, [`remote`] the lazily reopened
+//! `config` holds the configuration from the flags, `remote` the lazily reopened
 //! remote store.
 
 use std::sync::atomic::AtomicBool;
