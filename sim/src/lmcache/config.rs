@@ -7,12 +7,18 @@ use std::time::Duration;
 use anyhow::{anyhow, Context};
 use cacheroute_decisions::cost_model::ModelConfig;
 use cacheroute_lmcache::keys::{
-    check_hash_seed, chunk_keys, lmcache_dtype_name, KeyParams, KeyScheme, RemoteMetadata,
+    check_hash_seed, chunk_keys, lmcache_dtype_name, KeyError, KeyParams, KeyScheme, RemoteMetadata,
 };
 use cacheroute_lmcache::store::check_store_url;
 
 use crate::cpu_tier::CpuTier;
 use crate::SimArgs;
+
+/// A chunk's `<key>metadata` header cannot be built: a dtype without an LMCache code, or a
+/// length past LMCache's int32.
+#[derive(Debug, thiserror::Error)]
+#[error("LMCache metadata header: {0}")]
+pub struct HeaderError(#[from] pub KeyError);
 
 /// Default `--kv-scale-down`: a stored `kv_bytes` blob is 1/1024 of the real KV size
 /// (an 8B 256-token chunk: 32 KiB instead of 32 MiB).
@@ -149,9 +155,13 @@ impl LmCacheConfig {
     }
 
     /// The `<key>metadata` header of one rank's chunk of `tokens` tokens (real shape).
-    pub fn metadata(&self, tokens: usize) -> anyhow::Result<RemoteMetadata> {
-        RemoteMetadata::kv_2ltd(self.dtype, self.num_layers, tokens, self.hidden_per_rank)
-            .map_err(|e| anyhow!("LMCache metadata header: {e}"))
+    pub fn metadata(&self, tokens: usize) -> Result<RemoteMetadata, HeaderError> {
+        Ok(RemoteMetadata::kv_2ltd(
+            self.dtype,
+            self.num_layers,
+            tokens,
+            self.hidden_per_rank,
+        )?)
     }
 
     /// Size of the stored `<key>kv_bytes` blob for a chunk whose real KV is `real` bytes.

@@ -36,7 +36,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Instant;
 
 use bytes::Bytes;
-use cacheroute_lmcache::keys::{chunk_keys, chunk_keys_all_ranks};
+use cacheroute_lmcache::keys::{chunk_keys, chunk_keys_all_ranks, KeyError};
 use cacheroute_lmcache::store::{Chunk, StoreError};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
@@ -49,7 +49,7 @@ mod config;
 mod remote;
 
 pub use config::{
-    LmCacheConfig, DEFAULT_KV_SCALE_DOWN, DEFAULT_LOCAL_CPU_GB, DEFAULT_STORE_GBPS,
+    HeaderError, LmCacheConfig, DEFAULT_KV_SCALE_DOWN, DEFAULT_LOCAL_CPU_GB, DEFAULT_STORE_GBPS,
     DEFAULT_STORE_TIMEOUT_MS,
 };
 pub use remote::RemoteError;
@@ -65,6 +65,17 @@ pub struct ChunkEntry {
     pub end: usize,
     /// One key per simulated rank (the order of [`LmCacheConfig::ranks`]).
     pub keys: Vec<String>,
+}
+
+/// Why writing a lookup's chunks to the store failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SaveError {
+    #[error("the store is not reachable")]
+    Unreachable,
+    #[error(transparent)]
+    Header(#[from] HeaderError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
 }
 
 /// What a lookup found for one prompt (and what its save will write).
@@ -180,7 +191,7 @@ impl LmCache {
     }
 
     /// The chunks of `ids` with their keys on every simulated rank.
-    pub fn chunks(&self, ids: &[u32]) -> anyhow::Result<Vec<ChunkEntry>> {
+    pub fn chunks(&self, ids: &[u32]) -> Result<Vec<ChunkEntry>, KeyError> {
         let p = &self.cfg.params;
         if self.cfg.ranks.len() == 1 {
             return Ok(chunk_keys(p, ids)?
@@ -303,7 +314,7 @@ impl LmCache {
     }
 
     /// The chunk values written for one rank's chunk of `tokens` tokens under `key`.
-    pub fn chunk_value(&self, key: &str, tokens: usize) -> anyhow::Result<Chunk> {
+    pub fn chunk_value(&self, key: &str, tokens: usize) -> Result<Chunk, HeaderError> {
         let meta = self.cfg.metadata(tokens)?;
         let real = meta.length.max(0) as u64;
         Ok(Chunk {
@@ -314,7 +325,7 @@ impl LmCache {
 
     /// Write the chunks of `lookup` after its hit (`kv_bytes` then `metadata`, chunk by
     /// chunk in prompt order). Returns the keys written.
-    pub async fn save(&self, lookup: &Lookup) -> Result<usize, StoreError> {
+    pub async fn save(&self, lookup: &Lookup) -> Result<usize, SaveError> {
         let todo: Vec<(&str, usize)> = lookup
             .chunks
             .iter()
@@ -325,17 +336,13 @@ impl LmCache {
             return Ok(0);
         }
         let Some(store) = self.slot.get() else {
-            return Err(StoreError::Config("the store is not reachable".into()));
+            return Err(SaveError::Unreachable);
         };
         let mut written = 0;
         for batch in todo.chunks(WRITE_BATCH_KEYS) {
             let values = batch
                 .iter()
-                .map(|(k, tokens)| {
-                    self.chunk_value(k, *tokens)
-                        .map(|c| (k.to_string(), c))
-                        .map_err(|e| StoreError::Config(e.to_string()))
-                })
+                .map(|(k, tokens)| self.chunk_value(k, *tokens).map(|c| (k.to_string(), c)))
                 .collect::<Result<Vec<_>, _>>()?;
             store.put_chunks(&values).await?;
             written += values.len();
