@@ -55,17 +55,18 @@ pub enum StoreError {
          `metadata` without `kv_bytes`)"
     )]
     MissingChunk { key: String },
-    #[error("{0}")]
-    Config(String),
+    /// A `memory://` URL without a store name.
+    #[error("{0}: memory:// needs a name")]
+    UnnamedMemory(String),
     /// A store URL this crate cannot open.
     #[error(
         "unsupported store URL `{0}`: use redis://host:port[/db] (also rediss://, unix://) \
          or memory://NAME"
     )]
     UnsupportedUrl(String),
-    /// The store answered something that does not fit the request.
-    #[error("unexpected answer from the store: {0}")]
-    Protocol(String),
+    /// A pipelined presence check got another number of answers than it asked for.
+    #[error("unexpected answer from the store: presence check: {answers} answers for {keys} keys")]
+    PresenceAnswers { answers: usize, keys: usize },
 }
 
 /// Bytes and chunks moved through a store handle since it was created.
@@ -219,7 +220,7 @@ pub fn is_store_url(url: &str) -> bool {
 pub fn check_store_url(url: &str) -> Result<(), StoreError> {
     if let Some(name) = url.strip_prefix("memory://") {
         if name.is_empty() {
-            return Err(StoreError::Config(format!("{url}: memory:// needs a name")));
+            return Err(StoreError::UnnamedMemory(url.to_string()));
         }
         return Ok(());
     }

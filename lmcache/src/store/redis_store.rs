@@ -119,11 +119,10 @@ impl KvStore for RedisStore {
         let mut conn = self.conn.clone();
         let found: Vec<i64> = pipe.query_async(&mut conn).await?;
         if found.len() != 2 * keys.len() {
-            return Err(StoreError::Protocol(format!(
-                "presence check: {} answers for {} keys",
-                found.len(),
-                keys.len()
-            )));
+            return Err(StoreError::PresenceAnswers {
+                answers: found.len(),
+                keys: keys.len(),
+            });
         }
         Ok(found.chunks(2).map(|p| p[0] > 0 && p[1] > 0).collect())
     }
