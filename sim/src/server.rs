@@ -1,82 +1,43 @@
 //! The HTTP surface: vLLM's OpenAI server routes over the simulated engine.
+//!
+//! This file holds the router and the completion path (validation, admission to the
+//! engine, token accounting); `state` holds the shared state and the header names,
+//! `info` the small routes (models, health, metrics, debug), `embed` the
+//! embeddings route, `kv_handle` the KV-handle check, and `respond` the answers
+//! (at once, collected, or streamed as SSE).
 
-use crate::api::{
-    self, ApiError, CompletionRequest, Endpoint, KvHandle, KvHandleCheck, KvHandleError, Prompt,
-    RespMeta,
-};
-use crate::embeddings::{self, EmbeddingResponse};
-use crate::engine::{
-    record_admission, Admission, CachedSplit, EngineHandle, ExternalHit, SchedulerConfig, SeqEvent,
-    Submit, Tier,
-};
+use crate::api::{self, ApiError, CompletionRequest, Endpoint, KvHandleCheck, Prompt, RespMeta};
+use crate::engine::{record_admission, Admission, CachedSplit, ExternalHit, Submit, Tier};
 use crate::filler;
 use crate::lmcache::{LmCache, Lookup};
-use crate::metrics::SimMetrics;
 use crate::tokenizer::{render_llama3_chat, Tokenizer};
-use crate::PrefixCache;
-use axum::body::{Body, Bytes};
+use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, State};
-use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::{Json, Router};
-use cacheroute_decisions::cost_model::CostModel;
+use axum::Router;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 use tokio::sync::mpsc;
 
-/// Largest request body accepted (RAG prompts can be large).
-pub const MAX_BODY_BYTES: usize = 256 << 20;
+mod embed;
+mod info;
+mod kv_handle;
+mod respond;
+mod state;
 
-/// Default `max_tokens` when a request has none.
-pub const DEFAULT_MAX_TOKENS: u64 = 16;
-
-/// Header with which the gateway attaches a KV handle (`job=<id>;chunks=<n>;tokens=<t>`).
-pub const KV_HANDLE_HEADER: &str = "x-cacheroute-kv-handle";
-
-/// Response header with the result of checking the request's KV handle.
-pub const KV_HANDLE_RESULT_HEADER: &str = "x-sim-kv-handle";
-
-/// Response headers with the request's cached prompt tokens per tier.
-pub const CACHED_GPU_HEADER: &str = "x-sim-cached-gpu";
-pub const CACHED_CPU_HEADER: &str = "x-sim-cached-cpu";
-pub const CACHED_REMOTE_HEADER: &str = "x-sim-cached-remote";
-
-/// Everything a sim server shares between requests.
-pub struct AppState {
-    pub model: String,
-    /// vLLM's `--model` (the card's `root`; LMCache keys name it): `--lmcache-model`,
-    /// else the served name.
-    pub root: String,
-    pub max_model_len: u64,
-    pub zero_latency: bool,
-    pub seed: u64,
-    pub tokenizer: Arc<Tokenizer>,
-    pub engine: Option<EngineHandle>,
-    pub metrics: Arc<SimMetrics>,
-    pub cost: CostModel,
-    pub sched_cfg: SchedulerConfig,
-    pub time_scale: f64,
-    /// A custom external prefix cache ([`crate::spawn_with_prefix_cache`]).
-    pub prefix_cache: Option<Arc<dyn PrefixCache>>,
-    /// `--kv-store`: lookups and writes of LMCache chunks (excludes `prefix_cache`).
-    pub lmcache: Option<Arc<LmCache>>,
-    /// The last completion request, and a sequence number so that a request only adds its
-    /// KV-handle result to its own record.
-    pub last_request: Mutex<(u64, Value)>,
-    pub counter: AtomicU64,
-    pub started: u64,
-}
-
-pub fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
+use embed::embeddings_route;
+use info::{engine_debug, health, last_request, metrics, models, not_found, version};
+use kv_handle::{check_kv_handle, kv_handle_in, with_cached, with_kv_result, KvHandleIn};
+use respond::{collect_response, respond_now, stream_response};
+pub use state::{
+    unix_now, AppState, CACHED_CPU_HEADER, CACHED_GPU_HEADER, CACHED_REMOTE_HEADER,
+    DEFAULT_MAX_TOKENS, KV_HANDLE_HEADER, KV_HANDLE_RESULT_HEADER, MAX_BODY_BYTES,
+};
 
 pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
@@ -96,113 +57,6 @@ pub fn router(state: Arc<AppState>) -> Router {
         .with_state(state)
 }
 
-async fn not_found() -> Response {
-    (StatusCode::NOT_FOUND, Json(json!({"detail": "Not Found"}))).into_response()
-}
-
-async fn health() -> StatusCode {
-    StatusCode::OK
-}
-
-async fn version() -> Json<Value> {
-    Json(json!({"version": concat!("cacheroute-sim-", env!("CARGO_PKG_VERSION"))}))
-}
-
-async fn models(State(st): State<Arc<AppState>>) -> Json<Value> {
-    Json(json!({
-        "object": "list",
-        "data": [{
-            "id": st.model,
-            "object": "model",
-            "created": st.started,
-            "owned_by": "vllm",
-            "root": st.root,
-            "parent": null,
-            "max_model_len": st.max_model_len,
-            "permission": [{
-                "id": format!("modelperm-{:016x}", st.seed ^ st.started),
-                "object": "model_permission",
-                "created": st.started,
-                "allow_create_engine": false,
-                "allow_sampling": true,
-                "allow_logprobs": true,
-                "allow_search_indices": false,
-                "allow_view": true,
-                "allow_fine_tuning": false,
-                "organization": "*",
-                "group": null,
-                "is_blocking": false,
-            }],
-        }],
-    }))
-}
-
-async fn metrics(State(st): State<Arc<AppState>>) -> Response {
-    (
-        [(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
-        )],
-        lmcache_info(&st, st.metrics.render()),
-    )
-        .into_response()
-}
-
-/// The LMCache settings the sim's keys follow, as an info series after the
-/// rest (`cacheroute doctor` compares them with a KDN's): a real engine
-/// exposes no such series, so the doctor takes them from flags there.
-fn lmcache_info(st: &AppState, text: String) -> String {
-    let Some(lm) = &st.lmcache else {
-        return text;
-    };
-    let p = &lm.config().params;
-    let esc = |v: &str| {
-        v.replace('\\', "\\\\")
-            .replace('"', "\\\"")
-            .replace('\n', "\\n")
-    };
-    let seed = p
-        .hash_seed
-        .as_deref()
-        .map(cacheroute_lmcache::keys::hash_seed_digest);
-    format!(
-        "{text}# HELP cacheroute_sim_lmcache_info The simulated LMCache's key settings.\n\
-         # TYPE cacheroute_sim_lmcache_info gauge\n\
-         cacheroute_sim_lmcache_info{{model=\"{}\",scheme=\"{}\",chunk_size=\"{}\",dtype=\"{}\",\
-         world_size=\"{}\",hash_seed_digest=\"{}\",save_unfull_chunk=\"{}\"}} 1\n",
-        esc(&p.model),
-        p.scheme.name(),
-        p.chunk_size,
-        esc(&p.dtype),
-        p.world_size,
-        seed.unwrap_or_default(),
-        p.save_unfull_chunk,
-    )
-}
-
-async fn last_request(State(st): State<Arc<AppState>>) -> Json<Value> {
-    Json(st.last_request.lock().expect("last_request lock").1.clone())
-}
-
-async fn engine_debug(State(st): State<Arc<AppState>>) -> Json<Value> {
-    Json(json!({
-        "zero_latency": st.zero_latency,
-        "time_scale": st.time_scale,
-        "scheduler": {
-            "max_num_seqs": st.sched_cfg.max_num_seqs,
-            "max_num_batched_tokens": st.sched_cfg.max_num_batched_tokens,
-            "block_size": st.sched_cfg.block_size,
-            "num_gpu_blocks": st.sched_cfg.num_gpu_blocks,
-            "kv_capacity_tokens": st.sched_cfg.kv_capacity_tokens(),
-            "enable_prefix_caching": st.sched_cfg.enable_prefix_caching,
-            "kv_store_gbps": st.sched_cfg.kv_store_gbps,
-        },
-        "cost_model": st.cost,
-        "stats": st.engine.as_ref().map(|e| e.stats()),
-        "lmcache": st.lmcache.as_ref().map(|l| l.describe()),
-    }))
-}
-
 async fn chat(State(st): State<Arc<AppState>>, headers: HeaderMap, body: Bytes) -> Response {
     handle(st, Endpoint::Chat, "/v1/chat/completions", &headers, body)
         .await
@@ -213,160 +67,6 @@ async fn completions(State(st): State<Arc<AppState>>, headers: HeaderMap, body: 
     handle(st, Endpoint::Completions, "/v1/completions", &headers, body)
         .await
         .unwrap_or_else(IntoResponse::into_response)
-}
-
-/// `/v1/embeddings`: answered at once (no engine time), see [`embeddings`].
-async fn embeddings_route(State(st): State<Arc<AppState>>, body: Bytes) -> Response {
-    embed(st, body)
-        .await
-        .unwrap_or_else(IntoResponse::into_response)
-}
-
-async fn embed(st: Arc<AppState>, body: Bytes) -> Result<Response, ApiError> {
-    let value: Value = serde_json::from_slice(&body)
-        .map_err(|e| ApiError::bad_request(format!("Invalid JSON body: {e}")))?;
-    let req = embeddings::parse_request(&value)?;
-    if let Some(m) = &req.model {
-        if *m != st.model {
-            return Err(ApiError::not_found(format!(
-                "The model `{m}` does not exist."
-            )));
-        }
-    }
-    let tok = st.tokenizer.clone();
-    let inputs = req.inputs.clone();
-    let count = move || -> Vec<u64> { inputs.iter().map(|t| tok.encode(t).len() as u64).collect() };
-    // small inputs inline (cheap); large ones off the async threads
-    let counts = if req.inputs.iter().map(String::len).sum::<usize>() < 16 << 10 {
-        count()
-    } else {
-        tokio::task::spawn_blocking(count)
-            .await
-            .map_err(|e| ApiError::internal(format!("tokenizer task failed: {e}")))?
-    };
-    if let Some(n) = counts.iter().find(|n| **n > st.max_model_len) {
-        return Err(ApiError::bad_request(format!(
-            "This model's maximum context length is {} tokens. However, you requested {n} \
-             tokens in the input for embedding generation. Please reduce the length of the \
-             input.",
-            st.max_model_len
-        )));
-    }
-    let n = st.counter.fetch_add(1, Ordering::Relaxed);
-    let id = format!(
-        "embd-{:016x}",
-        filler::splitmix64(st.seed ^ n.rotate_left(32))
-    );
-    let resp =
-        EmbeddingResponse::build(&req, id, unix_now(), st.model.clone(), counts.iter().sum());
-    let bytes = serde_json::to_vec(&resp)
-        .map_err(|e| ApiError::internal(format!("encoding the response: {e}")))?;
-    Ok((
-        [(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json"),
-        )],
-        bytes,
-    )
-        .into_response())
-}
-
-/// A KV handle as received: where it came from, its raw form, and its parse.
-struct KvHandleIn {
-    source: &'static str,
-    raw: Value,
-    parsed: Result<KvHandle, KvHandleError>,
-}
-
-/// The request's KV handle: the header, else `kv_transfer_params.cacheroute_kv_handle`.
-fn kv_handle_in(headers: &HeaderMap, req: &CompletionRequest) -> Option<KvHandleIn> {
-    if let Some(v) = headers.get(KV_HANDLE_HEADER) {
-        return Some(match v.to_str() {
-            Ok(s) => KvHandleIn {
-                source: "header",
-                raw: Value::String(s.to_string()),
-                parsed: KvHandle::parse_header(s),
-            },
-            Err(_) => KvHandleIn {
-                source: "header",
-                raw: Value::String(String::from_utf8_lossy(v.as_bytes()).into_owned()),
-                parsed: Err(KvHandleError::NotAscii),
-            },
-        });
-    }
-    let parsed = req.body_kv_handle()?;
-    let raw = req
-        .kv_transfer_params
-        .as_ref()
-        .and_then(|p| p.get("cacheroute_kv_handle"))
-        .cloned()
-        .unwrap_or(Value::Null);
-    Some(KvHandleIn {
-        source: "kv_transfer_params",
-        raw,
-        parsed,
-    })
-}
-
-/// Check a handle against this request's store lookup (`store`: the lookup and the chunk
-/// size; None without `--kv-store`). Returns the result and a report for
-/// `/debug/last_request`.
-fn check_kv_handle(h: &KvHandleIn, store: Option<(&Lookup, usize)>) -> (KvHandleCheck, Value) {
-    let mut report = json!({"source": h.source, "value": h.raw});
-    let result = match &h.parsed {
-        Err(e) => {
-            report["error"] = json!(e.to_string());
-            KvHandleCheck::Malformed
-        }
-        Ok(k) => {
-            report["job"] = json!(k.job);
-            report["chunks"] = json!(k.chunks);
-            report["tokens"] = json!(k.tokens);
-            match store {
-                None => KvHandleCheck::NoStore,
-                Some((lookup, chunk_size)) => {
-                    report["chunk_size"] = json!(chunk_size);
-                    report["prompt_chunks"] = json!(lookup.chunks.len());
-                    report["present_chunks"] = json!(lookup.hit_chunks);
-                    report["store_failed"] = json!(lookup.failed);
-                    if k.chunks.checked_mul(chunk_size as u64) != Some(k.tokens) {
-                        KvHandleCheck::Mismatch
-                    } else if (lookup.hit_chunks as u64) < k.chunks {
-                        // also when the prompt has fewer than `chunks` chunks at all
-                        KvHandleCheck::Missing
-                    } else {
-                        KvHandleCheck::Ok
-                    }
-                }
-            }
-        }
-    };
-    report["result"] = json!(result.as_str());
-    (result, report)
-}
-
-/// Tag a response with its cached tokens per tier.
-fn with_cached(mut r: Response, c: CachedSplit) -> Response {
-    let h = r.headers_mut();
-    for (name, v) in [
-        (CACHED_GPU_HEADER, c.gpu),
-        (CACHED_CPU_HEADER, c.cpu),
-        (CACHED_REMOTE_HEADER, c.remote),
-    ] {
-        h.insert(name, HeaderValue::from(v));
-    }
-    r
-}
-
-/// Tag a response with its KV-handle result.
-fn with_kv_result(mut r: Response, check: Option<KvHandleCheck>) -> Response {
-    if let Some(c) = check {
-        r.headers_mut().insert(
-            KV_HANDLE_RESULT_HEADER,
-            HeaderValue::from_static(c.as_str()),
-        );
-    }
-    r
 }
 
 /// A request that passed validation, with its token accounting.
@@ -733,144 +433,4 @@ async fn accept(
         kv_save,
         kv_check,
     })
-}
-
-fn sse_response(body: Body) -> Response {
-    let mut r = Response::new(body);
-    let h = r.headers_mut();
-    h.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/event-stream"),
-    );
-    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
-    r
-}
-
-/// `--zero-latency`: the whole answer at once.
-fn respond_now(st: &AppState, acc: &Accepted) -> Response {
-    let n = acc.max_tokens;
-    st.metrics.generation_tokens.inc_by(n);
-    st.metrics.ttft.observe(0.0);
-    st.metrics.e2e.observe(0.0);
-    st.metrics
-        .request_success
-        .with_label_values(&[acc.finish_reason])
-        .inc();
-    if acc.req.stream {
-        let mut out = Vec::new();
-        let mut offset = 0;
-        for i in 0..n {
-            let piece = filler::token_text(acc.seed, i);
-            // the next frame's offset: the characters sent so far (the echo with the first)
-            let sent = piece.chars().count() + if i == 0 { acc.echo.chars().count() } else { 0 };
-            out.extend_from_slice(&acc.token_frame(i, piece, i + 1, offset));
-            offset += sent;
-        }
-        acc.closing_frames(n, &mut out);
-        sse_response(Body::from(out))
-    } else {
-        let pieces: Vec<String> = (0..n).map(|i| filler::token_text(acc.seed, i)).collect();
-        Json(acc.full(&pieces)).into_response()
-    }
-}
-
-async fn collect_response(
-    mut acc: Accepted,
-    mut rx: mpsc::UnboundedReceiver<SeqEvent>,
-) -> Result<Response, ApiError> {
-    let mut pieces = Vec::new();
-    let last = loop {
-        let Some(ev) = rx.recv().await else {
-            return Err(ApiError::internal("the engine dropped the request"));
-        };
-        if ev.index == 0 {
-            acc.prefill_done(ev.cached).await;
-        }
-        pieces.push(filler::token_text(acc.seed, ev.index));
-        if ev.finished {
-            break ev;
-        }
-    };
-    let mut r = Json(acc.full(&pieces)).into_response();
-    r = with_cached(r, acc.cached);
-    let h = r.headers_mut();
-    for (name, v) in [
-        ("x-sim-ttft-ms", last.ttft_ms),
-        ("x-sim-e2e-ms", last.since_arrival_ms),
-        ("x-sim-queue-ms", last.queue_ms),
-    ] {
-        if let Ok(v) = HeaderValue::from_str(&format!("{v:.3}")) {
-            h.insert(name, v);
-        }
-    }
-    Ok(r)
-}
-
-enum Phase {
-    Tokens,
-    Done,
-}
-
-struct StreamState {
-    acc: Accepted,
-    rx: mpsc::UnboundedReceiver<SeqEvent>,
-    /// The first token, received before the response head (which carries its split).
-    first: Option<SeqEvent>,
-    produced: u64,
-    /// Character offset of the next frame's text in the choice's text (completions'
-    /// logprobs).
-    offset: usize,
-    phase: Phase,
-}
-
-/// SSE: one frame per token as the engine samples it (dropping the body aborts the
-/// request in the engine), then the finish frame, the usage frame if asked, `[DONE]`.
-/// The head waits for the first token, so that it carries the cached tokens per tier
-/// decided at admission (nothing would be sent before it anyway).
-async fn stream_response(
-    mut acc: Accepted,
-    mut rx: mpsc::UnboundedReceiver<SeqEvent>,
-) -> Result<Response, ApiError> {
-    let Some(first) = rx.recv().await else {
-        return Err(ApiError::internal("the engine dropped the request"));
-    };
-    acc.prefill_done(first.cached).await;
-    let cached = acc.cached;
-    let state = StreamState {
-        acc,
-        rx,
-        offset: 0,
-        first: Some(first),
-        produced: 0,
-        phase: Phase::Tokens,
-    };
-    let stream = futures::stream::unfold(state, |mut s| async move {
-        if let Phase::Done = s.phase {
-            return None;
-        }
-        let ev = match s.first.take() {
-            Some(ev) => ev,
-            None => s.rx.recv().await?,
-        };
-        let piece = filler::token_text(s.acc.seed, ev.index);
-        s.produced += 1;
-        let sent = piece.chars().count()
-            + if s.produced == 1 {
-                s.acc.echo.chars().count()
-            } else {
-                0
-            };
-        let chunk = s.acc.token_frame(ev.index, piece, s.produced, s.offset);
-        s.offset += sent;
-        let out = if ev.finished {
-            s.phase = Phase::Done;
-            let mut out = chunk.to_vec();
-            s.acc.closing_frames(s.produced, &mut out);
-            Bytes::from(out)
-        } else {
-            chunk
-        };
-        Some((Ok::<Bytes, std::convert::Infallible>(out), s))
-    });
-    Ok(with_cached(sse_response(Body::from_stream(stream)), cached))
 }

@@ -26,184 +26,37 @@
 //! `--kv-store-timeout-ms` is a remote miss, a failed write is dropped; both are logged
 //! and counted in `sim_kv_store_errors_total`. A store that cannot be reached at start-up
 //! is retried in the background (at most once a second) while requests miss it.
+//!
+//! This module holds [`LmCache`] (lookup, save, CPU-tier keeping) and its lookup types;
+//! `config` holds the configuration from the flags, `remote` the lazily reopened
+//! remote store.
+
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Instant;
+
+use bytes::Bytes;
+use cacheroute_lmcache::keys::{chunk_keys, chunk_keys_all_ranks, KeyError};
+use cacheroute_lmcache::store::{Chunk, StoreError};
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
 
 use crate::cpu_tier::{CpuTier, CpuTierStats};
 use crate::engine::{ExternalHit, Tier};
 use crate::metrics::SimMetrics;
-use crate::SimArgs;
-use anyhow::{anyhow, Context};
-use bytes::Bytes;
-use cacheroute_decisions::cost_model::ModelConfig;
-use cacheroute_lmcache::keys::{
-    check_hash_seed, chunk_keys, chunk_keys_all_ranks, lmcache_dtype_name, KeyParams, KeyScheme,
-    RemoteMetadata,
+
+mod config;
+mod remote;
+
+pub use config::{
+    HeaderError, LmCacheConfig, DEFAULT_KV_SCALE_DOWN, DEFAULT_LOCAL_CPU_GB, DEFAULT_STORE_GBPS,
+    DEFAULT_STORE_TIMEOUT_MS,
 };
-use cacheroute_lmcache::store::{check_store_url, open_store, Chunk, KvStore, StoreError};
-use serde_json::{json, Value};
-use sha2::{Digest, Sha256};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
-use std::time::{Duration, Instant};
-
-/// Default `--kv-scale-down`: a stored `kv_bytes` blob is 1/1024 of the real KV size
-/// (an 8B 256-token chunk: 32 KiB instead of 32 MiB).
-pub const DEFAULT_KV_SCALE_DOWN: u64 = 1024;
-
-/// Default `--kv-store-timeout-ms`.
-pub const DEFAULT_STORE_TIMEOUT_MS: u64 = 2000;
-
-/// Default `--lmcache-local-cpu-size` (GB), LMCache's `max_local_cpu_size` default.
-pub const DEFAULT_LOCAL_CPU_GB: f64 = 5.0;
-
-/// Default `--kv-store-gbps`: the link to the remote store, in Gbit/s.
-pub const DEFAULT_STORE_GBPS: f64 = 25.0;
+pub use remote::RemoteError;
+use remote::StoreSlot;
 
 /// Chunks (keys) per store write pipeline.
 const WRITE_BATCH_KEYS: usize = 8;
-
-/// Least time between two background attempts to open an unreachable store.
-const RECONNECT_INTERVAL: Duration = Duration::from_secs(1);
-
-/// Everything `--kv-store` and the LMCache flags configure.
-#[derive(Debug, Clone, PartialEq)]
-pub struct LmCacheConfig {
-    /// `redis://host:port[/db]` or `memory://NAME`.
-    pub store_url: String,
-    /// Key parameters (`worker_id` is the simulated rank when `ranks` has one element).
-    pub params: KeyParams,
-    /// Ranks whose keys are looked up and written: `--worker-id` alone, or every rank of
-    /// `--world-size` (LMCache's scheduler needs a chunk on all ranks).
-    pub ranks: Vec<u32>,
-    /// Stored blob = real KV bytes / this (at least 1 byte).
-    pub scale_down: u64,
-    /// Layers in the metadata shape.
-    pub num_layers: usize,
-    /// `kv_heads_per_rank × head_dim`, the last dimension of the metadata shape.
-    pub hidden_per_rank: usize,
-    /// The key dtype name (LMCache's spelling).
-    pub dtype: &'static str,
-    /// Bound on a lookup, and on how long a response waits for its writes.
-    pub timeout: Duration,
-    /// CPU tier capacity in real bytes (`--lmcache-local-cpu-size` GB per simulated rank,
-    /// as each rank's LMCache has its own; 0: no CPU tier).
-    pub local_cpu_bytes: u64,
-    /// `--kv-store-gbps` (shown in `/debug/engine`; the engine charges the link).
-    pub store_gbps: f64,
-}
-
-impl LmCacheConfig {
-    /// The LMCache configuration of `args` (None without `--kv-store`), validated.
-    /// `model` and `kv_bytes_per_token` come from the calibration profile.
-    pub fn from_args(
-        args: &SimArgs,
-        model: &ModelConfig,
-        kv_bytes_per_token: u64,
-    ) -> anyhow::Result<Option<Self>> {
-        let Some(url) = args.kv_store.clone() else {
-            return Ok(None);
-        };
-        // parse only; connecting happens later (and may be retried)
-        check_store_url(&url).map_err(|e| anyhow!("--kv-store {url}: {e}"))?;
-        let scheme: KeyScheme = args
-            .lmcache_scheme
-            .parse()
-            .map_err(|e| anyhow!("--lmcache-scheme: {e}"))?;
-        check_hash_seed(&args.hash_seed).map_err(|e| anyhow!("--hash-seed: {e}"))?;
-        anyhow::ensure!(args.chunk_size > 0, "--chunk-size must be at least 1");
-        anyhow::ensure!(args.world_size > 0, "--world-size must be at least 1");
-        anyhow::ensure!(args.kv_scale_down > 0, "--kv-scale-down must be at least 1");
-        anyhow::ensure!(
-            args.kv_store_timeout_ms > 0,
-            "--kv-store-timeout-ms must be at least 1"
-        );
-        anyhow::ensure!(
-            args.lmcache_local_cpu_size.is_finite() && args.lmcache_local_cpu_size >= 0.0,
-            "--lmcache-local-cpu-size must be a number of GB, at least 0 (0: no CPU tier), got {}",
-            args.lmcache_local_cpu_size
-        );
-        anyhow::ensure!(
-            !args.kv_store_gbps.is_nan(),
-            "--kv-store-gbps must be a number (Gbit/s; 0 or less: a free link)"
-        );
-        if let Some(w) = args.worker_id {
-            anyhow::ensure!(
-                w < args.world_size,
-                "--worker-id {w} is not a rank of --world-size {}",
-                args.world_size
-            );
-        }
-        let params = KeyParams {
-            world_size: args.world_size,
-            worker_id: args.worker_id.unwrap_or(0),
-            chunk_size: args.chunk_size,
-            dtype: args.kv_dtype.clone(),
-            hash_seed: Some(args.hash_seed.clone()),
-            save_unfull_chunk: args.save_unfull_chunk,
-            ..KeyParams::new(
-                scheme,
-                args.lmcache_model
-                    .clone()
-                    .unwrap_or_else(|| args.model.clone()),
-            )
-        };
-        // every remaining key problem (model with '@', dtype, ...) shows up here
-        chunk_keys(&params, &[]).map_err(|e| anyhow!("LMCache keys: {e}"))?;
-        let dtype =
-            lmcache_dtype_name(scheme, &args.kv_dtype).map_err(|e| anyhow!("--kv-dtype: {e}"))?;
-        let itemsize = cacheroute_lmcache::keys::dtype_itemsize(dtype).unwrap_or(2) as u64;
-        let ws = args.world_size as u64;
-        let (num_layers, hidden_per_rank) =
-            if model.num_hidden_layers > 0 && model.num_key_value_heads > 0 {
-                (
-                    model.num_hidden_layers,
-                    model.num_key_value_heads.div_ceil(ws).max(1) * model.head_dim(),
-                )
-            } else {
-                // no shape in the profile: one "layer" holding the recorded per-token size
-                (1, (kv_bytes_per_token / (2 * itemsize) / ws).max(1))
-            };
-        let ranks: Vec<u32> = match args.worker_id {
-            Some(w) => vec![w],
-            None => (0..args.world_size).collect(),
-        };
-        let cfg = LmCacheConfig {
-            store_url: url,
-            local_cpu_bytes: CpuTier::capacity_of_gb(args.lmcache_local_cpu_size)
-                .saturating_mul(ranks.len() as u64),
-            store_gbps: args.kv_store_gbps,
-            ranks,
-            params,
-            scale_down: args.kv_scale_down,
-            num_layers: num_layers as usize,
-            hidden_per_rank: hidden_per_rank as usize,
-            dtype,
-            timeout: Duration::from_millis(args.kv_store_timeout_ms),
-        };
-        // a full chunk's header must be writable (dtype with an LMCache code, int32 length)
-        cfg.metadata(cfg.params.chunk_size)
-            .with_context(|| format!("--kv-dtype {}", args.kv_dtype))?;
-        Ok(Some(cfg))
-    }
-
-    /// The `<key>metadata` header of one rank's chunk of `tokens` tokens (real shape).
-    pub fn metadata(&self, tokens: usize) -> anyhow::Result<RemoteMetadata> {
-        RemoteMetadata::kv_2ltd(self.dtype, self.num_layers, tokens, self.hidden_per_rank)
-            .map_err(|e| anyhow!("LMCache metadata header: {e}"))
-    }
-
-    /// Size of the stored `<key>kv_bytes` blob for a chunk whose real KV is `real` bytes.
-    pub fn blob_len(&self, real: u64) -> usize {
-        (real / self.scale_down).max(1) as usize
-    }
-
-    /// Real KV bytes of a chunk of `tokens` tokens on every simulated rank (what the CPU
-    /// tier holds for it).
-    pub fn chunk_bytes(&self, tokens: usize) -> u64 {
-        self.metadata(tokens)
-            .map_or(0, |m| m.length.max(0) as u64)
-            .saturating_mul(self.ranks.len() as u64)
-    }
-}
 
 /// One chunk of a prompt: its token span and its key on every simulated rank.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -212,6 +65,17 @@ pub struct ChunkEntry {
     pub end: usize,
     /// One key per simulated rank (the order of [`LmCacheConfig::ranks`]).
     pub keys: Vec<String>,
+}
+
+/// Why writing a lookup's chunks to the store failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SaveError {
+    #[error("the store is not reachable")]
+    Unreachable,
+    #[error(transparent)]
+    Header(#[from] HeaderError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
 }
 
 /// What a lookup found for one prompt (and what its save will write).
@@ -243,76 +107,6 @@ impl Lookup {
                 .collect(),
             keys_per_chunk,
         }
-    }
-}
-
-/// Why the remote store could not answer a lookup (its chunks then count as misses).
-#[derive(Debug, thiserror::Error)]
-pub enum RemoteError {
-    #[error("the store is not reachable")]
-    Unreachable,
-    #[error("no answer within {0:?}")]
-    Timeout(Duration),
-    #[error(transparent)]
-    Store(#[from] StoreError),
-}
-
-/// Lazily (re)opened store: a store that cannot be reached yet is retried in the
-/// background while requests miss.
-struct StoreSlot {
-    url: String,
-    store: RwLock<Option<Arc<dyn KvStore>>>,
-    connecting: AtomicBool,
-    last_attempt: Mutex<Option<Instant>>,
-    timeout: Duration,
-}
-
-impl StoreSlot {
-    fn current(&self) -> Option<Arc<dyn KvStore>> {
-        self.store.read().unwrap_or_else(|p| p.into_inner()).clone()
-    }
-
-    /// The store, or None (and a background attempt to open it) when not open yet.
-    fn get(self: &Arc<Self>) -> Option<Arc<dyn KvStore>> {
-        if let Some(s) = self.current() {
-            return Some(s);
-        }
-        self.reconnect_in_background();
-        None
-    }
-
-    async fn open(&self) -> Result<(), RemoteError> {
-        // a connection attempt may retry for a while: bound it
-        let limit = self.timeout.max(Duration::from_secs(2));
-        match tokio::time::timeout(limit, open_store(&self.url)).await {
-            Ok(Ok(b)) => {
-                *self.store.write().unwrap_or_else(|p| p.into_inner()) = Some(b);
-                Ok(())
-            }
-            Ok(Err(e)) => Err(e.into()),
-            Err(_) => Err(RemoteError::Timeout(limit)),
-        }
-    }
-
-    fn reconnect_in_background(self: &Arc<Self>) {
-        {
-            let mut last = self.last_attempt.lock().unwrap_or_else(|p| p.into_inner());
-            if last.is_some_and(|t| t.elapsed() < RECONNECT_INTERVAL) {
-                return;
-            }
-            if self.connecting.swap(true, Ordering::AcqRel) {
-                return;
-            }
-            *last = Some(Instant::now());
-        }
-        let slot = self.clone();
-        tokio::spawn(async move {
-            match slot.open().await {
-                Ok(()) => tracing::info!(url = %slot.url, "LMCache store opened"),
-                Err(e) => tracing::warn!(url = %slot.url, "LMCache store still unreachable: {e}"),
-            }
-            slot.connecting.store(false, Ordering::Release);
-        });
     }
 }
 
@@ -397,7 +191,7 @@ impl LmCache {
     }
 
     /// The chunks of `ids` with their keys on every simulated rank.
-    pub fn chunks(&self, ids: &[u32]) -> anyhow::Result<Vec<ChunkEntry>> {
+    pub fn chunks(&self, ids: &[u32]) -> Result<Vec<ChunkEntry>, KeyError> {
         let p = &self.cfg.params;
         if self.cfg.ranks.len() == 1 {
             return Ok(chunk_keys(p, ids)?
@@ -520,7 +314,7 @@ impl LmCache {
     }
 
     /// The chunk values written for one rank's chunk of `tokens` tokens under `key`.
-    pub fn chunk_value(&self, key: &str, tokens: usize) -> anyhow::Result<Chunk> {
+    pub fn chunk_value(&self, key: &str, tokens: usize) -> Result<Chunk, HeaderError> {
         let meta = self.cfg.metadata(tokens)?;
         let real = meta.length.max(0) as u64;
         Ok(Chunk {
@@ -531,7 +325,7 @@ impl LmCache {
 
     /// Write the chunks of `lookup` after its hit (`kv_bytes` then `metadata`, chunk by
     /// chunk in prompt order). Returns the keys written.
-    pub async fn save(&self, lookup: &Lookup) -> Result<usize, StoreError> {
+    pub async fn save(&self, lookup: &Lookup) -> Result<usize, SaveError> {
         let todo: Vec<(&str, usize)> = lookup
             .chunks
             .iter()
@@ -542,17 +336,13 @@ impl LmCache {
             return Ok(0);
         }
         let Some(store) = self.slot.get() else {
-            return Err(StoreError::Config("the store is not reachable".into()));
+            return Err(SaveError::Unreachable);
         };
         let mut written = 0;
         for batch in todo.chunks(WRITE_BATCH_KEYS) {
             let values = batch
                 .iter()
-                .map(|(k, tokens)| {
-                    self.chunk_value(k, *tokens)
-                        .map(|c| (k.to_string(), c))
-                        .map_err(|e| StoreError::Config(e.to_string()))
-                })
+                .map(|(k, tokens)| self.chunk_value(k, *tokens).map(|c| (k.to_string(), c)))
                 .collect::<Result<Vec<_>, _>>()?;
             store.put_chunks(&values).await?;
             written += values.len();
@@ -625,7 +415,11 @@ impl crate::PrefixCache for LmCache {
 
 #[cfg(test)]
 mod tests {
+    use cacheroute_decisions::cost_model::ModelConfig;
+    use cacheroute_lmcache::keys::{KeyScheme, RemoteMetadata};
+
     use super::*;
+    use crate::SimArgs;
     use cacheroute_lmcache::keys::{redis_kv_bytes_key, redis_metadata_key};
     use cacheroute_lmcache::store::named_memory_store;
 
