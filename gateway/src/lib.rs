@@ -12,6 +12,7 @@ pub mod config;
 pub mod conn;
 pub mod control;
 pub mod decisions;
+pub mod dispatch;
 pub mod fleet;
 pub mod forward;
 pub mod headers;
