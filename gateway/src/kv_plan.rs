@@ -332,16 +332,9 @@ mod tests {
     use super::*;
     use crate::fleet::FleetBuilder;
     use crate::knowledge::{BlockModel, KdnSnapshot, SnapshotBlock};
-    use crate::pipeline::testing::fleet_from;
+    use crate::pipeline::testing::{fleet_from, CONFIG};
     use std::collections::BTreeMap;
     use std::time::{Duration, Instant};
-
-    const CONFIG: &str = r#"
-[[pools]]
-name = "p"
-models = ["m"]
-instances = [{ url = "http://127.0.0.1:9" }]
-"#;
 
     fn block(id: &str, model: &str, content: &str, tokens: u64) -> Arc<SnapshotBlock> {
         Arc::new(SnapshotBlock {

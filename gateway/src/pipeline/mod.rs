@@ -490,7 +490,8 @@ pub(crate) mod testing {
     use crate::fleet::FleetBuilder;
     use crate::metrics::Metrics;
 
-    const CONFIG: &str = r#"
+    /// One pool `p` serving model `m` on one (unreachable) instance.
+    pub const CONFIG: &str = r#"
 [[pools]]
 name = "p"
 models = ["m"]

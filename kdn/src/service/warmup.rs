@@ -257,6 +257,18 @@ impl Kdn {
             .await;
     }
 
+    /// How many leading chunks of `keys` the store holds (read before a warm-up, to
+    /// skip it, and after, to verify the producer's saves).
+    async fn present_chunks(&self, keys: &[String], store_url: &str) -> Result<usize, WarmupError> {
+        self.store
+            .longest_present_prefix(keys)
+            .await
+            .map_err(|source| WarmupError::Store {
+                store: store_url.to_string(),
+                source,
+            })
+    }
+
     async fn warm_inner(
         &self,
         rt: &Arc<ModelRuntime>,
@@ -266,15 +278,7 @@ impl Kdn {
         let store_url = redact_url(&self.config.kdn.store);
         let keys = &entry.keys;
         let ws = entry.world_size.max(1) as usize;
-        let present = self
-            .store
-            .longest_present_prefix(keys)
-            .await
-            .map_err(|source| WarmupError::Store {
-                store: store_url.clone(),
-                source,
-            })?;
-        if present == keys.len() {
+        if self.present_chunks(keys, &store_url).await? == keys.len() {
             return Ok(());
         }
         let cfg = &rt.cfg;
@@ -341,14 +345,7 @@ impl Kdn {
         // the producer's LMCache stores after the prefill; give it a moment
         let deadline = Instant::now() + Duration::from_secs_f64(self.config.kdn.warmup_verify_s);
         loop {
-            let present = self
-                .store
-                .longest_present_prefix(keys)
-                .await
-                .map_err(|source| WarmupError::Store {
-                    store: store_url.clone(),
-                    source,
-                })?;
+            let present = self.present_chunks(keys, &store_url).await?;
             if present == keys.len() {
                 return Ok(());
             }
