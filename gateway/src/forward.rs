@@ -3,6 +3,7 @@
 
 use crate::fleet::{PoolInstance, PrefillGuard};
 use bytes::Bytes;
+use http::HeaderName;
 use pingora::connectors::TransportConnector;
 use pingora::http::ResponseHeader;
 use pingora::prelude::*;
@@ -90,7 +91,9 @@ pub async fn exchange(
         let (stream, reused) = match inst.state.idle.take() {
             Some(stream) => (stream, true),
             None => {
-                let fresh = transport.new_stream(&peer).await;
+                // Boxed: a new connection is rare on a kept-alive path, and its
+                // future would otherwise make every exchange's state larger.
+                let fresh = Box::pin(transport.new_stream(&peer)).await;
                 (fresh.map_err(ExchangeError::NotSent)?, false)
             }
         };
@@ -289,15 +292,32 @@ fn downstream_response(
     upstream: &ResponseHeader,
     extra: &[(&'static str, &str)],
 ) -> Result<ResponseHeader> {
-    let mut resp = upstream.clone();
-    resp.remove_header("connection");
-    resp.remove_header("keep-alive");
+    // Built from the header map alone, without Pingora's case-preserving name map:
+    // cloning that map and keeping it in step on every insert (ours and Pingora's
+    // date and connection) was a tenth of a plain request's instructions. Names go
+    // out lowercase, as HTTP/2 sends them and HTTP/1.1 allows.
+    let (mut parts, ()) = http::Response::new(()).into_parts();
+    parts.status = upstream.status;
+    parts.version = upstream.version;
+    parts.headers = upstream.headers.clone();
+    parts.headers.remove(http::header::CONNECTION);
+    parts.headers.remove(HeaderName::from_static("keep-alive"));
     // A gateway behind this one (role proxy) already said what it decided; its
     // answer is the more precise one. Engines never send these headers.
     for (k, v) in extra {
-        if upstream.headers.get(*k).is_none() {
-            // A static name skips parsing and lowercasing it per response.
-            resp.insert_header(http::HeaderName::from_static(k), *v)?;
+        // A static name skips parsing and lowercasing it per response.
+        let name = HeaderName::from_static(k);
+        if !parts.headers.contains_key(&name) {
+            let value = http::HeaderValue::from_str(v)
+                .or_err(InvalidHTTPHeader, "invalid x-cacheroute header value")?;
+            parts.headers.insert(name, value);
+        }
+    }
+    let mut resp = ResponseHeader::from(parts);
+    // A reason phrase the engine chose (not the status's own) goes through.
+    if let Some(reason) = upstream.get_reason_phrase() {
+        if Some(reason) != upstream.status.canonical_reason() {
+            resp.set_reason_phrase(Some(reason))?;
         }
     }
     Ok(resp)

@@ -167,7 +167,12 @@ impl ServicePlane {
         // Nothing to decide but where the body goes: no knowledge, no injection.
         let pool = pools.first().map(|&p| fleet.pools[p].name.clone());
         let model = model.unwrap_or_default();
-        let mut pipe = RequestCtx::new(fleet, Route::Completions, model.clone(), ctx.start);
+        let mut pipe = Box::new(RequestCtx::new(
+            fleet,
+            Route::Completions,
+            model.clone(),
+            ctx.start,
+        ));
         pipe.route_label = route.label;
         pipe.hops = hops;
         pipe.pool_order = pools;

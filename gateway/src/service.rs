@@ -42,7 +42,8 @@ pub struct ReqCtx {
     pub(crate) served_by: Option<Arc<InstanceMetrics>>,
     pub(crate) ttft: Option<Duration>,
     /// The filters' context of a completion request (its body parsed).
-    pub(crate) pipe: Option<RequestCtx>,
+    /// Boxed: it is the bulk of a request's state, and moves as a pointer.
+    pub(crate) pipe: Option<Box<RequestCtx>>,
     /// The upstream exchange completed.
     pub(crate) exchanged: bool,
     /// The body's framing was broken or it came too slowly: the answer is
@@ -78,50 +79,64 @@ impl HttpServerApp for ServicePlane {
             lingering_close(session).await;
             return None;
         }
+        // The request's own state lives in this block only: the connection's
+        // next steps (linger, finish, wait for the next request) do not carry it.
+        // Each request's future is moved into a box by Pingora, so its size is
+        // copied per request.
         let _active = ActiveRequest::new(&self.state);
-        let keepalive = if *shutdown.borrow() {
-            None
-        } else {
-            Some(KEEPALIVE_SECS)
-        };
-        session.set_keepalive(keepalive);
-        let mut ctx = ReqCtx {
-            start: Instant::now(),
-            route: "other",
-            status: 0,
-            served_by: None,
-            ttft: None,
-            pipe: None,
-            exchanged: false,
-            body_refused: false,
-        };
-        let result = self.route_request(&mut session, &mut ctx).await;
-        let status = final_status(&ctx, result.is_err());
-        if let Some(mut pipe) = ctx.pipe.take() {
-            let done = Done {
-                status,
-                instance: ctx.served_by.as_ref().map(|i| i.url.as_str()),
-                ttft: ctx.ttft,
-                exchanged: ctx.exchanged,
+        let next = {
+            let keepalive = if *shutdown.borrow() {
+                None
+            } else {
+                Some(KEEPALIVE_SECS)
             };
-            let chain = pipe.fleet.chain.clone();
-            chain.done(&mut pipe, &done, &*self.state);
-        }
-        self.record(&ctx, status);
-        if session.body_bytes_read() > COLLECT_AFTER_BYTES {
-            // A large body's buffers are freed by now (the request's state
-            // goes with `ctx`); have mimalloc return them to the OS at once
-            // rather than when this thread next allocates enough.
-            // SAFETY: mi_collect only walks mimalloc's own heaps.
-            unsafe { libmimalloc_sys::mi_collect(true) };
-        }
-        if let Err(e) = result {
-            tracing::debug!(error = %e, "request ended early");
-            return None;
-        }
-        if ctx.body_refused {
-            lingering_close(session).await;
-            return None;
+            session.set_keepalive(keepalive);
+            let mut ctx = ReqCtx {
+                start: Instant::now(),
+                route: "other",
+                status: 0,
+                served_by: None,
+                ttft: None,
+                pipe: None,
+                exchanged: false,
+                body_refused: false,
+            };
+            let result = self.route_request(&mut session, &mut ctx).await;
+            let status = final_status(&ctx, result.is_err());
+            if let Some(mut pipe) = ctx.pipe.take() {
+                let done = Done {
+                    status,
+                    instance: ctx.served_by.as_ref().map(|i| i.url.as_str()),
+                    ttft: ctx.ttft,
+                    exchanged: ctx.exchanged,
+                };
+                let chain = pipe.fleet.chain.clone();
+                chain.done(&mut pipe, &done, &*self.state);
+            }
+            self.record(&ctx, status);
+            let body_refused = ctx.body_refused;
+            drop(ctx);
+            if session.body_bytes_read() > COLLECT_AFTER_BYTES {
+                // A large body's buffers are freed by now (the request's state
+                // went with `ctx`); have mimalloc return them to the OS at once
+                // rather than when this thread next allocates enough.
+                // SAFETY: mi_collect only walks mimalloc's own heaps.
+                unsafe { libmimalloc_sys::mi_collect(true) };
+            }
+            // Ok(true): the body's framing was broken or it came too slowly,
+            // so the answer is the last thing on this connection.
+            result.map(|()| body_refused)
+        };
+        match next {
+            Err(e) => {
+                tracing::debug!(error = %e, "request ended early");
+                return None;
+            }
+            Ok(true) => {
+                lingering_close(session).await;
+                return None;
+            }
+            Ok(false) => {}
         }
         let settings = HttpPersistentSettings::for_session(&session);
         let reusable = session.finish().await.ok()??;
@@ -294,7 +309,12 @@ impl ServicePlane {
             Err(err) => return self.reject(session, ctx, err).await,
         };
         let chain = fleet.chain.clone();
-        let mut pipe = RequestCtx::new(fleet, route, body.model().to_string(), ctx.start);
+        let mut pipe = Box::new(RequestCtx::new(
+            fleet,
+            route,
+            body.model().to_string(),
+            ctx.start,
+        ));
         let passed = {
             let mut req = Incoming {
                 header: session.req_header(),

@@ -189,6 +189,27 @@ mod tests {
     }
 
     #[test]
+    fn escaped_keys_are_the_same_fields() {
+        // Keys are borrowed from the body when they can be; an escaped key is
+        // decoded and must match the same field.
+        let body = r#"{"mod\u0065l":"m","m\u0065ssages":[{"r\u006fle":"user","content":"hi"}],"\u007a":1}"#;
+        let CompletionBody::Chat(chat) = parse(Route::Chat, body).unwrap() else {
+            panic!("not a chat body")
+        };
+        assert_eq!(
+            (chat.model.as_str(), chat.messages[0].role.as_str()),
+            ("m", "user")
+        );
+        assert_eq!(chat.extra["z"], 1);
+        let CompletionBody::Completions(c) =
+            parse(Route::Completions, r#"{"model":"m","pr\u006fmpt":"a"}"#).unwrap()
+        else {
+            panic!("not a completions body")
+        };
+        assert_eq!(c.model, "m");
+    }
+
+    #[test]
     fn completions_prompt_shapes() {
         for p in [r#""a""#, r#"["a","b"]"#, "[1,2,3]", "[[1],[2,3]]"] {
             let body = format!(r#"{{"model":"m","prompt":{p}}}"#);

@@ -10,6 +10,7 @@ use super::{
 use serde::de::{self, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde::Deserialize;
 use serde_json::{Map, Value};
+use std::borrow::Cow;
 use std::fmt;
 
 const PROMPT_SHAPES: &str = "`prompt` must be a string, an array of strings, an array of token ids, or an array of arrays of token ids";
@@ -144,6 +145,33 @@ impl<'de> Deserialize<'de> for Bounded {
     }
 }
 
+/// An object key, borrowed from the body when it has no escapes: the fields a
+/// request is matched on are read without an allocation per key (`Cow`'s own
+/// `Deserialize` always copies).
+struct Key<'de>(Cow<'de, str>);
+
+impl<'de> Deserialize<'de> for Key<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Key<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("an object key")
+            }
+            fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<Key<'de>, E> {
+                Ok(Key(Cow::Borrowed(v)))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Key<'de>, E> {
+                Ok(Key(Cow::Owned(v.to_owned())))
+            }
+            fn visit_string<E: de::Error>(self, v: String) -> Result<Key<'de>, E> {
+                Ok(Key(Cow::Owned(v)))
+            }
+        }
+        d.deserialize_str(V)
+    }
+}
+
 /// A chat request's messages, at most MAX_MESSAGES of them.
 pub(super) struct Messages(pub Vec<ChatMessage>);
 
@@ -187,11 +215,11 @@ impl<'de> Deserialize<'de> for Shape {
             }
             fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Shape, A::Error> {
                 let mut present = Vec::new();
-                while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+                while let Some(key) = map.next_key::<Key<'de>>()? {
                     let value = map.next_value::<Option<de::IgnoredAny>>()?;
                     let known = ["model", "messages", "prompt"]
                         .into_iter()
-                        .find(|k| *k == key);
+                        .find(|k| *k == key.0);
                     if let (Some(k), Some(_)) = (known, value) {
                         present.push(k);
                     }
@@ -259,14 +287,14 @@ impl<'de> Deserialize<'de> for ChatCompletionRequest {
                 let (mut model, mut messages, mut max_completion_tokens) = (None, None, None);
                 let mut params = CommonParams::default();
                 let mut extra = Map::new();
-                while let Some(key) = map.next_key::<String>()? {
-                    match key.as_str() {
+                while let Some(key) = map.next_key::<Key<'de>>()? {
+                    match &*key.0 {
                         "model" => model = map.next_value::<Option<String>>()?,
                         "messages" => messages = map.next_value::<Option<Messages>>()?.map(|m| m.0),
                         "max_completion_tokens" => max_completion_tokens = map.next_value()?,
                         k => {
                             if !params.accept(k, &mut map)? {
-                                extra.insert(key, map.next_value::<Bounded>()?.0);
+                                extra.insert(key.0.into_owned(), map.next_value::<Bounded>()?.0);
                             }
                         }
                     }
@@ -296,13 +324,13 @@ impl<'de> Deserialize<'de> for CompletionRequest {
                 let (mut model, mut prompt) = (None, None);
                 let mut params = CommonParams::default();
                 let mut extra = Map::new();
-                while let Some(key) = map.next_key::<String>()? {
-                    match key.as_str() {
+                while let Some(key) = map.next_key::<Key<'de>>()? {
+                    match &*key.0 {
                         "model" => model = map.next_value::<Option<String>>()?,
                         "prompt" => prompt = map.next_value::<Option<Prompt>>()?,
                         k => {
                             if !params.accept(k, &mut map)? {
-                                extra.insert(key, map.next_value::<Bounded>()?.0);
+                                extra.insert(key.0.into_owned(), map.next_value::<Bounded>()?.0);
                             }
                         }
                     }
@@ -329,11 +357,12 @@ impl<'de> Deserialize<'de> for StreamOptions {
             }
             fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
                 let mut out = StreamOptions::default();
-                while let Some(key) = map.next_key::<String>()? {
-                    if key == "include_usage" {
+                while let Some(key) = map.next_key::<Key<'de>>()? {
+                    if key.0 == "include_usage" {
                         out.include_usage = map.next_value()?;
                     } else {
-                        out.extra.insert(key, map.next_value::<Bounded>()?.0);
+                        out.extra
+                            .insert(key.0.into_owned(), map.next_value::<Bounded>()?.0);
                     }
                 }
                 Ok(out)
@@ -354,12 +383,12 @@ impl<'de> Deserialize<'de> for ChatMessage {
             fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
                 let (mut role, mut content) = (None, None);
                 let mut extra = Map::new();
-                while let Some(key) = map.next_key::<String>()? {
-                    match key.as_str() {
+                while let Some(key) = map.next_key::<Key<'de>>()? {
+                    match &*key.0 {
                         "role" => role = Some(map.next_value::<String>()?),
                         "content" => content = map.next_value::<Option<MessageContent>>()?,
                         _ => {
-                            extra.insert(key, map.next_value::<Bounded>()?.0);
+                            extra.insert(key.0.into_owned(), map.next_value::<Bounded>()?.0);
                         }
                     }
                 }
