@@ -276,7 +276,7 @@ pub async fn start(args: AgentArgs) -> anyhow::Result<AgentHandle> {
             instance: Some(engine.clone()),
             gateways: gateways.clone(),
             // the gateways' control token, by its own name or the gateway's
-            token: cacheroute_kdn::auth::token_or_env(
+            token: cacheroute_auth::token_or_env(
                 args.gateway_token.as_deref().unwrap_or_default(),
                 "CACHEROUTE_CONTROL_TOKEN",
             ),
