@@ -47,10 +47,10 @@ pub struct AgentArgs {
     /// Bearer token for the gateways' control planes.
     #[arg(long, env = "CACHEROUTE_GATEWAY_TOKEN", hide_env_values = true)]
     pub gateway_token: Option<String>,
-    /// This agent's id (default agent@<listen>).
+    /// This agent's id (default `agent@<listen>`).
     #[arg(long)]
     pub id: Option<String>,
-    /// The URL gateways reach this agent at (default http://<listen>).
+    /// The URL gateways reach this agent at (default `http://<listen>`).
     #[arg(long, value_name = "URL")]
     pub advertise_url: Option<String>,
     /// Seconds between registrations; gateways forget the agent after three missed ones.

@@ -291,7 +291,7 @@ mod tests {
         }
     }
 
-    /// research §9: the original counts the link wait in `kv_prepare` and again as the 0.5
+    /// `docs/original.md`: the original counts the link wait in `kv_prepare` and again as the 0.5
     /// penalty, and its text path waits on the KV link. Toy model, 3000 queued tokens (600
     /// ms), link busy 1000 ms, P=64, K=4096 at 8 Gbit/s:
     /// iws: text = 1004 + 839.2 = 1843.2 ≤ kv 1470.56 + 500 + 100 → text;

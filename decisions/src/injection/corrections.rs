@@ -42,7 +42,7 @@ impl Corrections {
     }
 
     /// Record a measured TTFT for a request predicted at `predicted_ms` (the *uncorrected*
-    /// prediction, [`AdaptiveTerms::text_raw_ms`] / [`AdaptiveTerms::kv_raw_ms`]). Returns the
+    /// prediction, [`super::AdaptiveTerms::text_raw_ms`] / [`super::AdaptiveTerms::kv_raw_ms`]). Returns the
     /// new factor. Non-finite or non-positive values are ignored.
     pub fn observe(
         &mut self,

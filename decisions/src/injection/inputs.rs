@@ -31,7 +31,7 @@ impl InjectionStrategy {
 }
 
 /// What a KV-mode request does when it is admitted before its KV is resident
-/// (research §3.7; the original's only policy was `text_bypass`, with no deadline).
+/// (`docs/original.md`: the original's were `ordered` and `text_bypass`, with no deadline).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]
 pub enum ReleasePolicy {

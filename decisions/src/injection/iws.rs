@@ -1,4 +1,4 @@
-//! The original proxy's IWS rule (research §3.9), term for term: its constants, its
+//! The original proxy's IWS rule (`docs/original.md`), term for term: its constants, its
 //! estimate ([`iws_terms`]) and its choice.
 
 use serde::{Deserialize, Serialize};
@@ -7,7 +7,7 @@ use super::{queue_wait_ms, InjectionInputs, InjectionMode};
 use crate::cost_model::CostModel;
 use crate::injection::iws;
 
-// Constants of the original's IWS rule (research §3.9).
+// Constants of the original's IWS rule (`docs/original.md`).
 
 /// LMCache chunk the original aligns to: `eff = floor(K/256)·256`.
 pub const CHUNK: u64 = 256;
@@ -24,7 +24,7 @@ pub const DECISION_MARGIN_MS: f64 = 100.0;
 /// Bandwidth when the link reports none (`KDN_DEFAULT_BANDWIDTH_MBPS`, else 1000), Mbit/s.
 pub const DEFAULT_BANDWIDTH_MBPS: f64 = 1000.0;
 
-/// Every term of the original's IWS estimate (research §3.9), in ms.
+/// Every term of the original's IWS estimate (`docs/original.md`), in ms.
 #[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
 pub struct IwsTerms {
     /// `eff = floor(K/256)·256`: knowledge tokens the KV covers.
@@ -53,7 +53,7 @@ pub struct IwsTerms {
     /// `kvcache_total = max(ready_wait, kv_prepare) + redis_load + residual`.
     pub kv_total: f64,
     /// `kvcache_total + 0.5·kv_queue_wait + 100` (the left side of the comparison; the queue
-    /// wait is counted a second time here: a §9 defect kept on purpose).
+    /// wait is counted a second time here: a defect of the original kept on purpose).
     pub kv_score: f64,
 }
 
@@ -107,7 +107,7 @@ pub fn iws_terms(m: &CostModel, inputs: &InjectionInputs) -> IwsTerms {
     }
 }
 
-/// The original's choice and reason for these terms (research §3.9).
+/// The original's choice and reason for these terms (`docs/original.md`).
 pub(super) fn iws_choice(inputs: &InjectionInputs, t: &IwsTerms) -> (InjectionMode, &'static str) {
     if inputs.knowledge.knowledge_tokens == 0 || inputs.transfer.is_none() {
         return (InjectionMode::Text, "no_rag_or_empty_knowledge");
@@ -133,7 +133,7 @@ mod tests {
     use crate::injection::*;
     use crate::scheduler::InjectionPreference;
 
-    /// IWS worked cases, computed by hand from research §3.9 with the toy model:
+    /// IWS worked cases, computed by hand from the rule in `docs/original.md` with the toy model:
     /// text_total = max(busy + rtt + 3, ready) + 0.2·(P+K+36);
     /// kv_total = max(ready, busy + 0.1·eff·(8/gbps)) + 0.01·eff + 0.2·max(1, P+K−eff+36);
     /// kv iff kv_total + 0.5·busy + 100 < text_total.
@@ -302,7 +302,7 @@ mod tests {
 
     #[test]
     fn iws_with_real_profile_flips_to_kv_for_long_knowledge() {
-        // The research's example (P=12, K=3744, rtt 1 ms, 1 Gbit/s) picked text only because
+        // The original's own example (P=12, K=3744, rtt 1 ms, 1 Gbit/s) picked text only because
         // the shipped coefficients were zero; with a fitted model a long knowledge on a fast
         // link goes as KV.
         let m = m8b();

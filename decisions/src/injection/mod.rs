@@ -9,9 +9,10 @@
 //!   them; `"auto"` (or absent) keeps the strategy's mode.
 //! * `hybrid`: a static 1:1 mix, the original's "hybrid" baseline: knowledge requests
 //!   alternate between KV and text on the gateway's turn counter ([`InjectionInputs::turn`]).
-//! * `iws`: the original proxy's rule (research `cacheroute.md` §3.9), term for term, with
+//! * `iws`: the original proxy's rule (`docs/original.md`), term for term, with
 //!   the 0.5 queue penalty and the 100 ms margin, but fed with coefficients fitted from our
-//!   calibration profile ([`CostModel`]) instead of the all-zero JSON it ships with (§9).
+//!   calibration profile ([`crate::cost_model::CostModel`]) instead of the all-zero
+//!   coefficients it ships with.
 //!   The baseline the benchmarks compare against. See [`iws_terms`].
 //! * `adaptive` (default): predicted TTFT of both modes on the chosen instance from its queue
 //!   and running batch, the fitted prefill / cached-prefill / decode / host-to-device curves,
@@ -21,10 +22,11 @@
 //!   time one step spends on this request's prefill (or KV load) is time every request
 //!   prefilling beside it waits, so a long text prefill on a busy instance costs its
 //!   own TTFT plus the extra step time × the requests that share those steps.
-//!   Fixes the §9 defects: the queue wait is counted once, the KDN's load is used, and KV
-//!   already resident in the instance's store costs nothing to move. See [`adaptive_terms`].
+//!   Fixes the original's defects (`docs/original.md`): the queue wait is counted once,
+//!   the KDN's load is used, and KV already resident in the instance's store costs
+//!   nothing to move. See [`adaptive_terms`].
 //!
-//! Under `iws` and `adaptive` the client's field is overridden, as in the original (§3.2 step 3).
+//! Under `iws` and `adaptive` the client's field is overridden, as in the original.
 //! Every decision records its inputs, both predictions and the reason (for `/debug/strategy`
 //! and the decision log).
 //!

@@ -1,5 +1,5 @@
 //! Instance pickers: how one instance of a pool is chosen for an attempt. One trait,
-//! one file per policy, built from the config by [`build`]; a policy that keeps
+//! one file per policy, built from the config by [`Pickers::build`]; a policy that keeps
 //! state (the round-robin ticket, `prefix_affinity`'s prompt tree) owns it. The
 //! arithmetic stays in `cacheroute_decisions::balance` (pure, tested there).
 

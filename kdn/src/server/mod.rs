@@ -235,24 +235,24 @@ pub struct KdnArgs {
     /// Configuration file (TOML; see conf/kdn.example.toml).
     #[arg(long, env = "CACHEROUTE_KDN_CONFIG")]
     pub config: Option<PathBuf>,
-    /// Listen address (overrides [kdn] listen; default 127.0.0.1:9101).
+    /// Listen address (overrides `[kdn] listen`; default 127.0.0.1:9101).
     #[arg(long)]
     pub listen: Option<SocketAddr>,
-    /// Registry URL, redis://… or memory://NAME (overrides [kdn] registry).
+    /// Registry URL, redis://… or memory://NAME (overrides `[kdn] registry`).
     #[arg(long)]
     pub registry: Option<String>,
-    /// The KDN's KV store URL (overrides [kdn] store).
+    /// The KDN's KV store URL (overrides `[kdn] store`).
     #[arg(long)]
     pub store: Option<String>,
-    /// This KDN's id (overrides [kdn] id; default kdn@<listen>).
+    /// This KDN's id (overrides `[kdn] id`; default `kdn@<listen>`).
     #[arg(long)]
     pub id: Option<String>,
     /// A gateway control-plane base URL to register with, e.g. http://127.0.0.1:9090
-    /// (repeatable; added to [kdn] gateways).
+    /// (repeatable; added to `[kdn] gateways`).
     #[arg(long = "gateway", value_name = "URL")]
     pub gateways: Vec<String>,
-    /// The URL gateways reach this KDN at (overrides [kdn] advertise_url; default
-    /// http://<listen>).
+    /// The URL gateways reach this KDN at (overrides `[kdn] advertise_url`; default
+    /// `http://<listen>`).
     #[arg(long)]
     pub advertise_url: Option<String>,
     /// Serve writes without a token on a non-loopback address.
