@@ -11,6 +11,10 @@ use std::net::SocketAddr;
 /// gateways that write to it.
 pub const KDN_TOKEN_ENV: &str = "CACHEROUTE_KDN_TOKEN";
 
+/// The environment variable that holds a gateway's control-plane token, read by the
+/// gateway and by the members (KDNs, agents) that register with it.
+pub const CONTROL_TOKEN_ENV: &str = "CACHEROUTE_CONTROL_TOKEN";
+
 /// Whether an `Authorization` header value carries `Bearer <token>`. The comparison
 /// takes the same time wherever the first difference is.
 pub fn bearer_matches(authorization: Option<&[u8]>, token: &str) -> bool {

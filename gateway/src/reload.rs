@@ -37,7 +37,7 @@ pub struct Overrides {
 
 /// Where the control plane's and the KDNs' write tokens come from when the file
 /// gives none.
-pub const CONTROL_TOKEN_ENV: &str = "CACHEROUTE_CONTROL_TOKEN";
+pub const CONTROL_TOKEN_ENV: &str = cacheroute_auth::CONTROL_TOKEN_ENV;
 pub const PEER_TOKEN_ENV: &str = "CACHEROUTE_PEER_TOKEN";
 
 impl ConfigSource {

@@ -278,7 +278,7 @@ pub async fn start(args: AgentArgs) -> anyhow::Result<AgentHandle> {
             // the gateways' control token, by its own name or the gateway's
             token: cacheroute_auth::token_or_env(
                 args.gateway_token.as_deref().unwrap_or_default(),
-                "CACHEROUTE_CONTROL_TOKEN",
+                cacheroute_auth::CONTROL_TOKEN_ENV,
             ),
             heartbeat: Duration::from_secs_f64(args.heartbeat_s),
             on_attempt: Some(on_attempt),

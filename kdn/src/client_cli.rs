@@ -21,7 +21,7 @@ pub struct KnowledgeArgs {
     /// Bearer token for the KDN's write paths (register, delete, inject).
     #[arg(
         long,
-        env = "CACHEROUTE_KDN_TOKEN",
+        env = crate::auth::KDN_TOKEN_ENV,
         global = true,
         hide_env_values = true
     )]

@@ -260,8 +260,8 @@ pub struct KdnArgs {
     pub insecure: bool,
 }
 
-/// The environment variable holding the KDN's write token.
-pub const TOKEN_ENV: &str = "CACHEROUTE_KDN_TOKEN";
+/// The environment variable holding the KDN's write token (one name, in `cacheroute-auth`).
+pub const TOKEN_ENV: &str = crate::auth::KDN_TOKEN_ENV;
 
 impl KdnArgs {
     /// The configuration these arguments describe.
@@ -288,7 +288,7 @@ impl KdnArgs {
         }
         cfg.kdn.token = crate::auth::token_or_env(&cfg.kdn.token, TOKEN_ENV);
         cfg.kdn.gateway_token =
-            crate::auth::token_or_env(&cfg.kdn.gateway_token, "CACHEROUTE_CONTROL_TOKEN");
+            crate::auth::token_or_env(&cfg.kdn.gateway_token, crate::auth::CONTROL_TOKEN_ENV);
         cfg.kdn.insecure |= self.insecure;
         cfg.validate()?;
         Ok(cfg)
