@@ -35,9 +35,8 @@ pub struct Overrides {
     pub insecure: bool,
 }
 
-/// Where the control plane's and the KDNs' write tokens come from when the file
-/// gives none.
-pub const CONTROL_TOKEN_ENV: &str = cacheroute_auth::CONTROL_TOKEN_ENV;
+/// Where the peer token comes from when the file gives none (the control plane's and
+/// the KDNs' come from `cacheroute_auth`'s variables).
 pub const PEER_TOKEN_ENV: &str = "CACHEROUTE_PEER_TOKEN";
 
 impl ConfigSource {
@@ -66,7 +65,8 @@ impl ConfigSource {
             config.gateway.log_decisions = p.clone();
         }
         let g = &mut config.gateway;
-        g.control_token = cacheroute_auth::token_or_env(&g.control_token, CONTROL_TOKEN_ENV);
+        g.control_token =
+            cacheroute_auth::token_or_env(&g.control_token, cacheroute_auth::CONTROL_TOKEN_ENV);
         g.peer_token = cacheroute_auth::token_or_env(&g.peer_token, PEER_TOKEN_ENV);
         let k = &mut config.knowledge;
         k.kdn_token = cacheroute_auth::token_or_env(&k.kdn_token, cacheroute_auth::KDN_TOKEN_ENV);
@@ -333,13 +333,4 @@ async fn fetch_models(client: &reqwest::Client, base: &str) -> Result<Vec<String
         .await
         .context("unexpected /v1/models answer")?;
     Ok(list.data.into_iter().map(|e| e.id).collect())
-}
-
-#[cfg(test)]
-mod tests {
-    /// The gateway reads the KDN's token from the variable the KDN itself reads.
-    #[test]
-    fn kdn_token_env_is_the_kdns() {
-        assert_eq!(cacheroute_auth::KDN_TOKEN_ENV, cacheroute_kdn::TOKEN_ENV);
-    }
 }

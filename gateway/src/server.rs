@@ -33,7 +33,7 @@ pub fn run(
         control,
         &config.gateway.control_token,
         overrides.insecure,
-        crate::reload::CONTROL_TOKEN_ENV,
+        cacheroute_auth::CONTROL_TOKEN_ENV,
     )?;
 
     // The first load runs on a short-lived runtime: Pingora starts its own.

@@ -26,4 +26,4 @@ pub mod registry;
 pub mod server;
 pub mod service;
 
-pub use server::{run_kdn, spawn_kdn, KdnArgs, KdnHandle, TOKEN_ENV};
+pub use server::{run_kdn, spawn_kdn, KdnArgs, KdnHandle};

@@ -186,7 +186,7 @@ pub async fn spawn_kdn(mut config: KdnConfig) -> anyhow::Result<KdnHandle> {
         addr,
         &config.kdn.token,
         config.kdn.insecure,
-        TOKEN_ENV,
+        crate::auth::KDN_TOKEN_ENV,
     )?;
     // the real port, so that the default id and advertised URL are usable with port 0
     config.kdn.listen = addr;
@@ -260,9 +260,6 @@ pub struct KdnArgs {
     pub insecure: bool,
 }
 
-/// The environment variable holding the KDN's write token (one name, in `cacheroute-auth`).
-pub const TOKEN_ENV: &str = crate::auth::KDN_TOKEN_ENV;
-
 impl KdnArgs {
     /// The configuration these arguments describe.
     pub fn load_config(&self) -> anyhow::Result<KdnConfig> {
@@ -286,7 +283,7 @@ impl KdnArgs {
         if let Some(u) = &self.advertise_url {
             cfg.kdn.advertise_url = Some(u.clone());
         }
-        cfg.kdn.token = crate::auth::token_or_env(&cfg.kdn.token, TOKEN_ENV);
+        cfg.kdn.token = crate::auth::token_or_env(&cfg.kdn.token, crate::auth::KDN_TOKEN_ENV);
         cfg.kdn.gateway_token =
             crate::auth::token_or_env(&cfg.kdn.gateway_token, crate::auth::CONTROL_TOKEN_ENV);
         cfg.kdn.insecure |= self.insecure;
