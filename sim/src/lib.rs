@@ -117,6 +117,12 @@ pub struct SimArgs {
     /// (0 or less: free).
     #[arg(long, default_value_t = lmcache::DEFAULT_STORE_GBPS, allow_negative_numbers = true)]
     pub kv_store_gbps: f64,
+    /// LMCache's `enable_async_loading`: a remote-store hit is prefetched over the store
+    /// link while the engine keeps stepping (the request waits, as vLLM's
+    /// WAITING_FOR_REMOTE_KVS, without holding up the batch); only host-to-device is paid
+    /// in the step. Off: the step that admits the request waits for the link too.
+    #[arg(long)]
+    pub lmcache_async_loading: bool,
     /// vLLM `--model` string used in LMCache keys (default: `--model`).
     #[arg(long)]
     pub lmcache_model: Option<String>,
@@ -168,6 +174,7 @@ impl Default for SimArgs {
             kv_store: None,
             lmcache_local_cpu_size: lmcache::DEFAULT_LOCAL_CPU_GB,
             kv_store_gbps: lmcache::DEFAULT_STORE_GBPS,
+            lmcache_async_loading: false,
             lmcache_model: None,
             lmcache_scheme: "lmcache-0.3.13".into(),
             chunk_size: 256,
@@ -331,6 +338,7 @@ async fn build_state(
             .max(1),
         enable_prefix_caching: !args.no_enable_prefix_caching,
         kv_store_gbps: args.kv_store_gbps,
+        async_loading: args.lmcache_async_loading,
     };
     anyhow::ensure!(
         !args.kv_store_gbps.is_nan(),

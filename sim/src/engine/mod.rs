@@ -14,7 +14,11 @@
 //!    contiguous chunks; the sequence starts with the longer of the two computed. The GPU
 //!    part costs nothing extra; what LMCache supplies beyond it costs the step
 //!    `h2d_ms(bytes)` (CPU tier) or `h2d_ms(bytes)` plus `bytes` over the store link
-//!    (remote store, `--kv-store-gbps`);
+//!    (remote store, `--kv-store-gbps`). With LMCache's async loading
+//!    (`--lmcache-async-loading`) the remote chunks are prefetched over the link from
+//!    submission on, one prefetch after another, while the engine keeps stepping; the
+//!    sequence is skipped in the queue until they are in, and its step then pays
+//!    host-to-device only;
 //! 3. KV blocks (16 tokens) come from the [`BlockPool`](crate::apc::BlockPool) for every
 //!    computed token (full prompt blocks are cached as they are allocated); when a running
 //!    sequence cannot grow, the most recently admitted one is preempted (recompute: its
@@ -60,6 +64,7 @@ mod tests {
             num_gpu_blocks: 20000,
             enable_prefix_caching: true,
             kv_store_gbps: 25.0,
+            async_loading: false,
         }
     }
 
@@ -467,6 +472,72 @@ mod tests {
         s.external = ext(vec![(512, Tier::Remote)]);
         let (_, p, _) = run_one(&mut sched, s, 0.0);
         assert!((p.load_ms - c.h2d_ms(kv(512))).abs() < 1e-9);
+    }
+
+    #[test]
+    fn async_loading_prefetches_off_the_step() {
+        let c = cost();
+        let kv = |t: u64| c.kv_bytes(t);
+        let link = |bytes: u64| bytes as f64 / (25e9 / 8.0) * 1000.0;
+        let mut async_cfg = cfg();
+        async_cfg.async_loading = true;
+        let mut sched = Scheduler::new(async_cfg, c.clone());
+        // request 1 finds 2,048 tokens in the remote store; request 2 finds nothing
+        let mut s1 = spec_ids(1, &prompt(2100, 7), 1);
+        s1.external = Some(Arc::new(ExternalHit::single(2048, Tier::Remote)));
+        sched.add(s1);
+        sched.add(spec_ids(2, &prompt(300, 8), 1));
+        let ready = link(kv(2048));
+        assert_eq!(sched.next_ready_ms(0.0), Some(ready));
+        assert_eq!(sched.num_waiting_for_kv(0.0), 1);
+        // the first step runs request 2 alone: request 1 keeps its place but is skipped
+        let p = sched.schedule(0.0);
+        assert_eq!(p.scheduled, vec![(2, 300)]);
+        assert_eq!(p.load_ms, 0.0);
+        sched.complete(&p, 1.0);
+        // nothing can run before the prefetch is in
+        assert!(sched.schedule(1.0).scheduled.is_empty());
+        // once it is in, its step pays host-to-device only; the split still says remote
+        let p = sched.schedule(ready);
+        assert_eq!(p.scheduled, vec![(1, 52)]);
+        assert_eq!(p.admitted[0].split.remote, 2048);
+        assert_eq!((p.loaded_tokens, p.remote_tokens), (2048, 0));
+        assert!((p.load_ms - c.h2d_ms(kv(2048))).abs() < 1e-9);
+        assert!((sched.prefetch_ms - ready).abs() < 1e-9);
+        assert_eq!(sched.next_ready_ms(ready), None);
+
+        // prefetches share the link: a second one starts when the first is done
+        let mut sched = Scheduler::new(async_cfg, c.clone());
+        for id in [1, 2] {
+            let mut s = spec_ids(id, &prompt(600, id as u32), 1);
+            s.external = Some(Arc::new(ExternalHit::single(512, Tier::Remote)));
+            sched.add(s);
+        }
+        let one = link(kv(512));
+        assert_eq!(sched.next_ready_ms(0.0), Some(one));
+        assert_eq!(sched.next_ready_ms(one), Some(2.0 * one));
+        // a CPU-tier hit is never prefetched
+        let mut s = spec_ids(3, &prompt(600, 3), 1);
+        s.external = Some(Arc::new(ExternalHit::single(512, Tier::Cpu)));
+        sched.add(s);
+        let p = sched.schedule(0.0);
+        assert_eq!(p.scheduled, vec![(3, 88)]);
+    }
+
+    #[test]
+    fn blocking_loads_hold_the_step() {
+        let c = cost();
+        let mut sched = Scheduler::new(cfg(), c.clone());
+        let mut s1 = spec_ids(1, &prompt(2100, 7), 1);
+        s1.external = Some(Arc::new(ExternalHit::single(2048, Tier::Remote)));
+        sched.add(s1);
+        sched.add(spec_ids(2, &prompt(300, 8), 1));
+        assert_eq!(sched.next_ready_ms(0.0), None);
+        // both run in the first step, which waits for the link
+        let p = sched.schedule(0.0);
+        assert_eq!(p.scheduled.len(), 2);
+        assert_eq!(p.remote_tokens, 2048);
+        assert!(p.load_ms > c.h2d_ms(c.kv_bytes(2048)));
     }
 
     #[test]

@@ -22,6 +22,12 @@ struct Seq {
     split: Option<CachedSplit>,
     first_token_ms: Option<f64>,
     scheduled_ms: Option<f64>,
+    /// Virtual time its remote-store chunks are in (async loading; else its arrival):
+    /// before it the sequence waits without being admitted (vLLM's
+    /// WAITING_FOR_REMOTE_KVS).
+    ready_ms: f64,
+    /// Its remote-store chunks were prefetched off the step (async loading).
+    prefetched: bool,
 }
 
 impl Seq {
@@ -39,6 +45,11 @@ pub struct Scheduler {
     running: Vec<Seq>,
     pool: BlockPool,
     pub preemptions: u64,
+    /// Virtual time the store link is free again (async loading serializes prefetches
+    /// on it).
+    link_free_ms: f64,
+    /// Simulated ms the store link spent on prefetches (async loading).
+    pub prefetch_ms: f64,
 }
 
 impl Scheduler {
@@ -50,6 +61,8 @@ impl Scheduler {
             running: Vec::new(),
             pool: BlockPool::new(cfg.num_gpu_blocks, cfg.enable_prefix_caching),
             preemptions: 0,
+            link_free_ms: 0.0,
+            prefetch_ms: 0.0,
         }
     }
 
@@ -62,11 +75,25 @@ impl Scheduler {
     }
 
     /// Queue a request. Requests that can never fit the KV cache must be refused before.
+    /// With async loading its remote-store chunks start over the store link now (after
+    /// the prefetches queued before them), and it waits until they are in.
     pub fn add(&mut self, spec: SeqSpec) {
         let mut spec = spec;
         spec.max_tokens = spec.max_tokens.max(1);
         spec.prompt_tokens = spec.prompt_tokens.max(1);
+        let remote = spec.external.as_ref().map_or(0, |e| e.remote_tokens());
+        let prefetched = self.cfg.async_loading && remote > 0;
+        let ready_ms = if prefetched {
+            let took = self.link_ms(self.cost.kv_bytes(remote));
+            self.link_free_ms = self.link_free_ms.max(spec.arrival_ms) + took;
+            self.prefetch_ms += took;
+            self.link_free_ms
+        } else {
+            spec.arrival_ms
+        };
         self.waiting.push_back(Seq {
+            ready_ms,
+            prefetched,
             spec,
             num_computed: 0,
             generated: 0,
@@ -102,6 +129,21 @@ impl Scheduler {
 
     pub fn is_idle(&self) -> bool {
         self.running.is_empty() && self.waiting.is_empty()
+    }
+
+    /// The earliest time after `now_ms` a waiting sequence's prefetch is in (None: no
+    /// sequence waits for one).
+    pub fn next_ready_ms(&self, now_ms: f64) -> Option<f64> {
+        self.waiting
+            .iter()
+            .map(|s| s.ready_ms)
+            .filter(|&t| t > now_ms)
+            .min_by(f64::total_cmp)
+    }
+
+    /// Sequences waiting for their prefetch at `now_ms`.
+    pub fn num_waiting_for_kv(&self, now_ms: f64) -> usize {
+        self.waiting.iter().filter(|s| s.ready_ms > now_ms).count()
     }
 
     /// Fraction of KV blocks in use (vLLM's `gpu_cache_usage_perc`, 0..1).
@@ -209,12 +251,19 @@ impl Scheduler {
             budget -= n;
             i += 1;
         }
-        // 2. admit waiting sequences (FIFO) while there is budget and room
+        // 2. admit waiting sequences (FIFO) while there is budget and room; one still
+        // waiting for its prefetch is skipped and keeps its place, as vLLM skips
+        // WAITING_FOR_REMOTE_KVS requests
+        let mut at = 0;
         while budget > 0 && self.running.len() < self.cfg.max_num_seqs && plan.preempted.is_empty()
         {
-            let Some(front) = self.waiting.front() else {
+            let Some(front) = self.waiting.get(at) else {
                 break;
             };
+            if front.ready_ms > now_ms {
+                at += 1;
+                continue;
+            }
             let prompt = front.spec.prompt_tokens;
             // the cached prefix: GPU blocks first, then LMCache's chunks; at least the last
             // prompt token is always computed (vLLM caps both hits at prompt − 1)
@@ -235,7 +284,7 @@ impl Scheduler {
                 break;
             }
             let (split, chunks) = CachedSplit::of(gpu, front.spec.external.as_deref(), start);
-            let mut s = self.waiting.pop_front().expect("front exists");
+            let mut s = self.waiting.remove(at).expect("checked above");
             self.pool.touch(&hit);
             s.table = hit;
             s.table
@@ -253,7 +302,9 @@ impl Scheduler {
                 keys_loaded: chunks * s.spec.external.as_ref().map_or(0, |e| e.keys_per_chunk),
             });
             plan.loaded_tokens += split.cpu + split.remote;
-            plan.remote_tokens += split.remote;
+            if !s.prefetched {
+                plan.remote_tokens += split.remote;
+            }
             plan.shape.add_prefill(start, n);
             plan.scheduled.push((s.spec.id, n));
             budget -= n;

@@ -19,6 +19,9 @@ pub struct SchedulerConfig {
     pub enable_prefix_caching: bool,
     /// Link to the LMCache remote store in Gbit/s (`--kv-store-gbps`); ≤ 0: free.
     pub kv_store_gbps: f64,
+    /// LMCache's async loading (`--lmcache-async-loading`): remote-store hits are
+    /// prefetched over the link off the step; the sequence is admitted once they are in.
+    pub async_loading: bool,
 }
 
 impl SchedulerConfig {
@@ -64,6 +67,19 @@ impl ExternalHit {
     /// Leading tokens LMCache holds.
     pub fn tokens(&self) -> u64 {
         self.chunks.last().map_or(0, |c| c.0)
+    }
+
+    /// Of those, tokens in chunks that come from the remote store.
+    pub fn remote_tokens(&self) -> u64 {
+        let mut start = 0;
+        let mut remote = 0;
+        for &(end, tier) in &self.chunks {
+            if tier == Tier::Remote {
+                remote += end.saturating_sub(start);
+            }
+            start = start.max(end);
+        }
+        remote
     }
 }
 
@@ -148,7 +164,8 @@ pub struct StepPlan {
     pub admitted: Vec<Admission>,
     /// Cached tokens loaded from LMCache (CPU tier and remote store) this step.
     pub loaded_tokens: u64,
-    /// Of those, tokens that came over the remote store's link.
+    /// Of those, tokens that came over the remote store's link in the step (blocking
+    /// loads; a prefetched sequence's came before it was admitted).
     pub remote_tokens: u64,
     /// Load time of those tokens (ms): host-to-device, plus the link for remote ones.
     pub load_ms: f64,

@@ -36,8 +36,13 @@ pub struct EngineStats {
     pub cached_tokens: CachedSplit,
     /// Simulated ms of forward time spent on prefill (see [`StepPlan::prefill_compute_ms`](super::StepPlan::prefill_compute_ms)).
     pub prefill_ms: f64,
-    /// Simulated ms spent loading LMCache hits (host-to-device and the store link).
+    /// Simulated ms spent in steps loading LMCache hits (host-to-device, and the store
+    /// link for blocking loads).
     pub load_ms: f64,
+    /// Simulated ms the store link spent prefetching off the steps (async loading).
+    pub prefetch_ms: f64,
+    /// Sequences waiting for their prefetch (vLLM's WAITING_FOR_REMOTE_KVS).
+    pub waiting_for_kv: usize,
 }
 
 /// Count an admission in the prefix-cache metrics (vLLM's names and the sim's per tier).
@@ -178,6 +183,31 @@ async fn engine_loop(
 
         let plan = sched.schedule(vnow);
         if plan.scheduled.is_empty() {
+            if let Some(ready) = sched.next_ready_ms(vnow) {
+                // every sequence that could run waits for its prefetch: idle until the
+                // first one is in, or until a request arrives
+                let start = Instant::now();
+                anchor = (start, vnow);
+                last_deadline = None;
+                let deadline = start + Duration::from_secs_f64((ready - vnow) / 1000.0 / scale);
+                publish(&sched, &metrics, &stats, &mut st, vnow);
+                tokio::select! {
+                    _ = tokio::time::sleep_until(deadline.into()) => vnow = ready,
+                    got = rx.recv() => match got {
+                        Some((s, at)) => {
+                            vnow = v_at(anchor, Instant::now()).min(ready);
+                            let arrival = v_at(anchor, at).min(vnow);
+                            admit(&mut sched, &mut clients, &mut next_id, s, arrival);
+                        }
+                        None => {
+                            // every handle is gone: finish what is queued
+                            tokio::time::sleep_until(deadline.into()).await;
+                            vnow = ready;
+                        }
+                    },
+                }
+                continue;
+            }
             // nothing fits (cannot happen with requests checked against the KV capacity):
             // refuse the head of the queue rather than spin
             if let Some(id) = sched.ids().into_iter().next() {
@@ -287,6 +317,8 @@ fn publish(
     st.running = sched.num_running();
     st.waiting = sched.num_waiting();
     st.kv_usage = sched.kv_usage();
+    st.waiting_for_kv = sched.num_waiting_for_kv(vnow);
+    st.prefetch_ms = sched.prefetch_ms;
     st.apc = sched.apc_stats();
     metrics.running.set(st.running as i64);
     metrics.waiting.set(st.waiting as i64);

@@ -111,6 +111,7 @@ pub(super) async fn engine_debug(State(st): State<Arc<AppState>>) -> Json<Value>
             "kv_capacity_tokens": st.sched_cfg.kv_capacity_tokens(),
             "enable_prefix_caching": st.sched_cfg.enable_prefix_caching,
             "kv_store_gbps": st.sched_cfg.kv_store_gbps,
+            "async_loading": st.sched_cfg.async_loading,
         },
         "cost_model": st.cost,
         "stats": st.engine.as_ref().map(|e| e.stats()),
