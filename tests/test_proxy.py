@@ -24,12 +24,12 @@ def pfleet(procs, cr_bin, sim, gateway, redis_server, tmp_path):
 
     def start(link_gbps: float | None = None, proxy: dict | None = None, pool: dict | None = None,
               time_scale: float | None = None, sims: int = 1, blocks=("basalt",), kdn_kw: dict | None = None,
-              kdn_proxy: bool = False):
+              kdn_proxy: bool = False, sim_extra: list[str] | None = None):
         f = Fleet()
         f.redis = redis_server
         f.producer = sim(extra=sim_args(f"{redis_server}/0"))
         kw = {"zero_latency": time_scale is None, "time_scale": time_scale}
-        f.sims = [sim(extra=sim_args(f"{redis_server}/{1 + i}"), **kw) for i in range(sims)]
+        f.sims = [sim(extra=sim_args(f"{redis_server}/{1 + i}") + (sim_extra or []), **kw) for i in range(sims)]
         targets = {f"inst-{i}": (f"{redis_server}/{1 + i}", link_gbps) for i in range(sims)}
         f.kdn = start_kdn(procs, cr_bin, tmp_path, "kdn-1", redis_server, targets, f.producer.url,
                           **(kdn_kw or {}))
@@ -168,6 +168,34 @@ def test_kv_mode_hits_every_knowledge_chunk(pfleet, route):
     assert sample_sum(fam, "cacheroute_ttft_prediction_ratio_sum", lambda l: l == {"mode": "kv"}) > 0
     assert sample_sum(fam, "cacheroute_ready_release_total",
                       lambda l: l.get("outcome") == "ready") == 1, "the KV was not resident when admitted"
+
+
+def test_async_store_loading_prefetches_off_the_step(pfleet):
+    """LMCache's async loading: the sim prefetches the KV the KDN copied over its 1 Gb/s
+    store link off the engine's steps, and the gateway prices the link as a wait."""
+    f = pfleet(link_gbps=100.0, time_scale=1.0, sim_extra=["--lmcache-async-loading", "--kv-store-gbps", "1"],
+               proxy={"injection": "kv", "store_gbps": 1.0, "store_async_loading": True})
+    r = ask(f.gw, "basalt", timeout=120)
+    assert r.status_code == 200, r.text
+    assert r.headers["x-cacheroute-injection"] == "kv"
+    rec = f.kdn.record("basalt")["models"][MODEL]
+    assert cached(r) == rec["tokens"] > 0
+    with client() as c:
+        info = c.get(f.sims[0].url + "/debug/engine").json()
+    assert info["scheduler"]["async_loading"] is True
+    engine = info["stats"]
+    d = decision(f.gw, r)["injection"]
+    assert d["inputs"]["store_async"] is True
+    bpt = d["inputs"]["knowledge"]["kv_bytes_per_token"]
+    link_ms = rec["tokens"] * bpt * 8 / 1e9 * 1000
+    # the whole hit came over the link as a prefetch, none of it inside a step
+    assert engine["cached_tokens"]["remote"] == rec["tokens"], engine
+    assert abs(engine["prefetch_ms"] - link_ms) < 1e-6 * link_ms, (engine, link_ms)
+    assert engine["load_ms"] < link_ms / 10, engine
+    assert engine["waiting_for_kv"] == 0
+    a = d["adaptive"]
+    assert abs(a["kv_store_wait"] - link_ms) < 1e-6 * link_ms, dump(d)
+    assert a["gpu_load"] < link_ms / 10, dump(d)
 
 
 def test_text_bypass_late_kv_goes_as_text(pfleet):

@@ -71,6 +71,9 @@ fn world() -> World {
                     }),
                     turn: r,
                     store_gbps: if i % 2 == 0 { 0.0 } else { 100.0 },
+                    // async store loading (with its backlog) on every other candidate
+                    store_async: i % 4 == 1,
+                    store_busy_ms: (r % 5) as f64 * 20.0,
                     weigh_others: i % 2 == 1,
                 })
                 .collect()

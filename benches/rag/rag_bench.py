@@ -364,12 +364,13 @@ class SimCaps:
     local_cpu: bool = False
     kv_store_gbps: bool = False
     no_apc: bool = False
+    async_loading: bool = False
 
     @staticmethod
     def detect(bin_: str) -> "SimCaps":
         h = subprocess.run([bin_, "sim", "--help"], capture_output=True, text=True).stdout
         return SimCaps("--lmcache-local-cpu-size" in h, "--kv-store-gbps" in h,
-                       "--no-enable-prefix-caching" in h)
+                       "--no-enable-prefix-caching" in h, "--lmcache-async-loading" in h)
 
 
 @dataclass
@@ -454,6 +455,8 @@ class Fleet:
         if tiers and self.caps.kv_store_gbps:
             # always passed (0 = a free link): the sim's own default is not time-scaled
             args += ["--kv-store-gbps", str(self.a.kv_store_gbps * self.a.time_scale)]
+        if tiers and self.a.async_loading:
+            args += ["--lmcache-async-loading"]
         return args
 
     def start_producer(self) -> None:
@@ -545,7 +548,9 @@ def size_caches(a: argparse.Namespace, tokens: dict[str, int], prompt_max: int, 
         f"has vLLM APC), LMCache CPU tier {cpu_gb:.2f} GB = {a.cpu_cache_frac:.0%} of the corpus "
         f"(when the sim has --lmcache-local-cpu-size), remote store redis maxmemory "
         f"{store_bytes / 1e6:.1f} MB ≈ {a.store_frac:.0%} of the corpus (allkeys-lru), "
-        f"loaded over a {a.kv_store_gbps:g} Gb/s link (`--kv-store-gbps`, GPU time; the gateway's `store_gbps`)",
+        f"loaded over a {a.kv_store_gbps:g} Gb/s link (`--kv-store-gbps`, GPU time; the gateway's `store_gbps`)"
+        + (", prefetched off the step (LMCache async loading, `--async-loading`)" if a.async_loading else
+           ", in the step that admits the request (LMCache's default blocking load)"),
         f"all instances together hold at most {n * a.store_frac:.0%} of the corpus in their stores",
     ]
     return s
@@ -613,6 +618,8 @@ profile = "{fleet.profile}"
 kv_deadline_ms = {max(1, round(5000 / x))}
 link_rtt_ms = {0.5 / x:.4f}
 store_gbps = {store_gbps}
+store_async_loading = {str(a.async_loading).lower()}
+weigh_others = {str(a.weigh_others).lower()}
 
 [upstream]
 read_timeout_ms = 600000
@@ -639,6 +646,8 @@ class Bench:
         (self.work / "logs").mkdir()
         self.procs = Procs(self.work)
         self.caps = SimCaps.detect(a.bin)
+        if a.async_loading and not self.caps.async_loading:
+            raise SystemExit(f"--async-loading: {a.bin} sim has no --lmcache-async-loading (rebuild it)")
         self.hybrid_ok: bool | None = None
 
     # setup -----------------------------------------------------------------
@@ -1184,6 +1193,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--store-frac", type=float, default=0.20, help="per-instance remote store bound / corpus")
     ap.add_argument("--kv-store-gbps", type=float, default=25.0,
                     help="each sim's link to its LMCache remote store, Gb/s of GPU time (the sim's default; 0 = free); the gateway is told it")
+    ap.add_argument("--async-loading", action="store_true",
+                    help="the sims load remote-store hits as LMCache's enable_async_loading does (off the step); "
+                         "the gateway's store_async_loading")
+    ap.add_argument("--weigh-others", action="store_true",
+                    help="the gateway's [proxy] weigh_others: adaptive charges a mode the step time it adds to others")
     ap.add_argument("--kdn-concurrency", type=int, default=8)
     ap.add_argument("--residency-ms", type=int, default=300, help="agent residency check interval")
     ap.add_argument("--gateway-threads", type=int, default=2)

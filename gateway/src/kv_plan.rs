@@ -184,6 +184,15 @@ fn transfer_path(state: &GatewayState, fleet: &Fleet, kdn: &KdnLive, target: &st
     }
 }
 
+/// Time `bytes` of KV take over a store link of `gbps` Gbit/s, ms (0: a free link).
+fn store_link_ms(bytes: u64, gbps: f64) -> f64 {
+    if gbps > 0.0 {
+        bytes as f64 * 8.0 / (gbps * 1e9) * 1000.0
+    } else {
+        0.0
+    }
+}
+
 /// Decide how the knowledge reaches instance `idx` of `pool`, and start the
 /// injection if KV is chosen and not resident. `None`: no registered knowledge
 /// leads the prompt (nothing to decide).
@@ -270,6 +279,8 @@ pub fn plan_kv(
             .knowledge_turn
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed),
         store_gbps: fleet.config.proxy.store_gbps,
+        store_async: fleet.config.proxy.store_async_loading,
+        store_busy_ms: inst.state.store_link_backlog_ms(),
         weigh_others: fleet.config.proxy.weigh_others,
     };
     let mut decision = {
@@ -312,6 +323,12 @@ pub fn plan_kv(
                 decision.inputs.transfer.map_or(0.0, |t| t.link_gbps),
                 timeout,
             );
+            if fleet.config.proxy.store_async_loading {
+                // the engine will load what the KDN copies over its store link, after
+                // the loads already sent there
+                inst.state
+                    .reserve_store_link(store_link_ms(m.bytes, fleet.config.proxy.store_gbps));
+            }
             (Some(rx), None)
         }
         (InjectionMode::Text, _) => (None, None),

@@ -17,7 +17,14 @@ pub struct AdaptiveTerms {
     pub text_prefill: f64,
     /// Knowledge tokens a text prompt finds resident (the resident chunks).
     pub text_cached_tokens: u64,
-    /// `text_raw = queue_wait + text_prefill`.
+    /// With async store loading: how long the store link is still busy with loads sent
+    /// before (`store_busy_ms`; 0 otherwise). A load of ours starts after them.
+    pub store_busy: f64,
+    /// With async store loading: the store link time of those resident chunks, spent
+    /// while the request queues (else 0: the load is part of `text_prefill`).
+    pub text_store_wait: f64,
+    /// `text_raw = max(queue_wait, store_busy + text_store_wait) + text_prefill` (no
+    /// `store_busy` without a store load).
     pub text_raw_ms: f64,
     /// Knowledge tokens the KV serves (`min(usable chunks × chunk, K)`).
     pub cached_tokens: u64,
@@ -33,12 +40,17 @@ pub struct AdaptiveTerms {
     /// The KDN's own work on the job beyond the link (learned: `job_fixed_ms +
     /// job_ms_per_mb × MB moved`); 0 when nothing moves.
     pub kdn_overhead: f64,
-    /// Loading the cached part: from the store over `store_gbps`, then host to GPU.
+    /// With async store loading: the cached part's time over `store_gbps`, a wait off
+    /// the GPU after the KDN's copy (else 0: it is part of `gpu_load`).
+    pub kv_store_wait: f64,
+    /// Loading the cached part in the step: host to GPU, plus the store link when loads
+    /// block the step.
     pub gpu_load: f64,
     /// Cached prefill of the uncached suffix on top of the cached tokens.
     pub suffix_prefill: f64,
-    /// `kv_raw = max(queue_wait, kdn_wait + transfer + kdn_overhead) + gpu_load +
-    /// suffix_prefill` (the transfer overlaps the queue; INFINITY when no usable KV).
+    /// `kv_raw = max(queue_wait, max(kdn_wait + transfer + kdn_overhead, store_busy) +
+    /// kv_store_wait) + gpu_load + suffix_prefill` (the transfer and the load overlap the
+    /// queue; INFINITY when no usable KV).
     pub kv_raw_ms: f64,
     pub text_factor: f64,
     pub kv_factor: f64,
@@ -53,7 +65,7 @@ pub struct AdaptiveTerms {
     pub kv_delay_to_others: f64,
     /// How much cheaper KV that must move has to be predicted to be chosen:
     /// [`KV_MARGIN`] × the KV path's own work (`kdn_wait + transfer + kdn_overhead +
-    /// gpu_load + suffix_prefill`, corrected), ms. Not of the queue wait, which both
+    /// kv_store_wait + gpu_load + suffix_prefill`, corrected), ms. Not of the queue wait, which both
     /// modes pay: under a long queue a real saving still shows. 0 when nothing moves.
     pub kv_margin: f64,
 }
@@ -90,24 +102,37 @@ pub fn adaptive_terms(m: &CostModel, inputs: &InjectionInputs, c: &Corrections) 
         }
     };
     // Loading `cached` tokens from the store to the GPU, then the prefill of the rest
-    // in one step beside the running batch.
+    // in one step beside the running batch: (wait off the GPU, load in the step, step).
+    // Async loading moves the store link out of the step into a wait.
     let cached_path = |cached: u64| {
         let mut s = crate::cost_model::StepShape::default();
         s.add_prefill(cached, (total_tokens - cached).max(1));
         s.decode_batch = load.running;
         s.decode_context_tokens = load.running * avg_ctx;
-        (m.h2d_ms(cached * bpt) + store_ms(cached), m.step_cost(&s))
+        let (store, h2d) = (store_ms(cached), m.h2d_ms(cached * bpt));
+        if inputs.store_async {
+            (store, h2d, m.step_cost(&s))
+        } else {
+            (0.0, h2d + store, m.step_cost(&s))
+        }
     };
     let resident = k.resident_chunks.min(k.total_chunks);
     // A text prompt is looked up in LMCache like any other: resident chunks serve it.
     let text_cached_tokens = (resident * chunk).min(k.knowledge_tokens) / chunk * chunk;
-    let text_prefill = if text_cached_tokens == 0 {
-        m.step_ms(total_tokens, 0, load.running, avg_ctx)
+    let (text_store_wait, text_prefill) = if text_cached_tokens == 0 {
+        (0.0, m.step_ms(total_tokens, 0, load.running, avg_ctx))
     } else {
-        let (load_ms, prefill_ms) = cached_path(text_cached_tokens);
-        load_ms + prefill_ms
+        let (wait, load_ms, prefill_ms) = cached_path(text_cached_tokens);
+        (wait, load_ms + prefill_ms)
     };
-    let text_raw_ms = queue_wait + text_prefill;
+    let store_busy = if inputs.store_async {
+        inputs.store_busy_ms.max(0.0)
+    } else {
+        0.0
+    };
+    // a store load starts once the loads sent before it are through
+    let after_busy = |wait: f64| if wait > 0.0 { store_busy + wait } else { 0.0 };
+    let text_raw_ms = queue_wait.max(after_busy(text_store_wait)) + text_prefill;
 
     // Without a usable path only the resident chunks can serve.
     let link_ok = inputs.transfer.is_some_and(|t| t.link_gbps > 0.0);
@@ -141,15 +166,21 @@ pub fn adaptive_terms(m: &CostModel, inputs: &InjectionInputs, c: &Corrections) 
         }
         _ => (0.0, 0.0, 0.0),
     };
-    let (gpu_load, suffix_prefill) = if cached_tokens == 0 {
-        (0.0, 0.0)
+    let (kv_store_wait, gpu_load, suffix_prefill) = if cached_tokens == 0 {
+        (0.0, 0.0, 0.0)
     } else {
         cached_path(cached_tokens)
     };
     let kv_raw_ms = if cached_tokens == 0 {
         f64::INFINITY
     } else {
-        queue_wait.max(kdn_wait + transfer + kdn_overhead) + gpu_load + suffix_prefill
+        let copied = kdn_wait + transfer + kdn_overhead;
+        let loaded = if kv_store_wait > 0.0 {
+            copied.max(store_busy) + kv_store_wait
+        } else {
+            copied
+        };
+        queue_wait.max(loaded) + gpu_load + suffix_prefill
     };
     // The steps that run this request's prefill run the queued requests' prefills too
     // (chunked prefill batches them), so the GPU time a mode adds over the other is paid
@@ -174,12 +205,16 @@ pub fn adaptive_terms(m: &CostModel, inputs: &InjectionInputs, c: &Corrections) 
     let kv_margin = if moved_chunks == 0 || cached_tokens == 0 {
         0.0
     } else {
-        KV_MARGIN * kv_factor * (kdn_wait + transfer + kdn_overhead + gpu_load + suffix_prefill)
+        KV_MARGIN
+            * kv_factor
+            * (kdn_wait + transfer + kdn_overhead + kv_store_wait + gpu_load + suffix_prefill)
     };
     AdaptiveTerms {
         queue_wait,
         text_prefill,
         text_cached_tokens,
+        store_busy,
+        text_store_wait,
         text_raw_ms,
         cached_tokens,
         moved_chunks,
@@ -187,6 +222,7 @@ pub fn adaptive_terms(m: &CostModel, inputs: &InjectionInputs, c: &Corrections) 
         kdn_wait,
         transfer,
         kdn_overhead,
+        kv_store_wait,
         gpu_load,
         suffix_prefill,
         kv_raw_ms,
@@ -586,5 +622,56 @@ mod tests {
         let link_ms = bytes as f64 * 8.0 / 10e9 * 1000.0;
         assert!(close(b.gpu_load - a.gpu_load, link_ms), "{a:?} {b:?}");
         assert_eq!(remote.mode, InjectionMode::Text, "{remote:?}");
+    }
+
+    /// With async store loading the store link is a wait that overlaps the queue, and
+    /// only the host-to-device copy is in the step: the others are spared the link.
+    #[test]
+    fn async_store_loading_moves_the_link_off_the_step() {
+        let m = m8b();
+        let mut i = inputs(64, 4096, Some(link(400.0)));
+        i.store_gbps = 10.0;
+        i.weigh_others = true;
+        i.load.queued = 3;
+        i.load.queued_prefill_tokens = 3 * 2000;
+        let blocking = adaptive(&m, &i).adaptive.unwrap();
+        i.store_async = true;
+        let d = adaptive(&m, &i);
+        let a = d.adaptive.unwrap();
+        let link_ms = (4096 * m.kv_bytes_per_token) as f64 * 8.0 / 10e9 * 1000.0;
+        assert!(close(a.kv_store_wait, link_ms), "{a:?}");
+        assert_eq!(blocking.kv_store_wait, 0.0);
+        assert!(close(blocking.gpu_load - a.gpu_load, link_ms), "{a:?}");
+        // the wait overlaps the queue: the KV path is max(queue, copy + store) + step
+        let path = a.kdn_wait + a.transfer + a.kdn_overhead + a.kv_store_wait;
+        assert!(close(
+            a.kv_raw_ms,
+            a.queue_wait.max(path) + a.gpu_load + a.suffix_prefill
+        ));
+        // what KV adds to the others' steps no longer includes the link
+        assert!(a.kv_delay_to_others < blocking.kv_delay_to_others || a.kv_delay_to_others == 0.0);
+        assert!(a.text_delay_to_others >= blocking.text_delay_to_others);
+        assert_eq!(d.mode, InjectionMode::Kv, "{d:?}");
+        // loads sent before ours hold the link: ours starts after them
+        i.store_busy_ms = 500.0;
+        let busy = adaptive(&m, &i).adaptive.unwrap();
+        assert_eq!(busy.store_busy, 500.0);
+        assert!(close(
+            busy.kv_raw_ms,
+            busy.queue_wait
+                .max((a.kdn_wait + a.transfer + a.kdn_overhead).max(500.0) + a.kv_store_wait)
+                + busy.gpu_load
+                + busy.suffix_prefill
+        ));
+        assert!(busy.kv_raw_ms > a.kv_raw_ms);
+        i.store_busy_ms = 0.0;
+        // resident chunks that a text prompt finds are prefetched while it queues too
+        i.knowledge.resident_chunks = 16;
+        let a = adaptive(&m, &i).adaptive.unwrap();
+        assert!(close(a.text_store_wait, link_ms), "{a:?}");
+        assert!(close(
+            a.text_raw_ms,
+            a.queue_wait.max(a.text_store_wait) + a.text_prefill
+        ));
     }
 }

@@ -177,6 +177,13 @@ pub struct InjectionInputs {
     /// Bandwidth from the instance's LMCache store to its GPU host, Gbit/s: a remote
     /// store's cached chunks cross it before the host-to-device copy (≤ 0: local, free).
     pub store_gbps: f64,
+    /// The instance's LMCache loads remote-store chunks asynchronously (LMCache's
+    /// `enable_async_loading`): the store link is a wait before the request's step, not
+    /// part of the step every request in the batch waits for.
+    pub store_async: bool,
+    /// With async store loading: how long the instance's store link is still busy with
+    /// the KV loads already sent to it, ms (ours queue behind them).
+    pub store_busy_ms: f64,
     /// Charge a mode the step time it adds to the requests prefilling beside it
     /// (`[proxy] weigh_others`). Off by default: it is only as good as the KV path's
     /// prediction, and where KV costs more than predicted (a KDN slower than its link)

@@ -97,6 +97,8 @@ mod fixtures {
             transfer,
             turn: 0,
             store_gbps: 0.0,
+            store_async: false,
+            store_busy_ms: 0.0,
             weigh_others: false,
         }
     }

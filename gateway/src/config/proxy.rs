@@ -38,6 +38,10 @@ pub struct ProxySection {
     /// Bandwidth from an instance's LMCache store to its GPU host, Gbit/s, paid by every
     /// KV load from a remote store (`sim --kv-store-gbps`); 0: local or not counted.
     pub store_gbps: f64,
+    /// The engines' LMCache loads remote-store hits asynchronously (LMCache's
+    /// `enable_async_loading`, `sim --lmcache-async-loading`): a request waits for its
+    /// store link off the GPU, so the link time is not charged to the step.
+    pub store_async_loading: bool,
     /// Adaptive also charges a mode the step time it adds to the requests prefilling
     /// beside it on the instance (off by default; see the README).
     pub weigh_others: bool,
@@ -67,6 +71,7 @@ impl Default for ProxySection {
             kv_transfer_params: false,
             link_rtt_ms: 0.5,
             store_gbps: 0.0,
+            store_async_loading: false,
             weigh_others: false,
             engine_stores_prefix: true,
         }

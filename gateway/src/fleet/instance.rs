@@ -37,6 +37,9 @@ pub struct InstanceState {
     prefilling: AtomicU64,
     /// Σ prompt tokens those requests make the engine compute.
     prefill_tokens: AtomicU64,
+    /// When the instance's store link is free of the KV loads the gateway sent it,
+    /// µs since `epoch` (see [`InstanceState::reserve_store_link`]).
+    store_link_free_us: AtomicU64,
 }
 
 impl InstanceState {
@@ -51,7 +54,33 @@ impl InstanceState {
             kv_waiting: AtomicU64::new(0),
             prefilling: AtomicU64::new(0),
             prefill_tokens: AtomicU64::new(0),
+            store_link_free_us: AtomicU64::new(0),
         }
+    }
+
+    /// How long the KV loads the gateway already sent here keep the instance's store
+    /// link busy, ms (an estimate: the gateway counts the KV it had moved into the
+    /// store, which the engine then loads over the link one load after another).
+    pub fn store_link_backlog_ms(&self) -> f64 {
+        let now = self.epoch.elapsed().as_micros() as u64;
+        self.store_link_free_us
+            .load(Ordering::Relaxed)
+            .saturating_sub(now) as f64
+            / 1000.0
+    }
+
+    /// Count a load of `ms` on the store link, after those already counted.
+    pub fn reserve_store_link(&self, ms: f64) {
+        if !(ms.is_finite() && ms > 0.0) {
+            return;
+        }
+        let now = self.epoch.elapsed().as_micros() as u64;
+        let add = (ms * 1000.0) as u64;
+        let _ =
+            self.store_link_free_us
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |free| {
+                    Some(free.max(now).saturating_add(add))
+                });
     }
 
     /// Requests sent and not yet answered with a first byte, and the prompt tokens
@@ -179,5 +208,24 @@ impl InstanceRegistry {
             .entry(url.to_string())
             .or_insert_with(|| Arc::new(InstanceState::new()))
             .clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn store_link_loads_queue_one_after_another() {
+        let s = InstanceState::new();
+        assert_eq!(s.store_link_backlog_ms(), 0.0);
+        s.reserve_store_link(f64::NAN);
+        s.reserve_store_link(-1.0);
+        assert_eq!(s.store_link_backlog_ms(), 0.0);
+        s.reserve_store_link(60_000.0);
+        s.reserve_store_link(60_000.0);
+        let b = s.store_link_backlog_ms();
+        // both loads are queued (minus the few µs this test took)
+        assert!(b > 119_000.0 && b <= 120_000.0, "{b}");
     }
 }
