@@ -64,3 +64,29 @@ def test_small_bench_runs_every_policy_and_writes_the_report(cr_bin, tmp_path):
     assert rows["kv"]["kv_reuse"] > rows["text"]["kv_reuse"], (rows["kv"]["kv_reuse"], rows["text"]["kv_reuse"])
     assert rows["kv"]["modes"].get("kv", 0) > 0 and rows["text"]["modes"] == {"text": rows["text"]["ok"]}
     assert rows["kv"]["kdn_bytes"] > 0 and rows["text"]["kdn_bytes"] == 0
+    # Caches start empty every run: without KDN transfers no policy reuses more than the
+    # repeats of the run's own requests.
+    bound = data["repeat_reuse_bound"]
+    assert 0 < bound < 1 and rows["text"]["kv_reuse"] <= bound + 1e-9, (rows["text"]["kv_reuse"], bound)
+    assert f"at most {bound:.2f}" in md
+
+
+def test_small_bench_with_async_loading(cr_bin, tmp_path):
+    """`--async-loading`: the sims prefetch remote-store hits off the step (LMCache's
+    async loading) and the gateways price them so; every request still completes."""
+    loadgen = Path(cr_bin).parent / "cacheroute-loadgen"
+    out = tmp_path / "results"
+    cmd = [sys.executable, str(SCRIPT), "--small", "--bin", cr_bin, "--loadgen", str(loadgen), "--out", str(out),
+           "--policies", "text,kv,adaptive", "--async-loading", "--weigh-others", "--links", "100"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert r.returncode == 0, f"rag_bench failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-5000:]}"
+    (report,) = out.glob("rag-*-small.json")
+    data = json.loads(report.read_text())
+    assert data["params"]["async_loading"] is True and data["sim_caps"]["async_loading"] is True
+    rows = {row["policy"]: row for row in data["rows"]}
+    assert set(rows) == {"text", "kv", "adaptive"}
+    for name, row in rows.items():
+        assert row["ok"] == row["requests"] > 0, (name, row["statuses"], row["errors"])
+    assert rows["kv"]["kdn_bytes"] > 0 and rows["kv"]["kv_reuse"] > rows["text"]["kv_reuse"]
+    md = report.with_suffix(".md").read_text()
+    assert "prefetched off the step" in md and "--async-loading" in md

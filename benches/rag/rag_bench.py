@@ -556,6 +556,20 @@ def size_caches(a: argparse.Namespace, tokens: dict[str, int], prompt_max: int, 
     return s
 
 
+def repeat_reuse_bound(reqs: list[tuple[str, str]], tokens: dict[str, int]) -> float:
+    """The most KV reuse any cache can give without the KDN: the share of knowledge tokens
+    sent for a block that an earlier request of the run already asked for."""
+    seen: set[str] = set()
+    total = repeat = 0
+    for bid, _ in reqs:
+        t = tokens.get(bid, 0)
+        total += t
+        if bid in seen:
+            repeat += t
+        seen.add(bid)
+    return repeat / total if total else 0.0
+
+
 # --------------------------------------------------------------------------- policies
 
 @dataclass(frozen=True)
@@ -1046,6 +1060,7 @@ def report(a, bench: Bench, rows: list[dict], cmd: str, started: float) -> Path:
     data = {"command": cmd, "params": {k: v for k, v in vars(a).items() if k not in ("bin", "loadgen", "vllm_router")},
             "sizing": vars(bench.fleet.sizing) if bench.fleet.sizing else None,
             "sim_caps": vars(bench.caps), "rows": rows, "knees": list(kn.values()),
+            "repeat_reuse_bound": repeat_reuse_bound(bench.reqs, bench.tokens),
             "elapsed_s": time.time() - started, "host_cores": os.cpu_count()}
     Path(f"{stem}.json").write_text(json.dumps(data, indent=1, default=str))
 
@@ -1104,6 +1119,9 @@ def report(a, bench: Bench, rows: list[dict], cmd: str, started: float) -> Path:
            f"Poisson arrivals, max_tokens {a.max_tokens}, seed {a.seed}"
            + (f", trace `{a.trace}`" if a.trace else "") + ".", ""]
     md += [f"- {line}" for line in (s.lines if s else [])]
+    md += [f"- KV reuse without KDN transfers is at most {data['repeat_reuse_bound']:.2f}: the share of "
+           f"knowledge tokens whose block an earlier request of the same run already asked for (every run "
+           f"starts with empty caches)"]
     caps = [k for k, v in vars(bench.caps).items() if v]
     md += [f"- sim tier flags detected: {', '.join(caps) if caps else 'none (no GPU prefix cache, no CPU tier: every hit is a remote-store hit)'}",
            f"- TTFT SLO for goodput: {a.slo_ms:g} GPU-ms; knee: mean TTFT > {a.knee_k:g}× the lowest rate's, "
