@@ -100,10 +100,20 @@ WORDS = ("atlas basin cobalt delta ember fjord granite harbor island juniper kel
 
 # --------------------------------------------------------------------------- utilities
 
+_handed_out: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port nothing listens on now, never handed out before in this run (two picks in
+    a row may otherwise get the same port: a gateway's listen and control once did)."""
+    for _ in range(1000):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _handed_out:
+            _handed_out.add(port)
+            return port
+    raise RuntimeError("no free port")
 
 
 def client(timeout: float = 10.0) -> httpx.Client:

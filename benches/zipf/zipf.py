@@ -43,10 +43,20 @@ WORDS = ("atlas basin cobalt delta ember fjord granite harbor island juniper kel
          "anchor beacon canyon dune estuary forest glacier highland inlet jungle knoll ledge mesa").split()
 
 
+_handed_out: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port nothing listens on now, never handed out before in this run (two picks in
+    a row may otherwise get the same port)."""
+    for _ in range(1000):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _handed_out:
+            _handed_out.add(port)
+            return port
+    raise RuntimeError("no free port")
 
 
 class Procs:

@@ -58,6 +58,14 @@ pub struct Config {
     #[serde(default)]
     pub model_aliases: std::collections::BTreeMap<String, String>,
 }
+/// Whether two listen addresses would take the same port: the same port (not 0) on the
+/// same IP, or with either on the unspecified address (which covers every IP).
+fn same_socket(a: std::net::SocketAddr, b: std::net::SocketAddr) -> bool {
+    a.port() != 0
+        && a.port() == b.port()
+        && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
+}
+
 fn validate_scheduler(s: &SchedulerConfig) -> Result<()> {
     let finite_nonneg = [
         ("retrieval_min_score", s.retrieval_min_score),
@@ -99,6 +107,16 @@ impl Config {
         }
         if g.max_header_bytes < 1024 || g.max_uri_bytes < 64 {
             bail!("gateway.max_header_bytes must be at least 1024 and gateway.max_uri_bytes at least 64");
+        }
+        if same_socket(g.listen, g.control) {
+            // Both listeners would bind (the sockets reuse the port) and the kernel would
+            // share connections between them: control requests would reach the service
+            // plane and get 404s.
+            bail!(
+                "gateway.listen ({}) and gateway.control ({}) must not share a port",
+                g.listen,
+                g.control
+            );
         }
         let u = &self.upstream;
         if u.health_check_interval_ms == 0 {
@@ -279,11 +297,30 @@ mod tests {
             ("", "at least one"),
             ("[[pools]]\nname='a'\n[[pools.instances]]\nurl='http://h:1'\n[[pools]]\nname='a'\n[[pools.instances]]\nurl='http://h:2'\n", "twice"),
             ("this is not toml", "invalid TOML"),
+            (
+                "[gateway]\nlisten='127.0.0.1:8080'\ncontrol='127.0.0.1:8080'\n[[pools]]\nname='a'\n[[pools.instances]]\nurl='http://h:1'\n",
+                "must not share a port",
+            ),
+            (
+                "[gateway]\nlisten='0.0.0.0:8080'\ncontrol='127.0.0.1:8080'\n[[pools]]\nname='a'\n[[pools.instances]]\nurl='http://h:1'\n",
+                "must not share a port",
+            ),
         ];
         for (text, needle) in cases {
             let err = format!("{:#}", Config::parse(text).unwrap_err());
             assert!(err.contains(needle), "{text:?}: {err}");
         }
+    }
+
+    #[test]
+    fn listen_and_control_may_differ_by_ip_or_port_only() {
+        let addr = |s: &str| s.parse::<std::net::SocketAddr>().unwrap();
+        assert!(same_socket(addr("127.0.0.1:80"), addr("127.0.0.1:80")));
+        assert!(same_socket(addr("[::]:80"), addr("127.0.0.1:80")));
+        assert!(!same_socket(addr("127.0.0.1:80"), addr("127.0.0.2:80")));
+        assert!(!same_socket(addr("127.0.0.1:80"), addr("127.0.0.1:81")));
+        // port 0: each listener gets its own port from the OS
+        assert!(!same_socket(addr("127.0.0.1:0"), addr("127.0.0.1:0")));
     }
 
     #[test]
