@@ -59,19 +59,39 @@ def run_seeds(seeds: list[int], out: Path, bench_args: list[str]) -> list[dict]:
     return reports
 
 
-def ttft_table(reports: list[dict]) -> dict:
-    """{(rate, link): {policy: [mean TTFT per seed]}}; text (no KDN) counts at every link."""
+def ttft_table(seeds: list[int], reports: list[dict]) -> tuple[dict, dict]:
+    """`{(rate, link): {policy: {seed: mean TTFT}}}` over the runs that count, and
+    `{(rate, link): [why a run was left out]}`. Text (no KDN) counts at every link. A run
+    is left out when it failed, lost requests, or was flagged by rag_bench (host CPU
+    saturated or the client behind its schedule: its TTFTs measure the host)."""
     links = sorted({r["link_gbps"] for rep in reports for r in rep["rows"]
                     if r["link_gbps"] is not None})
     table: dict = {}
-    for rep in reports:
+    left: dict = {}
+    for seed, rep in zip(seeds, reports):
         for r in rep["rows"]:
-            if r["kind"] != "cacheroute" or r.get("ok") != r.get("requests"):
+            if r["kind"] != "cacheroute":
                 continue
+            if r.get("ttft_mean_ms") is None:
+                why = "failed"
+            elif r.get("ok") != r.get("requests"):
+                why = f"{r.get('ok')}/{r.get('requests')} ok"
+            elif r.get("flags"):
+                why = "; ".join(r["flags"])
+            else:
+                why = None
             for link in ([r["link_gbps"]] if r["link_gbps"] is not None else links):
-                table.setdefault((r["rate"], link), {}).setdefault(r["policy"], []).append(
-                    r["ttft_mean_ms"])
-    return table
+                key = (r["rate"], link)
+                if why:
+                    left.setdefault(key, []).append(f"{r['policy']} seed {seed} ({why})")
+                else:
+                    table.setdefault(key, {}).setdefault(r["policy"], {})[seed] = r["ttft_mean_ms"]
+    return table, left
+
+
+def paired(row: dict, a: str, b: str) -> list[float]:
+    """`a / b` for each seed where both have a run that counts."""
+    return [row[a][s] / row[b][s] for s in row[a] if s in row[b]]
 
 
 def main() -> None:
@@ -86,7 +106,9 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()
     reports = run_seeds(seeds, out, bench_args)
-    table = ttft_table(reports)
+    table, left = ttft_table(seeds, reports)
+    # a policy is compared at a point when at least half the seeds (and 2) have a run there
+    enough = max(2, math.ceil(len(seeds) / 2))
 
     md = ["# RAG benchmark over several seeds", "", "```sh",
           "python3 benches/rag/seeds.py --seeds " + a.seeds + " --out " + a.out + " -- " + " ".join(bench_args),
@@ -95,32 +117,35 @@ def main() -> None:
           "95 % interval. *best fixed*: the fixed policy (" + ", ".join(FIXED) + ") with the lowest "
           "mean over the seeds; *ratio of means*: adaptive's mean over it; *per-seed ratio*: the "
           "mean of adaptive / best fixed within each seed, ± its 95 % interval; *adaptive / text*: "
-          "the same per-seed ratio against text only.", ""]
+          "the same per-seed ratio against text only. Runs that failed, lost requests or were flagged "
+          "by rag_bench (host saturated, client behind schedule) are left out (last column); the "
+          "per-seed ratios pair the seeds where both runs count.", ""]
     policies = [p for p in (*FIXED, "adaptive") if any(p in v for v in table.values())]
     md += ["| λ | link Gb/s | " + " | ".join(policies) + " | best fixed | ratio of means | per-seed ratio | "
-           "adaptive / text |",
-           "|---:|---:|" + "---:|" * len(policies) + "---|---:|---:|---:|"]
+           "adaptive / text | left out |",
+           "|---:|---:|" + "---:|" * len(policies) + "---|---:|---:|---:|---|"]
     points = []
     for (rate, link) in sorted(table):
         row = table[(rate, link)]
-        stats = {p: mean_ci(row[p]) for p in policies if len(row.get(p, [])) == len(seeds)}
+        out_here = "; ".join(left.get((rate, link), [])) or "–"
+        stats = {p: mean_ci(list(row[p].values())) for p in policies if len(row.get(p, {})) >= enough}
         fixed = {p: s for p, s in stats.items() if p in FIXED}
         cells = [f"{stats[p][0]:,.0f} ± {stats[p][1]:,.0f}" if p in stats else "–" for p in policies]
         if "adaptive" not in stats or not fixed:
-            md.append(f"| {rate:g} | {link:g} | " + " | ".join(cells) + " | – | – | – | – |")
+            md.append(f"| {rate:g} | {link:g} | " + " | ".join(cells) + f" | – | – | – | – | {out_here} |")
             continue
         best = min(fixed, key=lambda p: fixed[p][0])
-        per_seed = [a_ / b_ for a_, b_ in zip(row["adaptive"], row[best])]
+        per_seed = paired(row, "adaptive", best)
         ratio = stats["adaptive"][0] / fixed[best][0]
-        pr, pr_ci = mean_ci(per_seed)
+        pr, pr_ci = mean_ci(per_seed) if per_seed else (math.nan, 0.0)
         points.append((rate, link, ratio, pr, pr_ci))
         if "text" in stats:
-            vt, vt_ci = mean_ci([a_ / t_ for a_, t_ in zip(row["adaptive"], row["text"])])
+            vt, vt_ci = mean_ci(paired(row, "adaptive", "text"))
             vs_text = f"{vt:.2f} ± {vt_ci:.2f}"
         else:
             vs_text = "–"
         md.append(f"| {rate:g} | {link:g} | " + " | ".join(cells)
-                  + f" | {best} | **{ratio:.2f}** | {pr:.2f} ± {pr_ci:.2f} | {vs_text} |")
+                  + f" | {best} | **{ratio:.2f}** | {pr:.2f} ± {pr_ci:.2f} | {vs_text} | {out_here} |")
     md += ["", f"- took {(time.time() - started) / 60:.1f} min (seeds already run are reused)",
            "- per-seed reports: " + ", ".join(f"[seed {s}](seed-{s}/)" for s in seeds), ""]
 

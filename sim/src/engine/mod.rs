@@ -16,9 +16,9 @@
 //!    `h2d_ms(bytes)` (CPU tier) or `h2d_ms(bytes)` plus `bytes` over the store link
 //!    (remote store, `--kv-store-gbps`). With LMCache's async loading
 //!    (`--lmcache-async-loading`) the remote chunks are prefetched over the link from
-//!    submission on, one prefetch after another, while the engine keeps stepping; the
-//!    sequence is skipped in the queue until they are in, and its step then pays
-//!    host-to-device only;
+//!    submission on, one prefetch after another, while the engine keeps stepping; a
+//!    sequence that needs them (remote tokens beyond its GPU hit) is skipped in the queue
+//!    until they are in, and its step then pays host-to-device only;
 //! 3. KV blocks (16 tokens) come from the [`BlockPool`](crate::apc::BlockPool) for every
 //!    computed token (full prompt blocks are cached as they are allocated); when a running
 //!    sequence cannot grow, the most recently admitted one is preempted (recompute: its
@@ -522,6 +522,33 @@ mod tests {
         sched.add(s);
         let p = sched.schedule(0.0);
         assert_eq!(p.scheduled, vec![(3, 88)]);
+    }
+
+    /// A prompt the GPU prefix cache already holds needs nothing from its prefetch: it is
+    /// admitted at once (LMCache still prefetches it, as its async lookup does not know
+    /// the GPU hit, so the link stays busy).
+    #[test]
+    fn async_loading_does_not_wait_for_what_the_gpu_holds() {
+        let c = cost();
+        let mut async_cfg = cfg();
+        async_cfg.async_loading = true;
+        let mut sched = Scheduler::new(async_cfg, c.clone());
+        let ids = prompt(600, 9);
+        // first run: computed, its blocks now in the GPU prefix cache
+        let (_, _, _) = run_one(&mut sched, spec_ids(1, &ids, 1), 0.0);
+        let mut again = spec_ids(2, &ids, 1);
+        again.external = Some(Arc::new(ExternalHit::single(512, Tier::Remote)));
+        again.arrival_ms = 10.0;
+        sched.add(again);
+        assert!(
+            sched.next_ready_ms(10.0).is_some(),
+            "the prefetch runs on the link"
+        );
+        let p = sched.schedule(10.0);
+        assert_eq!(p.admitted.len(), 1);
+        assert_eq!(p.admitted[0].split.gpu, 592);
+        assert_eq!(p.admitted[0].split.remote, 0);
+        assert!(sched.prefetch_ms > 0.0);
     }
 
     #[test]

@@ -251,19 +251,15 @@ impl Scheduler {
             budget -= n;
             i += 1;
         }
-        // 2. admit waiting sequences (FIFO) while there is budget and room; one still
-        // waiting for its prefetch is skipped and keeps its place, as vLLM skips
-        // WAITING_FOR_REMOTE_KVS requests
+        // 2. admit waiting sequences (FIFO) while there is budget and room; one that still
+        // waits for its prefetch and needs it (remote tokens beyond its GPU hit) is skipped
+        // and keeps its place, as vLLM skips WAITING_FOR_REMOTE_KVS requests
         let mut at = 0;
         while budget > 0 && self.running.len() < self.cfg.max_num_seqs && plan.preempted.is_empty()
         {
             let Some(front) = self.waiting.get(at) else {
                 break;
             };
-            if front.ready_ms > now_ms {
-                at += 1;
-                continue;
-            }
             let prompt = front.spec.prompt_tokens;
             // the cached prefix: GPU blocks first, then LMCache's chunks; at least the last
             // prompt token is always computed (vLLM caps both hits at prompt − 1)
@@ -277,13 +273,17 @@ impl Scheduler {
                 .map_or(0, |e| e.tokens())
                 .min(prompt - 1);
             let start = gpu.max(ext);
+            let (split, chunks) = CachedSplit::of(gpu, front.spec.external.as_deref(), start);
+            if front.ready_ms > now_ms && split.remote > 0 {
+                at += 1;
+                continue;
+            }
             let n = (front.num_tokens() - start).min(budget);
             let new_blocks = self.blocks_for(start + n) - hit.len() as u64;
             // taking unpinned hit blocks out of the free queue counts against the room
             if new_blocks + self.pool.num_unpinned(&hit) > self.pool.num_free() {
                 break;
             }
-            let (split, chunks) = CachedSplit::of(gpu, front.spec.external.as_deref(), start);
             let mut s = self.waiting.remove(at).expect("checked above");
             self.pool.touch(&hit);
             s.table = hit;
