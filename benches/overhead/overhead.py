@@ -18,13 +18,14 @@ import json
 import os
 import re
 import signal
-import socket
 import statistics
 import subprocess
 import sys
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+from ports import free_port  # noqa: E402
 TARGETS = ["direct", "nginx-proxy", "vllm-router", "cacheroute"]
 PATH = "/v1/chat/completions"
 WRK_SCRIPT = os.path.join(HERE, "post.lua")
@@ -117,17 +118,6 @@ class Procs:
             os.remove(self.pidfile)
         except OSError:
             pass
-
-
-def free_port(taken):
-    for _ in range(100):
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        if port not in taken:
-            taken.add(port)
-            return port
-    raise Fail("no free loopback port")
 
 
 def render(template, out, **subst):
@@ -401,12 +391,11 @@ def main():
     log(f"uptime before: {uptime_before}")
     body = read_body()
     procs = Procs(args.work)
-    taken = set()
     ports = {}
     cmds = {}
     try:
         # (a) the static upstream
-        up = free_port(taken)
+        up = free_port()
         conf = render("upstream-nginx.conf.in",
                       os.path.join(args.work, "upstream-nginx.conf"),
                       PORT=up, WORK=args.work)
@@ -420,7 +409,7 @@ def main():
 
         # (b) nginx proxy_pass
         if "nginx-proxy" in order:
-            port = free_port(taken)
+            port = free_port()
             conf = render("proxy-nginx.conf.in",
                           os.path.join(args.work, "proxy-nginx.conf"),
                           PORT=port, UPSTREAM_PORT=up, WORK=args.work)
@@ -431,18 +420,18 @@ def main():
             ports["nginx-proxy"] = port
         # (c) vllm-router (its metrics listener on a free loopback port too)
         if "vllm-router" in order:
-            port = free_port(taken)
+            port = free_port()
             cmds["vllm-router"] = [
                 args.vllm_router, "--host", "127.0.0.1", "--port", str(port),
                 "--worker-urls", f"http://127.0.0.1:{up}",
                 "--policy", "round_robin",
                 "--prometheus-host", "127.0.0.1",
-                "--prometheus-port", str(free_port(taken))]
+                "--prometheus-port", str(free_port())]
             procs.start("vllm-router", cmds["vllm-router"])
             ports["vllm-router"] = port
         # (d) cacheroute, drop-in mode
         if "cacheroute" in order:
-            port, control = free_port(taken), free_port(taken)
+            port, control = free_port(), free_port()
             cmds["cacheroute"] = [
                 args.cacheroute, "gateway", "--upstream",
                 f"http://127.0.0.1:{up}", "--listen", f"127.0.0.1:{port}",

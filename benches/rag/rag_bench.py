@@ -62,6 +62,8 @@ def ensure_packages() -> None:
 
 
 ensure_packages()
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from ports import free_port  # noqa: E402
 
 import httpx  # noqa: E402
 import matplotlib  # noqa: E402
@@ -99,21 +101,6 @@ WORDS = ("atlas basin cobalt delta ember fjord granite harbor island juniper kel
 
 
 # --------------------------------------------------------------------------- utilities
-
-_handed_out: set[int] = set()
-
-
-def free_port() -> int:
-    """A port nothing listens on now, never handed out before in this run (two picks in
-    a row may otherwise get the same port: a gateway's listen and control once did)."""
-    for _ in range(1000):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        if port not in _handed_out:
-            _handed_out.add(port)
-            return port
-    raise RuntimeError("no free port")
 
 
 def client(timeout: float = 10.0) -> httpx.Client:

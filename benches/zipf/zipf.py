@@ -34,6 +34,8 @@ import time
 from pathlib import Path
 
 import httpx
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from ports import free_port  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 MODEL = "llama3-8b"
@@ -41,22 +43,6 @@ LMCACHE_MODEL = "meta-llama/Meta-Llama-3-8B-Instruct"
 WORDS = ("atlas basin cobalt delta ember fjord granite harbor island juniper kelp lagoon meadow "
          "nebula orchid prairie quartz reef savanna tundra umber valley willow xenon yarrow zephyr "
          "anchor beacon canyon dune estuary forest glacier highland inlet jungle knoll ledge mesa").split()
-
-
-_handed_out: set[int] = set()
-
-
-def free_port() -> int:
-    """A port nothing listens on now, never handed out before in this run (two picks in
-    a row may otherwise get the same port)."""
-    for _ in range(1000):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        if port not in _handed_out:
-            _handed_out.add(port)
-            return port
-    raise RuntimeError("no free port")
 
 
 class Procs:
