@@ -7,6 +7,7 @@ use crate::knowledge::{self, Catalog, KdnLive};
 use crate::kv_inject::{InjectKey, InjectState};
 use crate::pipeline::RequestCtx;
 use crate::state::GatewayState;
+use cacheroute_decisions::cost_model;
 use cacheroute_decisions::injection::{
     self, InjectionDecision, InjectionInputs, InjectionMode, InstanceLoad, KnowledgeShape,
     TransferPath,
@@ -184,15 +185,6 @@ fn transfer_path(state: &GatewayState, fleet: &Fleet, kdn: &KdnLive, target: &st
     }
 }
 
-/// Time `bytes` of KV take over a store link of `gbps` Gbit/s, ms (0: a free link).
-fn store_link_ms(bytes: u64, gbps: f64) -> f64 {
-    if gbps > 0.0 {
-        bytes as f64 * 8.0 / (gbps * 1e9) * 1000.0
-    } else {
-        0.0
-    }
-}
-
 /// Decide how the knowledge reaches instance `idx` of `pool`, and start the
 /// injection if KV is chosen and not resident. `None`: no registered knowledge
 /// leads the prompt (nothing to decide).
@@ -326,8 +318,10 @@ pub fn plan_kv(
             if fleet.config.proxy.store_async_loading {
                 // the engine will load what the KDN copies over its store link, after
                 // the loads already sent there
-                inst.state
-                    .reserve_store_link(store_link_ms(m.bytes, fleet.config.proxy.store_gbps));
+                inst.state.reserve_store_link(cost_model::link_ms(
+                    m.bytes,
+                    fleet.config.proxy.store_gbps,
+                ));
             }
             (Some(rx), None)
         }

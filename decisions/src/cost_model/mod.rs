@@ -35,6 +35,16 @@ mod profile;
 mod report;
 
 pub use model::{CostModel, StepShape};
+
+/// Time `bytes` take over a link of `gbps` Gbit/s, ms; 0 for a free link (`gbps` ≤ 0 or
+/// not finite). The sim's store link and the gateway's estimate of it use this one rule.
+pub fn link_ms(bytes: u64, gbps: f64) -> f64 {
+    if gbps.is_finite() && gbps > 0.0 {
+        bytes as f64 / (gbps * 1e9 / 8.0) * 1000.0
+    } else {
+        0.0
+    }
+}
 pub use profile::{
     CachedPoint, CalibrationProfile, DecodePoint, H2dPoint, ModelConfig, PrefillPoint,
 };

@@ -94,13 +94,7 @@ pub fn adaptive_terms(m: &CostModel, inputs: &InjectionInputs, c: &Corrections) 
     let total_tokens = k.prompt_tokens + k.knowledge_tokens;
     let chunk = k.chunk();
     let bpt = k.bytes_per_token(m);
-    let store_ms = |tokens: u64| {
-        if inputs.store_gbps > 0.0 {
-            (tokens * bpt) as f64 * 8.0 / (inputs.store_gbps * 1e9) * 1000.0
-        } else {
-            0.0
-        }
-    };
+    let store_ms = |tokens: u64| crate::cost_model::link_ms(tokens * bpt, inputs.store_gbps);
     // Loading `cached` tokens from the store to the GPU, then the prefill of the rest
     // in one step beside the running batch: (wait off the GPU, load in the step, step).
     // Async loading moves the store link out of the step into a wait.
@@ -130,9 +124,16 @@ pub fn adaptive_terms(m: &CostModel, inputs: &InjectionInputs, c: &Corrections) 
     } else {
         0.0
     };
-    // a store load starts once the loads sent before it are through
-    let after_busy = |wait: f64| if wait > 0.0 { store_busy + wait } else { 0.0 };
-    let text_raw_ms = queue_wait.max(after_busy(text_store_wait)) + text_prefill;
+    // A store load of `wait` ms, which can start at `ready` ms, starts once the loads
+    // sent before it are through too; without a load nothing waits for the link.
+    let loaded_at = |ready: f64, wait: f64| {
+        if wait > 0.0 {
+            ready.max(store_busy) + wait
+        } else {
+            ready
+        }
+    };
+    let text_raw_ms = queue_wait.max(loaded_at(0.0, text_store_wait)) + text_prefill;
 
     // Without a usable path only the resident chunks can serve.
     let link_ok = inputs.transfer.is_some_and(|t| t.link_gbps > 0.0);
@@ -175,12 +176,7 @@ pub fn adaptive_terms(m: &CostModel, inputs: &InjectionInputs, c: &Corrections) 
         f64::INFINITY
     } else {
         let copied = kdn_wait + transfer + kdn_overhead;
-        let loaded = if kv_store_wait > 0.0 {
-            copied.max(store_busy) + kv_store_wait
-        } else {
-            copied
-        };
-        queue_wait.max(loaded) + gpu_load + suffix_prefill
+        queue_wait.max(loaded_at(copied, kv_store_wait)) + gpu_load + suffix_prefill
     };
     // The steps that run this request's prefill run the queued requests' prefills too
     // (chunked prefill batches them), so the GPU time a mode adds over the other is paid

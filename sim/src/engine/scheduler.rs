@@ -162,12 +162,7 @@ impl Scheduler {
 
     /// Transfer time of `bytes` over the remote store's link (0 when it is free).
     pub fn link_ms(&self, bytes: u64) -> f64 {
-        let gbps = self.cfg.kv_store_gbps;
-        if gbps.is_finite() && gbps > 0.0 {
-            bytes as f64 / (gbps * 1e9 / 8.0) * 1000.0
-        } else {
-            0.0
-        }
+        cacheroute_decisions::cost_model::link_ms(bytes, self.cfg.kv_store_gbps)
     }
 
     /// Tokens whose KV the running sequences hold.
